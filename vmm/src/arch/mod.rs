@@ -1,0 +1,3 @@
+//! Architecture-specific parts of the VMM. Only x86-64 exists today.
+
+pub mod x86_64;

@@ -1,0 +1,128 @@
+//! Per-vCPU CPUID: what KVM supports on this host, with the topology rewritten so the
+//! guest sees `cpus` cores in one package, each with its own APIC id, and the hypervisor
+//! bit set so Linux looks for (and uses) KVM's paravirtual leaves such as kvm-clock.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+const TOPOLOGY_LEVEL_SMT: u32 = 1;
+const TOPOLOGY_LEVEL_CORE: u32 = 2;
+
+/// Bits of APIC id needed to number `cpus` cores.
+fn core_id_bits(cpus: u8) -> u32 {
+    u32::from(cpus).next_power_of_two().trailing_zeros()
+}
+
+/// Rewrites `entries` (from KVM_GET_SUPPORTED_CPUID) for the vCPU with `apic_id` in a
+/// guest of `cpus` vCPUs.
+pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], apic_id: u8, cpus: u8) {
+    let apic = u32::from(apic_id);
+    let count = u32::from(cpus);
+    for entry in entries.iter_mut() {
+        match entry.function {
+            LEAF_FEATURES => {
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (apic << 24) | ((count & 0xff) << 16);
+                entry.ecx |= ECX_HYPERVISOR;
+                if cpus > 1 {
+                    entry.edx |= EDX_HTT;
+                } else {
+                    entry.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE_PARAMS => {
+                // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this
+                // cache - 1 (the last level is shared by every core, the rest private).
+                let cache_level = (entry.eax >> 5) & 0x7;
+                let sharing = if cache_level >= 3 { count - 1 } else { 0 };
+                entry.eax = (entry.eax & 0x3fff)
+                    | (((count - 1).min(63)) << 26)
+                    | ((sharing.min(0xfff)) << 14);
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+                entry.edx = apic;
+                match entry.index {
+                    0 => {
+                        entry.eax = 0;
+                        entry.ebx = 1;
+                        entry.ecx = (TOPOLOGY_LEVEL_SMT << 8) | entry.index;
+                    }
+                    1 => {
+                        entry.eax = core_id_bits(cpus);
+                        entry.ebx = count;
+                        entry.ecx = (TOPOLOGY_LEVEL_CORE << 8) | entry.index;
+                    }
+                    _ => {
+                        entry.eax = 0;
+                        entry.ebx = 0;
+                        entry.ecx = entry.index;
+                    }
+                }
+            }
+            LEAF_AMD_SIZE_IDS => {
+                // ECX[15:12]: APIC id bits for cores; ECX[7:0]: cores - 1.
+                entry.ecx = (core_id_bits(cpus) << 12) | (count - 1);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn leaf_1_carries_apic_id_count_and_hypervisor_bit() {
+        let mut entries = [entry(1, 0)];
+        entries[0].ebx = 0x0000_0800; // CLFLUSH line size, preserved
+        patch_for_vcpu(&mut entries, 3, 4);
+        assert_eq!(entries[0].ebx >> 24, 3);
+        assert_eq!((entries[0].ebx >> 16) & 0xff, 4);
+        assert_eq!(entries[0].ebx & 0xffff, 0x0800);
+        assert_ne!(entries[0].ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(entries[0].edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn extended_topology_describes_cores() {
+        let mut entries = [entry(0xb, 0), entry(0xb, 1), entry(0xb, 2)];
+        patch_for_vcpu(&mut entries, 5, 6);
+        assert_eq!(
+            (entries[0].ebx, entries[0].ecx >> 8, entries[0].edx),
+            (1, 1, 5)
+        );
+        assert_eq!(
+            (entries[1].eax, entries[1].ebx, entries[1].ecx >> 8),
+            (3, 6, 2)
+        );
+        assert_eq!(entries[2].ecx, 2);
+        assert_eq!(entries[2].ebx, 0);
+    }
+
+    #[test]
+    fn single_cpu_has_no_htt() {
+        let mut entries = [entry(1, 0)];
+        entries[0].edx = EDX_HTT;
+        patch_for_vcpu(&mut entries, 0, 1);
+        assert_eq!(entries[0].edx & EDX_HTT, 0);
+        assert_eq!(core_id_bits(1), 0);
+        assert_eq!(core_id_bits(2), 1);
+        assert_eq!(core_id_bits(5), 3);
+    }
+}

@@ -1,0 +1,109 @@
+//! How a VM ends. Devices and vCPU threads report the reason; the first report wins and
+//! the main thread, which waits for it, turns it into bulkhead's exit status.
+
+use std::sync::{Condvar, Mutex};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off through ACPI (PM1 control, `\_S5`).
+    PowerOff,
+    /// The guest reset the machine (i8042 command 0xfe, or the 0xcf9 reset register).
+    /// Like kvmtool, bulkhead ends the VM instead of rebooting it.
+    Reset,
+    /// The user asked to quit from the console (Ctrl-A x).
+    ConsoleQuit,
+    /// A vCPU hit a triple fault (KVM_EXIT_SHUTDOWN): the guest crashed.
+    TripleFault { cpu: u8 },
+    /// KVM could not enter or run the guest.
+    KvmError { cpu: u8, detail: String },
+}
+
+impl VmExit {
+    /// bulkhead's process exit status for this ending.
+    pub fn status(&self) -> i32 {
+        match self {
+            Self::PowerOff | Self::Reset | Self::ConsoleQuit => 0,
+            Self::TripleFault { .. } | Self::KvmError { .. } => 1,
+        }
+    }
+
+    /// One line for the operator; errors are phrased for an `error: ` prefix.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::PowerOff => "guest powered off".into(),
+            Self::Reset => "guest requested a reset; VM stopped".into(),
+            Self::ConsoleQuit => "quit from the console".into(),
+            Self::TripleFault { cpu } => {
+                format!("guest triple fault on vCPU {cpu} (KVM_EXIT_SHUTDOWN): the guest crashed")
+            }
+            Self::KvmError { cpu, detail } => format!("KVM error on vCPU {cpu}: {detail}"),
+        }
+    }
+}
+
+/// The rendezvous between whoever ends the VM and the thread waiting for that.
+#[derive(Default)]
+pub struct ExitSignal {
+    reason: Mutex<Option<VmExit>>,
+    ended: Condvar,
+}
+
+impl ExitSignal {
+    /// Records why the VM ends; later reports are ignored (the first cause is the one
+    /// worth telling, e.g. the triple fault, not the vCPU that stopped after it).
+    pub fn request(&self, exit: VmExit) {
+        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if reason.is_none() {
+            tracing::debug!(?exit, "VM exit requested");
+            *reason = Some(exit);
+            self.ended.notify_all();
+        }
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Blocks until some thread calls [`ExitSignal::request`].
+    pub fn wait(&self) -> VmExit {
+        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(exit) = reason.clone() {
+                return exit;
+            }
+            reason = self.ended.wait(reason).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn first_request_wins_and_wakes_the_waiter() {
+        let signal = Arc::new(ExitSignal::default());
+        let waiter = {
+            let signal = signal.clone();
+            std::thread::spawn(move || signal.wait())
+        };
+        signal.request(VmExit::TripleFault { cpu: 1 });
+        signal.request(VmExit::PowerOff);
+        assert_eq!(waiter.join().unwrap(), VmExit::TripleFault { cpu: 1 });
+        assert!(signal.is_requested());
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(VmExit::PowerOff.status(), 0);
+        assert_eq!(VmExit::Reset.status(), 0);
+        assert_ne!(VmExit::TripleFault { cpu: 0 }.status(), 0);
+        assert!(VmExit::TripleFault { cpu: 0 }
+            .describe()
+            .contains("triple fault"));
+    }
+}

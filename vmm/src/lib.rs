@@ -1,0 +1,15 @@
+//! bulkhead's VMM: the one process that owns /dev/kvm, guest RAM and the vCPUs.
+//!
+//! Flow: [`cli`] -> [`config::VmConfig`] -> [`vm::Vm::new`] (KVM, [`memory`], [`boot`],
+//! [`devices`], [`vcpu`]s) -> [`vm::Vm::run`] -> [`exit::VmExit`].
+
+pub mod arch;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod devices;
+pub mod exit;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

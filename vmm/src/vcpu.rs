@@ -1,0 +1,107 @@
+//! A vCPU thread: KVM_RUN in a loop, port I/O and MMIO exits dispatched to the buses.
+//!
+//! The exit path takes no VM-wide lock: the buses are immutable and shared, and each
+//! device has its own mutex.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::Bus;
+use crate::exit::{ExitSignal, VmExit};
+
+/// What a read from an address no device claims returns: all ones, as on a PC bus
+/// where nobody drives the data lines.
+const UNCLAIMED_READ: u8 = 0xff;
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<ExitSignal>,
+}
+
+impl Vcpu {
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        let id = self.id;
+        tracing::debug!(cpu = id, "vCPU running");
+        loop {
+            if let Some(exit) = self.run_once() {
+                self.exit.request(exit);
+            }
+            if self.exit.is_requested() {
+                tracing::debug!(cpu = id, "vCPU stopped");
+                return;
+            }
+        }
+    }
+
+    /// Runs the guest until its next exit and handles it; returns how the VM ends if
+    /// this exit ends it.
+    fn run_once(&mut self) -> Option<VmExit> {
+        let cpu = self.id;
+        let kvm_error = |detail: String| Some(VmExit::KvmError { cpu, detail });
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio.read(u64::from(port), data) {
+                    tracing::trace!(port, "read from unclaimed port");
+                    data.fill(UNCLAIMED_READ);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !self.pio.write(u64::from(port), data) {
+                    tracing::trace!(port, ?data, "write to unclaimed port");
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(address, data)) => {
+                if !self.mmio.read(address, data) {
+                    tracing::debug!(cpu, address = format_args!("{address:#x}"), "read from unclaimed MMIO");
+                    data.fill(UNCLAIMED_READ);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(address, data)) => {
+                if !self.mmio.write(address, data) {
+                    tracing::debug!(cpu, address = format_args!("{address:#x}"), "write to unclaimed MMIO");
+                }
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { cpu }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmExit::PowerOff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(VmExit::Reset),
+                other => kvm_error(format!("unexpected system event {other}")),
+            },
+            Ok(VcpuExit::FailEntry(reason, hw_cpu)) => kvm_error(format!(
+                "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {hw_cpu}"
+            )),
+            Ok(VcpuExit::InternalError) => {
+                let suberror = self.fd.get_kvm_run().__bindgen_anon_1;
+                // SAFETY: KVM fills the `internal` member of the union for
+                // KVM_EXIT_INTERNAL_ERROR, the exit we are handling.
+                let internal = unsafe { suberror.internal };
+                kvm_error(format!(
+                    "KVM_EXIT_INTERNAL_ERROR (suberror {}): KVM could not emulate the guest",
+                    internal.suberror
+                ))
+            }
+            // A signal interrupted KVM_RUN; the loop re-checks whether to stop.
+            Ok(VcpuExit::Intr) => None,
+            // With the in-kernel LAPIC, KVM handles HLT itself; seeing it means the
+            // irqchip is missing, which setup rules out.
+            Ok(other) => kvm_error(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => kvm_error(format!("KVM_RUN failed: {e}")),
+        }
+    }
+}

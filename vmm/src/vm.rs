@@ -1,0 +1,220 @@
+//! Assembling a VM from a [`VmConfig`]: KVM, guest RAM, the boot image, legacy devices
+//! and vCPU threads; then waiting for it to end.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{self, irqs, ports};
+use crate::arch::x86_64::{acpi, cpuid, msrs, regs};
+use crate::boot::{self, BootSource};
+use crate::config::VmConfig;
+use crate::console::{self, RawTerminal};
+use crate::devices::acpi_pm::{self, AcpiPm};
+use crate::devices::i8042::I8042;
+use crate::devices::reset_control::ResetControl;
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::{ConsoleOutput, SerialPort};
+use crate::devices::{bus::BusError, Bus};
+use crate::exit::{ExitSignal, VmExit};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::Vcpu;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error(
+        "cannot open /dev/kvm: {0} (is the kvm module loaded, and may this user open /dev/kvm?)"
+    )]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("this host's KVM lacks {0:?}, which bulkhead needs")]
+    MissingCapability(Cap),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error("writing ACPI tables to guest memory: {0}")]
+    AcpiWrite(#[source] vm_memory::GuestMemoryError),
+    #[error("device setup: {0}")]
+    Bus(#[from] BusError),
+    #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {cpu}")]
+    Msrs { cpu: u8, set: usize, wanted: usize },
+    #[error("creating an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("starting a thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+const REQUIRED_CAPS: [Cap; 6] = [
+    Cap::Irqchip,
+    Cap::UserMemory,
+    Cap::SetTssAddr,
+    Cap::Pit2,
+    Cap::Irqfd,
+    Cap::ExtCpuid,
+];
+
+/// A VM ready to run: every resource set up, no vCPU started yet.
+pub struct Vm {
+    // Field order matters for drop: vCPUs and the VM fd go before the RAM they map.
+    vcpus: Vec<Vcpu>,
+    _vm: VmFd,
+    serial: Arc<Mutex<SerialPort>>,
+    exit: Arc<ExitSignal>,
+    _ram: GuestRam,
+}
+
+impl Vm {
+    /// Builds the VM; guest serial output goes to `console`.
+    pub fn new(config: &VmConfig, console: ConsoleOutput) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        if let Some(cap) = REQUIRED_CAPS.into_iter().find(|&c| !kvm.check_extension(c)) {
+            return Err(VmError::MissingCapability(cap));
+        }
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        if kvm.check_extension(Cap::SetIdentityMapAddr) {
+            vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+                .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        }
+        vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            // Let KVM answer port 0x61 (PC speaker / PIT gate) too: Linux polls it
+            // while calibrating the TSC against the PIT.
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(config.memory.bytes())?;
+        ram.register(&vm)?;
+
+        let cpus = config.cpus.get();
+        let tables = acpi::build(cpus)?;
+        ram.memory()
+            .write_slice(&tables.bytes, GuestAddress(tables.base))
+            .map_err(VmError::AcpiWrite)?;
+        let entry = boot::load(
+            &ram,
+            &BootSource {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                acpi_rsdp: tables.rsdp_address(),
+            },
+        )?;
+        let cr3 = regs::write_boot_tables(ram.memory())?;
+
+        let exit = Arc::new(ExitSignal::default());
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm.register_irqfd(&serial_irq, irqs::COM1)
+            .map_err(ioctl("KVM_IRQFD"))?;
+        let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
+        let mut pio = Bus::default();
+        pio.insert(u64::from(ports::COM1), 8, serial.clone())?;
+        pio.insert(
+            u64::from(ports::I8042_DATA),
+            u64::from(ports::I8042_COMMAND - ports::I8042_DATA) + 1,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+        pio.insert(
+            u64::from(ports::RTC_INDEX),
+            2,
+            Arc::new(Mutex::new(Rtc::default())),
+        )?;
+        pio.insert(
+            u64::from(ports::PM1A_EVENT),
+            acpi_pm::REGISTER_BLOCK_LEN,
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        )?;
+        pio.insert(
+            u64::from(ports::RESET_CONTROL),
+            1,
+            Arc::new(Mutex::new(ResetControl::new(exit.clone()))),
+        )?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::default());
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let boot_msrs = msrs::boot_msrs();
+        let mut vcpus = Vec::with_capacity(usize::from(cpus));
+        for id in 0..cpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(ioctl("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, cpus);
+            fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+            let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VmError::Msrs {
+                cpu: id,
+                set: 0,
+                wanted: boot_msrs.len(),
+            })?;
+            let set = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+            if set != boot_msrs.len() {
+                return Err(VmError::Msrs {
+                    cpu: id,
+                    set,
+                    wanted: boot_msrs.len(),
+                });
+            }
+            regs::configure_lapic_lints(&fd)?;
+            // Application processors wait for INIT/SIPI from the guest, in KVM.
+            if id == 0 {
+                regs::configure_boot_vcpu(&fd, cr3, entry.entry, entry.zero_page)?;
+            }
+            vcpus.push(Vcpu {
+                id,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit: exit.clone(),
+            });
+        }
+        tracing::info!(
+            cpus,
+            memory = %config.memory,
+            kernel = %config.kernel.display(),
+            "VM created"
+        );
+        Ok(Self {
+            vcpus,
+            _vm: vm,
+            serial,
+            exit,
+            _ram: ram,
+        })
+    }
+
+    /// Starts the vCPUs and the console, and blocks until the VM ends.
+    pub fn run(&mut self, terminal: &RawTerminal) -> Result<VmExit, VmError> {
+        console::spawn_input_pump(self.serial.clone(), self.exit.clone(), terminal.is_raw())
+            .map_err(VmError::Thread)?;
+        for vcpu in self.vcpus.drain(..) {
+            // The threads are detached: when the VM ends the process exits, and a
+            // vCPU blocked in KVM_RUN (e.g. an AP never started) ends with it.
+            vcpu.spawn().map_err(VmError::Thread)?;
+        }
+        Ok(self.exit.wait())
+    }
+}
