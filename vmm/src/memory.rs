@@ -18,17 +18,17 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 #[derive(Debug, Error)]
 pub enum MemoryError {
-    #[error("creating the guest RAM memfd: {0}")]
+    #[error("creating the guest RAM memfd")]
     Memfd(#[source] nix::Error),
-    #[error("sizing guest RAM to {size} bytes: {source}")]
+    #[error("sizing guest RAM to {size} bytes")]
     Resize {
         size: u64,
         #[source]
         source: std::io::Error,
     },
-    #[error("mapping guest RAM: {0}")]
+    #[error("mapping guest RAM")]
     Map(#[source] vm_memory::mmap::FromRangesError),
-    #[error("registering guest RAM slot {slot} with KVM: {source}")]
+    #[error("registering guest RAM slot {slot} with KVM")]
     Register {
         slot: u32,
         #[source]

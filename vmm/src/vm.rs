@@ -26,13 +26,13 @@ use crate::vcpu::Vcpu;
 
 #[derive(Debug, Error)]
 pub enum VmError {
-    #[error(
-        "cannot open /dev/kvm: {0} (is the kvm module loaded, and may this user open /dev/kvm?)"
-    )]
+    #[error("cannot open /dev/kvm (is the kvm module loaded, and may this user open /dev/kvm?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("/dev/kvm does not speak the KVM API version 12 bulkhead needs (got {0})")]
+    ApiVersion(String),
     #[error("this host's KVM lacks {0:?}, which bulkhead needs")]
     MissingCapability(Cap),
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Kvm {
         what: &'static str,
         #[source]
@@ -46,21 +46,24 @@ pub enum VmError {
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
-    #[error("writing ACPI tables to guest memory: {0}")]
+    #[error("writing ACPI tables to guest memory")]
     AcpiWrite(#[source] vm_memory::GuestMemoryError),
-    #[error("device setup: {0}")]
+    #[error("device setup")]
     Bus(#[from] BusError),
     #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {cpu}")]
     Msrs { cpu: u8, set: usize, wanted: usize },
-    #[error("creating an eventfd: {0}")]
+    #[error("creating an eventfd")]
     EventFd(#[source] std::io::Error),
-    #[error("starting a thread: {0}")]
+    #[error("starting a thread")]
     Thread(#[source] std::io::Error),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
+
+/// The only KVM API version there has ever been; anything else is not KVM.
+const KVM_API_VERSION: i32 = 12;
 
 const REQUIRED_CAPS: [Cap; 6] = [
     Cap::Irqchip,
@@ -85,6 +88,14 @@ impl Vm {
     /// Builds the VM; guest serial output goes to `console`.
     pub fn new(config: &VmConfig, console: ConsoleOutput) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        match kvm.get_api_version() {
+            KVM_API_VERSION => {}
+            version if version < 0 => {
+                let errno = std::io::Error::last_os_error();
+                return Err(VmError::ApiVersion(format!("an error: {errno}")));
+            }
+            version => return Err(VmError::ApiVersion(version.to_string())),
+        }
         if let Some(cap) = REQUIRED_CAPS.into_iter().find(|&c| !kvm.check_extension(c)) {
             return Err(VmError::MissingCapability(cap));
         }

@@ -24,13 +24,13 @@ const PAGE_SIZE: u64 = 0x1000;
 
 #[derive(Debug, Error)]
 pub enum BootError {
-    #[error("cannot open kernel {path}: {source}")]
+    #[error("cannot open kernel {path}")]
     OpenKernel {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("kernel {path}: {source}")]
+    #[error("kernel {path}")]
     Kernel {
         path: PathBuf,
         #[source]
@@ -38,7 +38,7 @@ pub enum BootError {
     },
     #[error("loading kernel {path} into guest memory: {detail}")]
     Load { path: PathBuf, detail: String },
-    #[error("cannot open initrd {path}: {source}")]
+    #[error("cannot open initrd {path}")]
     OpenInitrd {
         path: PathBuf,
         #[source]
@@ -51,7 +51,7 @@ pub enum BootError {
         kernel_end: u64,
         limit: u64,
     },
-    #[error("reading initrd {path} into guest memory: {source}")]
+    #[error("reading initrd {path} into guest memory")]
     ReadInitrd {
         path: PathBuf,
         #[source]
@@ -63,7 +63,7 @@ pub enum BootError {
     CmdlineNul,
     #[error("too many memory map entries ({0})")]
     TooManyE820Entries(usize),
-    #[error("writing boot data to guest memory: {0}")]
+    #[error("writing boot data to guest memory")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 

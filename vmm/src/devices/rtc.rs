@@ -229,7 +229,14 @@ mod tests {
         rtc.write(1, &[STATUS_B_BINARY]);
         assert_eq!(read(&mut rtc, YEAR), 26);
         let hour = read(&mut rtc, HOURS);
-        assert_eq!(hour & 0x7f, if t.hour.is_multiple_of(12) { 12 } else { t.hour % 12 });
+        assert_eq!(
+            hour & 0x7f,
+            if t.hour.is_multiple_of(12) {
+                12
+            } else {
+                t.hour % 12
+            }
+        );
         assert_eq!(hour & 0x80 != 0, t.hour >= 12);
     }
 

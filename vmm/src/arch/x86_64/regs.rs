@@ -13,9 +13,9 @@ use crate::memory::GuestMemory;
 
 #[derive(Debug, Error)]
 pub enum RegsError {
-    #[error("writing boot tables into guest memory: {0}")]
+    #[error("writing boot tables into guest memory")]
     BootTables(#[source] GuestMemoryError),
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Kvm {
         what: &'static str,
         #[source]
