@@ -1,6 +1,7 @@
 //! How a VM ends. Devices and vCPU threads report the reason; the first report wins and
 //! the main thread, which waits for it, turns it into bulkhead's exit status.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +17,8 @@ pub enum VmExit {
     TripleFault { cpu: u8 },
     /// KVM could not enter or run the guest.
     KvmError { cpu: u8, detail: String },
+    /// The VMM itself failed (a bug): reported rather than left hanging.
+    Internal { detail: String },
 }
 
 impl VmExit {
@@ -23,7 +26,7 @@ impl VmExit {
     pub fn status(&self) -> i32 {
         match self {
             Self::PowerOff | Self::Reset | Self::ConsoleQuit => 0,
-            Self::TripleFault { .. } | Self::KvmError { .. } => 1,
+            Self::TripleFault { .. } | Self::KvmError { .. } | Self::Internal { .. } => 1,
         }
     }
 
@@ -37,6 +40,7 @@ impl VmExit {
                 format!("guest triple fault on vCPU {cpu} (KVM_EXIT_SHUTDOWN): the guest crashed")
             }
             Self::KvmError { cpu, detail } => format!("KVM error on vCPU {cpu}: {detail}"),
+            Self::Internal { detail } => format!("internal VMM error: {detail}"),
         }
     }
 }
@@ -44,6 +48,9 @@ impl VmExit {
 /// The rendezvous between whoever ends the VM and the thread waiting for that.
 #[derive(Default)]
 pub struct ExitSignal {
+    /// Mirrors `reason.is_some()` so that vCPU threads can check it after every exit
+    /// without taking a lock shared by the whole VM.
+    requested: AtomicBool,
     reason: Mutex<Option<VmExit>>,
     ended: Condvar,
 }
@@ -56,15 +63,13 @@ impl ExitSignal {
         if reason.is_none() {
             tracing::debug!(?exit, "VM exit requested");
             *reason = Some(exit);
+            self.requested.store(true, Ordering::Release);
             self.ended.notify_all();
         }
     }
 
     pub fn is_requested(&self) -> bool {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.requested.load(Ordering::Acquire)
     }
 
     /// Blocks until some thread calls [`ExitSignal::request`].

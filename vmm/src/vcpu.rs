@@ -31,6 +31,19 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        let exit = self.exit.clone();
+        let cpu = self.id;
+        // A bug in device emulation must end the VM with an error, not leave it hung
+        // with one vCPU thread gone.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        if outcome.is_err() {
+            exit.request(VmExit::Internal {
+                detail: format!("vCPU {cpu} thread panicked"),
+            });
+        }
+    }
+
+    fn run_loop(&mut self) {
         let id = self.id;
         tracing::debug!(cpu = id, "vCPU running");
         loop {
