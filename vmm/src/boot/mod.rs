@@ -210,3 +210,133 @@ fn load_initrd(ram: &GuestRam, image: &KernelImage, path: &Path) -> Result<(u64,
         })?;
     Ok((address, size))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_image::tests::{bzimage, elf};
+    use super::*;
+    use std::io::Write;
+
+    /// A kernel and an initrd in a scratch directory removed on drop.
+    struct Files {
+        dir: PathBuf,
+        kernel: PathBuf,
+        initrd: PathBuf,
+    }
+
+    fn write_files(name: &str, kernel: &[u8], initrd_len: usize) -> Files {
+        let unique = format!("bulkhead-boot-{name}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(unique);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel_path = dir.join("kernel");
+        std::fs::File::create(&kernel_path)
+            .unwrap()
+            .write_all(kernel)
+            .unwrap();
+        let initrd_path = dir.join("initrd");
+        std::fs::File::create(&initrd_path)
+            .unwrap()
+            .write_all(&vec![0xa5; initrd_len])
+            .unwrap();
+        Files {
+            dir,
+            kernel: kernel_path,
+            initrd: initrd_path,
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn boot(ram: &GuestRam, files: &Files, cmdline: &str) -> Result<BootEntry, BootError> {
+        load(
+            ram,
+            &BootSource {
+                kernel: &files.kernel,
+                initrd: Some(&files.initrd),
+                cmdline,
+                acpi_rsdp: layout::ACPI_TABLES_START,
+            },
+        )
+    }
+
+    fn zero_page(ram: &GuestRam) -> boot_params {
+        ram.memory()
+            .read_obj(GuestAddress(layout::ZERO_PAGE_START))
+            .unwrap()
+    }
+
+    #[test]
+    fn bzimage_boot_fills_the_zero_page() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let files = write_files("bz", &bzimage(8192), 3 << 20);
+        let entry = boot(&ram, &files, "console=ttyS0").unwrap();
+        assert_eq!(entry.entry, 0x10_0200);
+        let params = zero_page(&ram);
+        let hdr = params.hdr;
+        assert_eq!({ hdr.header }, HDRS_MAGIC);
+        assert_eq!(hdr.type_of_loader, LOADER_TYPE_UNDEFINED);
+        assert_eq!({ hdr.cmd_line_ptr } as u64, layout::CMDLINE_START);
+        assert_eq!({ hdr.ramdisk_size }, 3 << 20);
+        let initrd = u64::from(hdr.ramdisk_image);
+        assert_eq!(initrd % PAGE_SIZE, 0);
+        assert!(initrd + (3 << 20) <= 64 << 20);
+        assert!(
+            initrd >= 0x180_0000,
+            "initrd overlaps the decompressing kernel"
+        );
+        let first: u8 = ram.memory().read_obj(GuestAddress(initrd)).unwrap();
+        assert_eq!(first, 0xa5);
+        assert_eq!(params.e820_entries, 3);
+        assert_eq!({ params.acpi_rsdp_addr }, layout::ACPI_TABLES_START);
+        let mut cmdline = [0u8; 14];
+        ram.memory()
+            .read_slice(&mut cmdline, GuestAddress(layout::CMDLINE_START))
+            .unwrap();
+        assert_eq!(&cmdline, b"console=ttyS0\0");
+    }
+
+    #[test]
+    fn elf_boot_enters_at_e_entry() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let files = write_files("elf", &elf(0x20_0000, &[0xf4; 16]), 4096);
+        let entry = boot(&ram, &files, "").unwrap();
+        assert_eq!(entry.entry, 0x20_0000);
+        let code: u8 = ram.memory().read_obj(GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(code, 0xf4);
+        assert_eq!({ zero_page(&ram).hdr.boot_flag }, BOOT_FLAG_MAGIC);
+    }
+
+    #[test]
+    fn oversized_inputs_are_refused() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let files = write_files("big", &bzimage(4096), 40 << 20);
+        let err = boot(&ram, &files, "").unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("more --memory"));
+
+        let files = write_files("cmdline", &bzimage(4096), 16);
+        let err = boot(&ram, &files, &"x".repeat(2048)).unwrap_err();
+        assert!(err.to_string().contains("at most 2047"), "{err}");
+        assert!(matches!(
+            boot(&ram, &files, "a\0b"),
+            Err(BootError::CmdlineNul)
+        ));
+
+        let small = GuestRam::new(16 << 20).unwrap();
+        let err = boot(&small, &files, "").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BootError::Kernel {
+                    source: KernelImageError::DoesNotFit { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+}
