@@ -15,6 +15,7 @@ use crate::boot::{self, BootSource};
 use crate::config::VmConfig;
 use crate::console::{self, RawTerminal};
 use crate::devices::acpi_pm::{self, AcpiPm};
+use crate::devices::acpi_pm_timer::{self, AcpiPmTimer};
 use crate::devices::i8042::I8042;
 use crate::devices::reset_control::ResetControl;
 use crate::devices::rtc::Rtc;
@@ -157,6 +158,11 @@ impl Vm {
             Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
         )?;
         pio.insert(
+            u64::from(ports::PM_TIMER),
+            acpi_pm_timer::REGISTER_LEN,
+            Arc::new(Mutex::new(AcpiPmTimer::default())),
+        )?;
+        pio.insert(
             u64::from(ports::RESET_CONTROL),
             1,
             Arc::new(Mutex::new(ResetControl::new(exit.clone()))),
@@ -167,6 +173,9 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let host = cpuid::HostFeatures {
+            tsc_deadline_timer: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
         let boot_msrs = msrs::boot_msrs();
         let mut vcpus = Vec::with_capacity(usize::from(cpus));
         for id in 0..cpus {
@@ -174,7 +183,7 @@ impl Vm {
                 .create_vcpu(u64::from(id))
                 .map_err(ioctl("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
-            cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, cpus);
+            cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, cpus, host);
             fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
             let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VmError::Msrs {
                 cpu: id,

@@ -10,6 +10,8 @@ use std::io::{Read, Seek, SeekFrom};
 
 use thiserror::Error;
 
+use crate::arch::x86_64::layout;
+
 const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
 const ELFCLASS64: u8 = 2;
 const ELFDATA2LSB: u8 = 1;
@@ -280,11 +282,11 @@ impl KernelImage {
                         segment.guest_address, segment.memory_size
                     ))
                 })?;
-            if segment.file_size > 0 {
+            if segment.memory_size > 0 {
                 segments.push(segment);
             }
         }
-        if segments.is_empty() {
+        if segments.iter().all(|s| s.file_size == 0) {
             return Err(KernelImageError::NoLoadableSegments);
         }
         Ok(Self::Elf { entry, segments })
@@ -308,16 +310,21 @@ impl KernelImage {
         }
     }
 
-    /// Checks the kernel fits in RAM below `low_end`, at or above 1 MiB.
+    /// Checks the kernel fits in RAM below `low_end` and stays clear of the ranges the
+    /// VMM writes at boot.
     pub fn check_fits(&self, low_end: u64) -> Result<(), KernelImageError> {
         if let Self::Elf { segments, .. } = self {
             for (index, segment) in segments.iter().enumerate() {
-                if segment.guest_address < BZIMAGE_LOAD_ADDRESS {
+                let clash = layout::VMM_RESERVED_LOW
+                    .iter()
+                    .find(|(start, end)| segment.guest_address < *end && *start < segment.end());
+                if let Some((start, end)) = clash {
                     return Err(KernelImageError::BadSegment {
                         index,
                         problem: format!(
-                            "address {:#x} is below 1 MiB, where the VMM keeps boot data",
-                            segment.guest_address
+                            "{:#x}..{:#x} overlaps {start:#x}..{end:#x}, where the VMM keeps boot data",
+                            segment.guest_address,
+                            segment.end()
                         ),
                     });
                 }
@@ -525,12 +532,16 @@ pub(crate) mod tests {
             Err(KernelImageError::DoesNotFit { .. })
         ));
 
-        let low = probe(&elf(0x8000, &[0x90; 4])).unwrap();
-        assert!(low
-            .check_fits(64 << 20)
-            .unwrap_err()
-            .to_string()
-            .contains("below 1 MiB"));
+        let trampoline = probe(&elf(0x8000, &[0x90; 4])).unwrap();
+        assert!(trampoline.check_fits(64 << 20).is_ok());
+        for clash in [0x500, 0x7ff0, 0x9000, 0x2_0000, 0xe_0000] {
+            let low = probe(&elf(clash, &[0x90; 32])).unwrap();
+            let err = low.check_fits(64 << 20).unwrap_err();
+            assert!(
+                err.to_string().contains("where the VMM keeps boot data"),
+                "{err}"
+            );
+        }
 
         let mut thirty_two = good.clone();
         thirty_two[4] = 1;

@@ -2,6 +2,7 @@
 //! here; everything that parses bulk guest data runs in a sandboxed worker process.
 
 pub mod acpi_pm;
+pub mod acpi_pm_timer;
 pub mod bus;
 pub mod i8042;
 pub mod reset_control;

@@ -98,6 +98,9 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     fadt.pm1_evt_len = ports::PM1A_EVENT_LEN;
     fadt.pm1a_cnt_blk = u32::from(ports::PM1A_CONTROL).into();
     fadt.pm1_cnt_len = ports::PM1A_CONTROL_LEN;
+    fadt.pm_tmr_blk = u32::from(ports::PM_TIMER).into();
+    fadt.pm_tmr_len = ports::PM_TIMER_LEN;
+    fadt.x_pm_tmr_blk = io_register(ports::PM_TIMER, 32, AccessSize::DwordAccess);
     fadt.x_pm1a_evt_blk = io_register(ports::PM1A_EVENT, 32, AccessSize::WordAccess);
     fadt.x_pm1a_cnt_blk = io_register(ports::PM1A_CONTROL, 16, AccessSize::WordAccess);
     fadt.reset_reg = io_register(ports::RESET_CONTROL, 8, AccessSize::ByteAccess);
@@ -261,6 +264,8 @@ mod tests {
         let u32_at = |o: usize| u32::from_le_bytes(fadt[o..o + 4].try_into().unwrap());
         assert_eq!(u32_at(64), u32::from(ports::PM1A_CONTROL)); // PM1a_CNT_BLK
         assert_eq!(u32_at(56), u32::from(ports::PM1A_EVENT)); // PM1a_EVT_BLK
+        assert_eq!(u32_at(76), u32::from(ports::PM_TIMER)); // PM_TMR_BLK
+        assert_eq!(fadt[91], 4); // PM_TMR_LEN
         assert_eq!(u32_at(112) & (1 << 10), 1 << 10); // RESET_REG_SUP
         assert_eq!(fadt[116], 1); // reset register in system I/O space
         assert_eq!(u64_at(&fadt, 120), u64::from(ports::RESET_CONTROL));

@@ -10,6 +10,7 @@ const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -21,9 +22,19 @@ fn core_id_bits(cpus: u8) -> u32 {
     u32::from(cpus).next_power_of_two().trailing_zeros()
 }
 
+/// Host facts that change what the guest may be told.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostFeatures {
+    /// KVM emulates the LAPIC's TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER). KVM does
+    /// not report the CPUID bit itself because it depends on the in-kernel LAPIC, which
+    /// is the VMM's choice. Without it Linux must calibrate the LAPIC timer against the
+    /// PIT, which fails on slow or nested hosts and leaves the guest without per-CPU timers.
+    pub tsc_deadline_timer: bool,
+}
+
 /// Rewrites `entries` (from KVM_GET_SUPPORTED_CPUID) for the vCPU with `apic_id` in a
 /// guest of `cpus` vCPUs.
-pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], apic_id: u8, cpus: u8) {
+pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], apic_id: u8, cpus: u8, host: HostFeatures) {
     let apic = u32::from(apic_id);
     let count = u32::from(cpus);
     for entry in entries.iter_mut() {
@@ -31,6 +42,9 @@ pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], apic_id: u8, cpus: u8) {
             LEAF_FEATURES => {
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (apic << 24) | ((count & 0xff) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
+                if host.tsc_deadline_timer {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                }
                 if cpus > 1 {
                     entry.edx |= EDX_HTT;
                 } else {
@@ -91,18 +105,24 @@ mod tests {
     fn leaf_1_carries_apic_id_count_and_hypervisor_bit() {
         let mut entries = [entry(1, 0)];
         entries[0].ebx = 0x0000_0800; // CLFLUSH line size, preserved
-        patch_for_vcpu(&mut entries, 3, 4);
+        patch_for_vcpu(&mut entries, 3, 4, HostFeatures::default());
         assert_eq!(entries[0].ebx >> 24, 3);
         assert_eq!((entries[0].ebx >> 16) & 0xff, 4);
         assert_eq!(entries[0].ebx & 0xffff, 0x0800);
         assert_ne!(entries[0].ecx & ECX_HYPERVISOR, 0);
         assert_ne!(entries[0].edx & EDX_HTT, 0);
+        assert_eq!(entries[0].ecx & ECX_TSC_DEADLINE, 0);
+        let deadline = HostFeatures {
+            tsc_deadline_timer: true,
+        };
+        patch_for_vcpu(&mut entries, 3, 4, deadline);
+        assert_ne!(entries[0].ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
     fn extended_topology_describes_cores() {
         let mut entries = [entry(0xb, 0), entry(0xb, 1), entry(0xb, 2)];
-        patch_for_vcpu(&mut entries, 5, 6);
+        patch_for_vcpu(&mut entries, 5, 6, HostFeatures::default());
         assert_eq!(
             (entries[0].ebx, entries[0].ecx >> 8, entries[0].edx),
             (1, 1, 5)
@@ -119,7 +139,7 @@ mod tests {
     fn single_cpu_has_no_htt() {
         let mut entries = [entry(1, 0)];
         entries[0].edx = EDX_HTT;
-        patch_for_vcpu(&mut entries, 0, 1);
+        patch_for_vcpu(&mut entries, 0, 1, HostFeatures::default());
         assert_eq!(entries[0].edx & EDX_HTT, 0);
         assert_eq!(core_id_bits(1), 0);
         assert_eq!(core_id_bits(2), 1);

@@ -57,6 +57,9 @@ pub mod ports {
     /// ACPI PM1a control register (16 bit).
     pub const PM1A_CONTROL: u16 = 0x604;
     pub const PM1A_CONTROL_LEN: u8 = 2;
+    /// ACPI PM timer (32-bit register, 24-bit counter).
+    pub const PM_TIMER: u16 = 0x608;
+    pub const PM_TIMER_LEN: u8 = 4;
     /// The PC reset control register, named as the ACPI reset register in the FADT.
     pub const RESET_CONTROL: u16 = 0xcf9;
 }
@@ -67,6 +70,16 @@ pub mod irqs {
     pub const RTC: u32 = 8;
     pub const ACPI_SCI: u16 = 9;
 }
+
+/// Guest-physical ranges below 1 MiB the VMM writes at boot, `[start, end)`. A kernel
+/// segment may use the rest of low memory (micro-guests put AP trampolines there), but
+/// not these: they would be overwritten, or would overwrite what the VMM wrote.
+pub const VMM_RESERVED_LOW: [(u64, u64); 4] = [
+    (GDT_START, ZERO_PAGE_START + 0x1000),
+    (BOOT_STACK_POINTER & !0xfff, BOOT_STACK_POINTER + 0x10),
+    (CMDLINE_START, CMDLINE_START + CMDLINE_MAX_SIZE as u64),
+    (EBDA_START, HIGH_MEMORY_START),
+];
 
 // The boot structures must not overlap; checked when the crate compiles.
 const _: () = {
