@@ -32,9 +32,88 @@ pub struct HostFeatures {
     pub tsc_deadline_timer: bool,
 }
 
+const LEAF_EXTENDED_FEATURES: u32 = 0x7;
+const LEAF_XSAVE: u32 = 0xd;
+
+/// XSAVE state components that exist only with a CPUID feature flag, as
+/// (component, leaf, register selector, bit). KVM reports the components the host can
+/// save even when it hides the feature (seen with PKRU under nested KVM); Linux then
+/// sizes its XSAVE buffer from the features and warns that CPUID disagrees.
+const XSAVE_COMPONENT_FEATURES: [(u32, u32, Register, u32); 6] = [
+    (2, LEAF_FEATURES, Register::Ecx, 28),          // AVX
+    (3, LEAF_EXTENDED_FEATURES, Register::Ebx, 14), // MPX bounds
+    (4, LEAF_EXTENDED_FEATURES, Register::Ebx, 14), // MPX CSR
+    (5, LEAF_EXTENDED_FEATURES, Register::Ebx, 16), // AVX-512 opmask
+    (6, LEAF_EXTENDED_FEATURES, Register::Ebx, 16), // AVX-512 ZMM_Hi256
+    (9, LEAF_EXTENDED_FEATURES, Register::Ecx, 3),  // PKRU
+];
+/// AVX-512 Hi16_ZMM shares the AVX-512 flag.
+const XSAVE_AVX512_HI16: u32 = 7;
+
+#[derive(Debug, Clone, Copy)]
+enum Register {
+    Ebx,
+    Ecx,
+}
+
+fn has_feature(entries: &[kvm_cpuid_entry2], leaf: u32, register: Register, bit: u32) -> bool {
+    entries
+        .iter()
+        .find(|e| e.function == leaf && e.index == 0)
+        .is_some_and(|e| {
+            let value = match register {
+                Register::Ebx => e.ebx,
+                Register::Ecx => e.ecx,
+            };
+            value & (1 << bit) != 0
+        })
+}
+
+/// Drops XSAVE components whose feature is hidden, and recomputes the largest save area
+/// size (leaf 0xd, subleaf 0, ECX) from the components that remain.
+fn normalize_xsave(entries: &mut [kvm_cpuid_entry2]) {
+    let mut hidden = 0u32;
+    for (component, leaf, register, bit) in XSAVE_COMPONENT_FEATURES {
+        if !has_feature(entries, leaf, register, bit) {
+            hidden |= 1 << component;
+        }
+    }
+    if hidden & (1 << 5) != 0 {
+        hidden |= 1 << XSAVE_AVX512_HI16;
+    }
+    let Some(main) = entries
+        .iter()
+        .position(|e| e.function == LEAF_XSAVE && e.index == 0)
+    else {
+        return;
+    };
+    let supported = entries[main].eax & !hidden;
+    // The legacy area plus the XSAVE header, then each remaining user component.
+    let mut size = 512 + 64;
+    for entry in entries
+        .iter_mut()
+        .filter(|e| e.function == LEAF_XSAVE && e.index >= 2)
+    {
+        if entry.index >= 32 {
+            continue;
+        }
+        if hidden & (1 << entry.index) != 0 {
+            entry.eax = 0;
+            entry.ebx = 0;
+            entry.ecx = 0;
+            entry.edx = 0;
+        } else if supported & (1 << entry.index) != 0 {
+            size = size.max(entry.ebx + entry.eax);
+        }
+    }
+    entries[main].eax = supported;
+    entries[main].ecx = size;
+}
+
 /// Rewrites `entries` (from KVM_GET_SUPPORTED_CPUID) for the vCPU with `apic_id` in a
 /// guest of `cpus` vCPUs.
 pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], apic_id: u8, cpus: u8, host: HostFeatures) {
+    normalize_xsave(entries);
     let apic = u32::from(apic_id);
     let count = u32::from(cpus);
     for entry in entries.iter_mut() {
@@ -133,6 +212,35 @@ mod tests {
         );
         assert_eq!(entries[2].ecx, 2);
         assert_eq!(entries[2].ebx, 0);
+    }
+
+    #[test]
+    fn xsave_components_follow_their_feature_flags() {
+        let mut leaf7 = entry(7, 0);
+        leaf7.ebx = 0; // no MPX, no AVX-512
+        leaf7.ecx = 0; // no PKU
+        let mut leaf1 = entry(1, 0);
+        leaf1.ecx = 1 << 28; // AVX
+        let mut xsave = entry(0xd, 0);
+        xsave.eax = 0x207; // x87, SSE, AVX, PKRU
+        xsave.ecx = 0xa88;
+        let mut avx = entry(0xd, 2);
+        (avx.eax, avx.ebx) = (0x100, 0x240);
+        let mut pkru = entry(0xd, 9);
+        (pkru.eax, pkru.ebx) = (8, 0xa80);
+        let mut entries = [leaf1, leaf7, xsave, avx, pkru];
+        patch_for_vcpu(&mut entries, 0, 1, HostFeatures::default());
+        assert_eq!(entries[2].eax, 0x7, "PKRU must go with PKU hidden");
+        assert_eq!(entries[2].ecx, 0x340, "largest area is x87+SSE+header+AVX");
+        assert_eq!((entries[4].eax, entries[4].ebx), (0, 0));
+
+        entries[1].ecx = 1 << 3; // PKU shown
+        entries[2].eax = 0x207;
+        entries[4].eax = 8;
+        entries[4].ebx = 0xa80;
+        patch_for_vcpu(&mut entries, 0, 1, HostFeatures::default());
+        assert_eq!(entries[2].eax, 0x207);
+        assert_eq!(entries[2].ecx, 0xa88);
     }
 
     #[test]
