@@ -12,4 +12,5 @@ pub mod devices;
 pub mod exit;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;

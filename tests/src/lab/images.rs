@@ -1,0 +1,93 @@
+//! Builds the two initramfs levels of a lab boot.
+//!
+//! ```text
+//! L1, booted by QEMU:
+//!   /init               tests/lab/l1-init.sh
+//!   /lab/scenario.sh    the bulkhead runs (`Scenario::l1_script`)
+//!   /lab/modules/*.ko   kvm-amd and its dependencies, load order in /lab/modules.order
+//!   /bin/bulkhead       with its libraries and ELF interpreter, at their host paths
+//!   /vmlinux            the L2 kernel
+//!   <guest.path>        each L2 initramfs
+//! L2, booted by bulkhead inside L1:
+//!   /init               `Guest::init_script`
+//!   /lib/modules/*.ko   the guest's modules and their dependencies
+//! Both: busybox with its applet links, /dev/console, and mount points.
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use super::assets::Assets;
+use super::initramfs::Initramfs;
+use super::scenario::{Guest, Scenario};
+use super::shared_libs;
+use super::LabError;
+
+/// The modules that give L1 its /dev/kvm (fetch-assets.sh resolves kvm-amd's dependencies:
+/// irqbypass, kvm, ccp).
+const L1_MODULES: &[&str] = &["kvm_amd"];
+
+const L1_INIT: &str = include_str!("../../lab/l1-init.sh");
+
+/// Writes `guest`'s initramfs to `out`.
+pub fn build_guest(assets: &Assets, guest: &Guest, out: &Path) -> Result<(), LabError> {
+    let wanted: Vec<&str> = guest.modules.iter().map(String::as_str).collect();
+    let modules = assets.modules_to_load(&wanted)?;
+    let mut fs = Initramfs::with_busybox(&assets.busybox)?;
+    for module in &modules {
+        fs.host_file(
+            &format!("/lib/modules/{}", module.file),
+            &module.path,
+            0o644,
+        );
+    }
+    let files: Vec<String> = modules.into_iter().map(|m| m.file).collect();
+    fs.bytes("/init", guest.init_script(&files), 0o755);
+    fs.write(out)
+}
+
+/// Writes the L1 initramfs for `scenario` into `work_dir` (with the L2 images it embeds) and
+/// returns its path.
+pub fn build_l1(
+    assets: &Assets,
+    bulkhead: &Path,
+    scenario: &Scenario,
+    work_dir: &Path,
+) -> Result<PathBuf, LabError> {
+    let mut fs = Initramfs::with_busybox(&assets.busybox)?;
+    fs.bytes("/init", L1_INIT, 0o755);
+    fs.bytes("/lab/scenario.sh", scenario.l1_script(), 0o644);
+
+    let mut order = String::new();
+    for module in assets.modules_to_load(L1_MODULES)? {
+        fs.host_file(
+            &format!("/lab/modules/{}", module.file),
+            &module.path,
+            0o644,
+        );
+        order.push_str(&module.file);
+        order.push('\n');
+    }
+    fs.bytes("/lab/modules.order", order, 0o644);
+
+    if !bulkhead.is_file() {
+        return Err(LabError::BulkheadMissing(bulkhead.to_owned()));
+    }
+    fs.host_file("/bin/bulkhead", bulkhead, 0o755);
+    for file in shared_libs::runtime_files(bulkhead)? {
+        let path = file
+            .to_str()
+            .ok_or_else(|| LabError::Invalid(format!("non-UTF-8 library path {file:?}")))?;
+        fs.host_file(path, &file, 0o755);
+    }
+
+    fs.host_file("/vmlinux", &assets.vmlinux, 0o644);
+    for (index, guest) in scenario.guests.iter().enumerate() {
+        let image = work_dir.join(format!("l2-{index}.cpio"));
+        build_guest(assets, guest, &image)?;
+        fs.host_file(&guest.path, &image, 0o644);
+    }
+
+    let l1 = work_dir.join("l1.cpio");
+    fs.write(&l1)?;
+    Ok(l1)
+}

@@ -1,0 +1,211 @@
+//! Runs QEMU TCG with emulated SVM (the L1 machine), its serial console on QEMU's stdio.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::LabError;
+
+/// L1's kernel command line. `panic=-1` reboots at once on a panic (or if /init dies), and
+/// with `-no-reboot` that ends QEMU instead of waiting for the timeout. loglevel=4 keeps
+/// L1's boot chatter (which can interleave with the L2 console) to warnings and worse.
+const L1_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
+
+/// A machine for QEMU TCG to boot: normally L1, or an L2 guest image booted directly to check
+/// the harness without bulkhead.
+pub struct QemuMachine {
+    pub qemu: PathBuf,
+    /// An ELF vmlinux: QEMU boots it through its PVH entry point (Debian sets CONFIG_PVH),
+    /// skipping the bzImage's decompressor, which takes about 7 s under TCG.
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// `-m`, e.g. "3G".
+    pub memory: String,
+}
+
+/// One line of the L1 console, stamped with when the host read it.
+#[derive(Debug, Clone)]
+pub struct ConsoleLine {
+    /// Time since QEMU started.
+    pub at: Duration,
+    pub text: String,
+}
+
+/// The console of one L1 boot and how QEMU ended.
+#[derive(Debug)]
+pub struct Console {
+    pub lines: Vec<ConsoleLine>,
+    /// QEMU's exit status; `None` when it had to be killed at the deadline.
+    pub status: Option<ExitStatus>,
+    pub elapsed: Duration,
+}
+
+/// QEMU options shared by every lab boot. `-cpu max` offers SVM with nested paging, which
+/// is what lets kvm-amd load in L1. `-nodefaults` drops the NIC, VGA, floppy and CD-ROM:
+/// nothing the lab uses, and each costs boot time.
+const QEMU_OPTIONS: &str =
+    "-accel tcg,thread=multi -cpu max -smp 2 -nodefaults -display none -no-reboot";
+
+impl QemuMachine {
+    /// L1: two vCPUs (one per host core; bulkhead's L2 vCPUs run on them) and room for a few
+    /// L2 guests next to the ~100 MiB initramfs.
+    pub fn l1(qemu: &Path, kernel: &Path, initrd: &Path) -> Self {
+        Self {
+            qemu: qemu.to_owned(),
+            kernel: kernel.to_owned(),
+            initrd: initrd.to_owned(),
+            cmdline: L1_CMDLINE.to_owned(),
+            memory: "3G".to_owned(),
+        }
+    }
+
+    fn command(&self, serial: &str) -> Command {
+        let mut qemu = Command::new(&self.qemu);
+        qemu.args(QEMU_OPTIONS.split_whitespace())
+            .args(["-m", &self.memory, "-serial", serial])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(&self.cmdline);
+        qemu
+    }
+
+    /// Boots with the console captured line by line into `log` (and echoed to stdout when
+    /// `echo`), killing QEMU if it is still running after `timeout`.
+    pub fn run_captured(
+        &self,
+        log: &Path,
+        timeout: Duration,
+        echo: bool,
+    ) -> Result<Console, LabError> {
+        let mut command = self.command("stdio");
+        let log_err = |e| LabError::io(format!("writing {}", log.display()), e);
+        let mut log_file = File::create(log).map_err(log_err)?;
+        writeln!(log_file, "==== lab: {}", describe(&command)).map_err(log_err)?;
+
+        let start = Instant::now();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| LabError::io(format!("starting {}", self.qemu.display()), e))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let qemu = KillOnDrop(child);
+
+        let reader = thread::spawn(move || read_console(stdout, log_file, start, echo));
+        let stderr_reader = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let status = qemu.wait_until(start + timeout)?;
+        let elapsed = start.elapsed();
+
+        let (lines, mut log_file) = reader.join().expect("console reader does not panic");
+        let stderr = stderr_reader.join().expect("stderr reader does not panic");
+        let ending = match status {
+            Some(status) => format!("qemu exited: {status}"),
+            None => format!("qemu killed: still running after {}s", timeout.as_secs()),
+        };
+        if !stderr.trim().is_empty() {
+            writeln!(log_file, "==== lab: qemu stderr:\n{}", stderr.trim_end()).map_err(log_err)?;
+        }
+        writeln!(
+            log_file,
+            "==== lab: {ending} after {:.1}s",
+            elapsed.as_secs_f64()
+        )
+        .map_err(log_err)?;
+        Ok(Console {
+            lines,
+            status,
+            elapsed,
+        })
+    }
+
+    /// Boots with the console (and QEMU's monitor, Ctrl-A c) on this terminal.
+    pub fn run_interactive(&self) -> Result<ExitStatus, LabError> {
+        self.command("mon:stdio")
+            .status()
+            .map_err(|e| LabError::io(format!("running {}", self.qemu.display()), e))
+    }
+}
+
+/// Reads the console until QEMU closes it: each line goes to the log as it arrives (so
+/// `tail -f` shows a boot in progress) and is kept, stamped, for the report.
+fn read_console(
+    stdout: impl Read,
+    mut log: File,
+    start: Instant,
+    echo: bool,
+) -> (Vec<ConsoleLine>, File) {
+    let mut lines = Vec::new();
+    let mut reader = BufReader::new(stdout);
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        match reader.read_until(b'\n', &mut raw) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        // Serial consoles end lines with \r\n (\r\r\n once a tty in L1 adds its own).
+        let text: String = String::from_utf8_lossy(&raw)
+            .chars()
+            .filter(|&c| c != '\r' && c != '\n')
+            .collect();
+        let _ = writeln!(log, "{text}");
+        if echo {
+            println!("{text}");
+        }
+        lines.push(ConsoleLine {
+            at: start.elapsed(),
+            text,
+        });
+    }
+    (lines, log)
+}
+
+/// Kills QEMU if the harness returns early, so that no TCG machine outlives its test.
+struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    /// Waits for QEMU to exit; kills it at `deadline` and returns `None`.
+    fn wait_until(mut self, deadline: Instant) -> Result<Option<ExitStatus>, LabError> {
+        let wait_err = |e| LabError::io("waiting for qemu", e);
+        loop {
+            if let Some(status) = self.0.try_wait().map_err(wait_err)? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None); // Drop kills it.
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The command line, for the log: enough to rerun the boot by hand.
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|arg| super::scenario::shell_quote(&arg.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

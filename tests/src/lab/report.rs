@@ -1,0 +1,272 @@
+//! What a lab boot printed, parsed from the L1 console.
+//!
+//! The L1 init (tests/lab/l1-init.sh) prints `LAB: ...` lines; L2 inits print
+//! `GUEST: key=value` lines, which are attributed to the run whose begin/exit markers enclose
+//! them. Markers are searched anywhere in a line, since kernel messages can share it. Nothing
+//! here fails on odd output: missing things are `None`, for the test to judge and explain.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use super::qemu::{Console, ConsoleLine};
+use super::scenario::GUEST_MARKER;
+
+const LAB_MARKER: &str = "LAB: ";
+
+/// How many console lines [`LabReport::explain`] quotes.
+const TAIL_LINES: usize = 40;
+
+#[derive(Debug)]
+pub struct LabReport {
+    pub scenario: String,
+    pub log_path: PathBuf,
+    pub lines: Vec<ConsoleLine>,
+    /// QEMU's exit status; `None` when it was killed at the deadline.
+    pub qemu_status: Option<ExitStatus>,
+    pub elapsed: Duration,
+    pub runs: Vec<RunReport>,
+    /// `GUEST: key=value` lines printed outside any bulkhead run: all of them for a guest
+    /// booted directly under QEMU, none normally.
+    pub guest_values: Vec<(String, String)>,
+}
+
+/// One bulkhead run inside L1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    pub label: String,
+    pub began_at: Duration,
+    /// When its exit marker arrived; `None` if it never did.
+    pub ended_at: Option<Duration>,
+    /// bulkhead's exit status as L1's shell saw it (137 when L1 killed it at its timeout).
+    pub exit: Option<i32>,
+    /// `GUEST: key=value` lines printed during the run, in order.
+    pub guest_values: Vec<(String, String)>,
+}
+
+impl RunReport {
+    /// The last value the guest reported for `key`.
+    pub fn guest(&self, key: &str) -> Option<&str> {
+        last_value(&self.guest_values, key)
+    }
+
+    pub fn duration(&self) -> Option<Duration> {
+        self.ended_at.map(|end| end.saturating_sub(self.began_at))
+    }
+}
+
+impl LabReport {
+    pub fn parse(scenario: &str, log_path: PathBuf, console: Console) -> Self {
+        let mut runs: Vec<RunReport> = Vec::new();
+        let mut guest_values = Vec::new();
+        for line in &console.lines {
+            match Event::of(&line.text) {
+                Some(Event::RunBegin(label)) => runs.push(RunReport {
+                    label: label.to_owned(),
+                    began_at: line.at,
+                    ended_at: None,
+                    exit: None,
+                    guest_values: Vec::new(),
+                }),
+                Some(Event::RunExit(label, exit)) => {
+                    let open = runs
+                        .iter_mut()
+                        .rev()
+                        .find(|r| r.label == label && r.ended_at.is_none());
+                    if let Some(run) = open {
+                        run.ended_at = Some(line.at);
+                        run.exit = exit;
+                    }
+                }
+                Some(Event::GuestValue(key, value)) => {
+                    let value = (key.to_owned(), value.to_owned());
+                    match runs.last_mut().filter(|run| run.ended_at.is_none()) {
+                        Some(run) => run.guest_values.push(value),
+                        None => guest_values.push(value),
+                    }
+                }
+                None => {}
+            }
+        }
+        Self {
+            scenario: scenario.to_owned(),
+            log_path,
+            lines: console.lines,
+            qemu_status: console.status,
+            elapsed: console.elapsed,
+            runs,
+            guest_values,
+        }
+    }
+
+    /// When L1 printed `LAB: <marker>` (e.g. "kvm ready", "done"), if it did.
+    pub fn marker_at(&self, marker: &str) -> Option<Duration> {
+        self.lines
+            .iter()
+            .find(|line| after(&line.text, LAB_MARKER) == Some(marker))
+            .map(|line| line.at)
+    }
+
+    /// The `LAB: error ...` lines of L1's init.
+    pub fn errors(&self) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|line| after(&line.text, LAB_MARKER)?.strip_prefix("error "))
+            .collect()
+    }
+
+    /// The last value reported for `key` outside any run (see [`Self::guest_values`]).
+    pub fn guest(&self, key: &str) -> Option<&str> {
+        last_value(&self.guest_values, key)
+    }
+
+    pub fn run(&self, label: &str) -> Option<&RunReport> {
+        self.runs.iter().find(|run| run.label == label)
+    }
+
+    /// A failure message for the test: `what` went wrong, where the full log is, and the
+    /// console's last lines.
+    pub fn explain(&self, what: &str) -> String {
+        let mut message = format!("lab scenario {:?}: {what}\n", self.scenario);
+        let ending = match self.qemu_status {
+            Some(status) => format!("qemu exited ({status})"),
+            None => "qemu was killed at the deadline".to_owned(),
+        };
+        let _ = writeln!(
+            message,
+            "{ending} after {:.1}s; full console log: {}",
+            self.elapsed.as_secs_f64(),
+            self.log_path.display()
+        );
+        let _ = writeln!(message, "---- last {TAIL_LINES} console lines ----");
+        for line in &self.lines[self.lines.len().saturating_sub(TAIL_LINES)..] {
+            let _ = writeln!(message, "[{:7.2}] {}", line.at.as_secs_f64(), line.text);
+        }
+        message
+    }
+
+    /// One line per milestone, for the test's output.
+    pub fn timings(&self) -> String {
+        let mut text = format!(
+            "lab {}: qemu ran {:.1}s",
+            self.scenario,
+            self.elapsed.as_secs_f64()
+        );
+        for marker in ["kvm ready", "done"] {
+            if let Some(at) = self.marker_at(marker) {
+                let _ = write!(text, "; {marker} at {:.1}s", at.as_secs_f64());
+            }
+        }
+        for run in &self.runs {
+            let took = run.duration().map_or("unfinished".to_owned(), |d| {
+                format!("{:.1}s", d.as_secs_f64())
+            });
+            let _ = write!(
+                text,
+                "; run {} took {took} (exit {:?})",
+                run.label, run.exit
+            );
+        }
+        text
+    }
+}
+
+/// The console lines the parser acts on.
+enum Event<'a> {
+    /// `LAB: run <label>: begin`
+    RunBegin(&'a str),
+    /// `LAB: run <label>: exit=<status>`
+    RunExit(&'a str, Option<i32>),
+    /// `GUEST: <key>=<value>`
+    GuestValue(&'a str, &'a str),
+}
+
+impl<'a> Event<'a> {
+    fn of(line: &'a str) -> Option<Self> {
+        if let Some(run) = after(line, LAB_MARKER).and_then(|m| m.strip_prefix("run ")) {
+            if let Some(label) = run.strip_suffix(": begin") {
+                return Some(Self::RunBegin(label));
+            }
+            let (label, status) = run.split_once(": exit=")?;
+            return Some(Self::RunExit(label, status.trim().parse().ok()));
+        }
+        let (key, value) = after(line, GUEST_MARKER)?.split_once('=')?;
+        Some(Self::GuestValue(key.trim(), value.trim()))
+    }
+}
+
+fn last_value<'a>(values: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    values
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The rest of `line` after the first `marker`.
+fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.find(marker)
+        .map(|at| line[at + marker.len()..].trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(text: &str) -> LabReport {
+        let lines = text
+            .lines()
+            .enumerate()
+            .map(|(i, text)| ConsoleLine {
+                at: Duration::from_secs(i as u64),
+                text: text.to_owned(),
+            })
+            .collect();
+        let console = Console {
+            lines,
+            status: None,
+            elapsed: Duration::from_secs(99),
+        };
+        LabReport::parse("t", PathBuf::from("/logs/t.log"), console)
+    }
+
+    #[test]
+    fn attributes_guest_values_to_their_run() {
+        let r = report(
+            "[    1.0] booting\n\
+             LAB: kvm ready\n\
+             LAB: run a: begin\n\
+             GUEST: cpus=2\n\
+             [    3.1] some kernel line GUEST: token = abc \n\
+             LAB: run a: exit=0\n\
+             GUEST: stray=1\n\
+             LAB: run b: begin\n\
+             GUEST: cpus=1\n\
+             LAB: done\n",
+        );
+        assert_eq!(r.marker_at("kvm ready"), Some(Duration::from_secs(1)));
+        assert_eq!(r.marker_at("done"), Some(Duration::from_secs(9)));
+        let a = r.run("a").unwrap();
+        assert_eq!(
+            (a.exit, a.guest("cpus"), a.guest("token"), a.guest("stray")),
+            (Some(0), Some("2"), Some("abc"), None)
+        );
+        assert_eq!(a.duration(), Some(Duration::from_secs(3)));
+        let b = r.run("b").unwrap();
+        assert_eq!(
+            (b.exit, b.ended_at, b.guest("cpus")),
+            (None, None, Some("1"))
+        );
+    }
+
+    #[test]
+    fn garbage_is_not_an_error() {
+        let garbage =
+            "LAB: run\nLAB: run x: exit=banana\nGUEST: novalue\n\u{fffd}\u{0}LAB: error bad";
+        let r = report(garbage);
+        assert!(r.runs.is_empty());
+        assert_eq!(r.errors(), ["bad"]);
+        assert!(r.explain("boom").contains("/logs/t.log"));
+    }
+}

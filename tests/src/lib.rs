@@ -1,0 +1,34 @@
+//! Test machinery shared by bulkhead's integration tests.
+//!
+//! - [`micro`]: tiny hand-assembled guests ("micro-guests") packaged as ELF kernels, run by
+//!   the real `bulkhead` binary on this machine's /dev/kvm in milliseconds.
+//! - [`lab`]: the nested lab, which runs `bulkhead` inside QEMU TCG (with kvm-amd in the L1
+//!   guest) to boot a real Debian Linux kernel as the L2 guest.
+
+pub mod lab;
+pub mod micro;
+
+use std::path::PathBuf;
+
+/// Path of the `bulkhead` binary under test.
+///
+/// `BULKHEAD_BIN` wins when set; otherwise the binary cargo built into the same profile
+/// directory as the running test executable (`target/<profile>/bulkhead`).
+pub fn bulkhead_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("BULKHEAD_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-exe> -> target/<profile>/bulkhead
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("bulkhead");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build --workspace` (same profile as the tests)",
+        bin.display()
+    );
+    bin
+}

@@ -1,0 +1,256 @@
+//! Bad command lines and bad kernel/initrd files: bulkhead must refuse each with a non-zero
+//! exit and an `error: ` report that names the problem, and must never panic (a debug
+//! build panics on arithmetic overflow, which is what several of these files provoke).
+
+use std::path::Path;
+
+use anyhow::Result;
+use bulkhead_tests::micro::bzimage::{bzimage, setup_size};
+use bulkhead_tests::micro::elf::{build_elf, patch_program_header, ProgramHeaderField};
+use bulkhead_tests::micro::hw::MIB;
+use bulkhead_tests::micro::{BulkheadCommand, MicroGuest, RunOutcome, ScratchDir, Segment};
+
+/// A kernel that works: it powers off at once. Errors must come from the one bad input.
+fn power_off_kernel() -> Result<Vec<u8>> {
+    let mut guest = MicroGuest::new()?;
+    guest.power_off()?;
+    guest.build()
+}
+
+/// `bulkhead run --kernel <kernel> <args>`.
+fn run(kernel: &Path, args: &[&str]) -> Result<RunOutcome> {
+    Ok(BulkheadCommand::new()
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .args(args)
+        .run()?)
+}
+
+/// `bulkhead run --kernel <a file holding image> <args>`.
+fn run_image(image: &[u8], args: &[&str]) -> Result<RunOutcome> {
+    let dir = ScratchDir::new("cli")?;
+    run(&dir.write("kernel", image)?, args)
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// The control for every test below: the same kernel with sane flags boots and powers off.
+#[test]
+fn valid_kernel_and_flags_succeed() -> Result<()> {
+    run_image(&power_off_kernel()?, &["--cpus", "2", "--memory", "64M"])?.assert_clean_exit();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel files
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn missing_kernel_file() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let missing = dir.path().join("no-such-vmlinux");
+    run(&missing, &[])?.assert_error_mentioning(&[path_str(&missing)]);
+    Ok(())
+}
+
+#[test]
+fn directory_as_kernel() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    run(dir.path(), &[])?.assert_error_mentioning(&[path_str(dir.path())]);
+    Ok(())
+}
+
+#[test]
+fn empty_kernel_file() -> Result<()> {
+    run_image(&[], &[])?.assert_error_mentioning(&["empty", "not a kernel"]);
+    Ok(())
+}
+
+#[test]
+fn random_bytes_are_not_a_kernel() -> Result<()> {
+    // Deterministic noise (xorshift64) that has neither ELF magic nor a "HdrS" header.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..8192)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    assert!(!noise.starts_with(b"\x7fELF") && &noise[0x202..0x206] != b"HdrS");
+    run_image(&noise, &[])?.assert_error_mentioning(&["not a kernel", "not an elf or bzimage"]);
+    Ok(())
+}
+
+#[test]
+fn bzimage_cut_inside_its_setup_header() -> Result<()> {
+    let whole = bzimage(4, &[0; 4096]);
+    run_image(&whole[..0x240], &[])?.assert_error_mentioning(&["truncated"]);
+    Ok(())
+}
+
+#[test]
+fn bzimage_shorter_than_its_header_says() -> Result<()> {
+    // syssize promises 64 KiB of protected-mode code; the file holds 1 KiB of it.
+    let whole = bzimage(4, &[0; 64 * 1024]);
+    run_image(&whole[..setup_size(4) + 1024], &[])?.assert_error_mentioning(&["truncated"]);
+    Ok(())
+}
+
+#[test]
+fn elf_segment_runs_past_end_of_file() -> Result<()> {
+    let mut image = power_off_kernel()?;
+    patch_program_header(&mut image, 0, ProgramHeaderField::FileSize, 0x10_0000);
+    patch_program_header(&mut image, 0, ProgramHeaderField::MemSize, 0x10_0000);
+    run_image(&image, &[])?.assert_error_mentioning(&["truncated", "end of file", "past the end"]);
+    Ok(())
+}
+
+#[test]
+fn elf_segment_offset_overflows() -> Result<()> {
+    let mut image = power_off_kernel()?;
+    patch_program_header(&mut image, 0, ProgramHeaderField::Offset, u64::MAX - 8);
+    run_image(&image, &[])?.assert_error_mentioning(&["overflow", "truncated", "end of file"]);
+    Ok(())
+}
+
+#[test]
+fn elf_segment_address_overflows() -> Result<()> {
+    let mut image = power_off_kernel()?;
+    patch_program_header(
+        &mut image,
+        0,
+        ProgramHeaderField::PhysAddr,
+        u64::MAX - 0xfff,
+    );
+    run_image(&image, &[])?.assert_error_mentioning(&["overflow", "does not fit", "outside"]);
+    Ok(())
+}
+
+#[test]
+fn elf_segment_beyond_guest_memory() -> Result<()> {
+    // A valid segment at 4 GiB, for a guest with 64 MiB of RAM.
+    let image = build_elf(1 << 32, &[Segment::new(1 << 32, vec![0xf4; 16])]);
+    run_image(&image, &["--memory", "64M"])?.assert_error_mentioning(&[
+        "does not fit",
+        "outside",
+        "beyond",
+    ]);
+    Ok(())
+}
+
+#[test]
+fn elf_segment_larger_than_guest_memory() -> Result<()> {
+    let mut image = power_off_kernel()?;
+    patch_program_header(&mut image, 0, ProgramHeaderField::MemSize, 128 * MIB);
+    run_image(&image, &["--memory", "64M"])?.assert_error_mentioning(&[
+        "does not fit",
+        "too large",
+        "outside",
+    ]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Initrd files
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn missing_initrd() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let kernel = dir.write("kernel", &power_off_kernel()?)?;
+    let missing = dir.path().join("no-such-initrd.img");
+    run(&kernel, &["--initrd", path_str(&missing)])?.assert_error_mentioning(&[path_str(&missing)]);
+    Ok(())
+}
+
+#[test]
+fn initrd_larger_than_guest_memory() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let kernel = dir.write("kernel", &power_off_kernel()?)?;
+    let initrd = dir.path().join("huge-initrd.img");
+    // Sparse: 80 MiB of apparent size, no disk or time spent.
+    std::fs::File::create(&initrd)?.set_len(80 * MIB)?;
+    let outcome = run(&kernel, &["--memory", "64M", "--initrd", path_str(&initrd)])?;
+    outcome.assert_error_mentioning(&["initrd"]);
+    outcome.assert_error_mentioning(&["does not fit", "too large"]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Flags
+// ---------------------------------------------------------------------------------------
+
+fn run_with_flags(args: &[&str]) -> Result<RunOutcome> {
+    run_image(&power_off_kernel()?, args)
+}
+
+#[test]
+fn zero_cpus() -> Result<()> {
+    run_with_flags(&["--cpus", "0"])?.assert_error_mentioning(&["cpu"]);
+    Ok(())
+}
+
+#[test]
+fn too_many_cpus() -> Result<()> {
+    run_with_flags(&["--cpus", "100000"])?.assert_error_mentioning(&["cpu"]);
+    Ok(())
+}
+
+#[test]
+fn cpus_not_a_number() -> Result<()> {
+    run_with_flags(&["--cpus", "abc"])?.assert_error_mentioning(&["cpu"]);
+    Ok(())
+}
+
+#[test]
+fn zero_memory() -> Result<()> {
+    run_with_flags(&["--memory", "0"])?.assert_error_mentioning(&["memory"]);
+    Ok(())
+}
+
+#[test]
+fn one_kilobyte_of_memory() -> Result<()> {
+    run_with_flags(&["--memory", "1K"])?.assert_error_mentioning(&["memory"]);
+    Ok(())
+}
+
+#[test]
+fn absurd_amount_of_memory() -> Result<()> {
+    run_with_flags(&["--memory", "99999T"])?.assert_error_mentioning(&["memory"]);
+    Ok(())
+}
+
+#[test]
+fn unknown_memory_unit() -> Result<()> {
+    run_with_flags(&["--memory", "12Q"])?.assert_error_mentioning(&["memory"]);
+    Ok(())
+}
+
+#[test]
+fn overlong_command_line() -> Result<()> {
+    // Far beyond x86 Linux's COMMAND_LINE_SIZE (2048), and beyond what the page at 0x20000
+    // is meant to hold.
+    let cmdline = "x".repeat(100_000);
+    run_with_flags(&["--cmdline", &cmdline])?.assert_error_mentioning(&["command line", "cmdline"]);
+    Ok(())
+}
+
+#[test]
+fn unknown_flag() -> Result<()> {
+    run_with_flags(&["--frobnicate"])?.assert_error_mentioning(&["--frobnicate"]);
+    Ok(())
+}
+
+#[test]
+fn kernel_flag_is_required() -> Result<()> {
+    BulkheadCommand::new()
+        .arg("run")
+        .run()?
+        .assert_error_mentioning(&["--kernel"]);
+    Ok(())
+}

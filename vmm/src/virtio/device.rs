@@ -1,0 +1,46 @@
+//! The device behind a virtio transport.
+
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+/// One virtqueue as the driver configured it, in guest-physical addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub index: u16,
+    pub size: u16,
+    pub descriptors: u64,
+    pub driver_area: u64,
+    pub device_area: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    #[error("device backend: {0}")]
+    Backend(String),
+    #[error("queue {index}: {problem}")]
+    BadQueue { index: u16, problem: String },
+}
+
+/// What a transport needs from a device. Queue processing is not here: the device hands
+/// the queues to whoever serves them, together with the eventfds the guest kicks and
+/// the one that interrupts the guest.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (4 = entropy, 2 = block, ...).
+    fn device_type(&self) -> u32;
+    /// The most descriptors each queue may have; its length is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving `queues` with `acked_features`.
+    fn activate(
+        &mut self,
+        acked_features: u64,
+        queues: &[QueueConfig],
+        kicks: &[EventFd],
+        interrupt: &EventFd,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device: stop serving the queues.
+    fn reset(&mut self);
+}
