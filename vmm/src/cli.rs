@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use bulkhead_protocol::RngConfig;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, ConfigError, CpuCount, MemorySize, VmConfig};
@@ -40,6 +41,13 @@ pub struct RunArgs {
     /// Guest RAM, e.g. 512M or 2G (a bare number means MiB).
     #[arg(short, long, default_value = "256M", value_name = "SIZE")]
     pub memory: String,
+    /// Add a virtio-rng device fed from the host's getrandom, served by a sandboxed worker.
+    #[arg(long)]
+    pub rng: bool,
+    /// Append device worker lifecycle events (spawn, exit, crash, restart) to PATH as
+    /// JSON lines.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -53,6 +61,8 @@ impl RunArgs {
                 .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_owned()),
             cpus: CpuCount::new(self.cpus)?,
             memory: self.memory.parse::<MemorySize>()?,
+            rng: self.rng.then(RngConfig::default),
+            audit_log: self.audit_log.clone(),
         })
     }
 }

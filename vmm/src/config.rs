@@ -132,6 +132,10 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: CpuCount,
     pub memory: MemorySize,
+    /// A virtio-rng device, served by a worker process.
+    pub rng: Option<bulkhead_protocol::RngConfig>,
+    /// Where worker lifecycle events go, as JSON lines.
+    pub audit_log: Option<PathBuf>,
 }
 
 #[cfg(test)]

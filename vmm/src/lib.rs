@@ -12,5 +12,7 @@ pub mod devices;
 pub mod exit;
 pub mod memory;
 pub mod vcpu;
+pub mod vhost_user;
 pub mod virtio;
 pub mod vm;
+pub mod worker;

@@ -3,6 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
+
 use kvm_bindings::{kvm_pit_config, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
@@ -24,6 +26,12 @@ use crate::devices::{bus::BusError, Bus};
 use crate::exit::{ExitSignal, VmExit};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::Vcpu;
+use crate::vhost_user::{attach_worker_device, AttachError, DeviceShape};
+use crate::worker::audit_log::AuditLogError;
+use crate::worker::{AuditLog, RestartPolicy, WorkerSupervisor};
+
+/// Descriptors per virtio-rng queue: requests are small and few.
+const RNG_QUEUE_SIZE: u16 = 256;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -51,6 +59,12 @@ pub enum VmError {
     AcpiWrite(#[source] vm_memory::GuestMemoryError),
     #[error("device setup")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    AuditLog(#[from] AuditLogError),
+    #[error("watching a device worker")]
+    Supervisor(#[source] std::io::Error),
     #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {cpu}")]
     Msrs { cpu: u8, set: usize, wanted: usize },
     #[error("creating an eventfd")]
@@ -82,6 +96,9 @@ pub struct Vm {
     _vm: VmFd,
     serial: Arc<Mutex<SerialPort>>,
     exit: Arc<ExitSignal>,
+    /// Watches the device workers once the VM runs; they die with the VMM
+    /// (PR_SET_PDEATHSIG).
+    supervisor: Option<WorkerSupervisor>,
     _ram: GuestRam,
 }
 
@@ -120,7 +137,39 @@ impl Vm {
         ram.register(&vm)?;
 
         let cpus = config.cpus.get();
-        let tables = acpi::build(cpus)?;
+        let audit = Arc::new(match &config.audit_log {
+            Some(path) => AuditLog::open(path)?,
+            None => AuditLog::default(),
+        });
+        let mut supervisor =
+            WorkerSupervisor::new(ram.memory().clone(), audit, RestartPolicy::default());
+        let mut mmio = Bus::default();
+        let mut virtio = Vec::new();
+        if let Some(rng) = &config.rng {
+            let launch = WorkerLaunch {
+                device_name: "rng0".into(),
+                device: DeviceConfig::Rng(rng.clone()),
+                vhost_user_fd: -1,
+            };
+            let shape = DeviceShape {
+                device_type: WorkerKind::Rng.virtio_device_id(),
+                queue_sizes: vec![RNG_QUEUE_SIZE],
+                config_size: 0,
+            };
+            let attached = attach_worker_device(
+                &vm,
+                &mut mmio,
+                ram.memory(),
+                virtio.len(),
+                &launch,
+                shape.clone(),
+            )?;
+            virtio.push(attached.acpi);
+            supervisor
+                .watch(launch, shape, attached.transport, attached.worker)
+                .map_err(VmError::Supervisor)?;
+        }
+        let tables = acpi::build(cpus, &virtio)?;
         ram.memory()
             .write_slice(&tables.bytes, GuestAddress(tables.base))
             .map_err(VmError::AcpiWrite)?;
@@ -136,7 +185,8 @@ impl Vm {
         let cr3 = regs::write_boot_tables(ram.memory())?;
 
         let exit = Arc::new(ExitSignal::default());
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?;
         vm.register_irqfd(&serial_irq, irqs::COM1)
             .map_err(ioctl("KVM_IRQFD"))?;
         let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
@@ -168,7 +218,7 @@ impl Vm {
             Arc::new(Mutex::new(ResetControl::new(exit.clone()))),
         )?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::default());
+        let mmio = Arc::new(mmio);
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -222,12 +272,16 @@ impl Vm {
             _vm: vm,
             serial,
             exit,
+            supervisor: Some(supervisor),
             _ram: ram,
         })
     }
 
     /// Starts the vCPUs and the console, and blocks until the VM ends.
     pub fn run(&mut self, terminal: &RawTerminal) -> Result<VmExit, VmError> {
+        if let Some(supervisor) = self.supervisor.take() {
+            supervisor.spawn().map_err(VmError::Thread)?;
+        }
         console::spawn_input_pump(self.serial.clone(), self.exit.clone(), terminal.is_raw())
             .map_err(VmError::Thread)?;
         for vcpu in self.vcpus.drain(..) {

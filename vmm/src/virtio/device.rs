@@ -8,6 +8,9 @@ use vmm_sys_util::eventfd::EventFd;
 pub struct QueueConfig {
     pub index: u16,
     pub size: u16,
+    /// Where in the available ring the device starts: 0 for a fresh queue, the used
+    /// index when a restarted backend takes over a running one.
+    pub next_avail: u16,
     pub descriptors: u64,
     pub driver_area: u64,
     pub device_area: u64,

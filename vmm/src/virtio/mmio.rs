@@ -6,11 +6,13 @@
 //! the device is running; the guest driver then looks at its rings, which is what it
 //! does for every interrupt anyway.
 
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{QueueConfig, VirtioDevice};
+use super::device::{ActivateError, QueueConfig, VirtioDevice};
 use super::status;
 use crate::devices::BusDevice;
+use crate::memory::GuestMemory;
 
 /// Bytes of MMIO space each device's registers and config space occupy.
 pub const MMIO_WINDOW_SIZE: u64 = 0x200;
@@ -23,6 +25,9 @@ const VERSION: u32 = 2;
 /// vendor ids carry no meaning for drivers.
 const VENDOR_ID: u32 = 0x1af4;
 const INTERRUPT_USED_BUFFER: u32 = 1;
+const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+/// Offset of the used ring's `idx` field in the device area (after `flags`).
+const USED_RING_INDEX_OFFSET: u64 = 2;
 
 mod reg {
     pub const MAGIC: u64 = 0x000;
@@ -132,6 +137,9 @@ impl VirtioMmio {
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |(_, max)| u32::from(max)),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |(q, _)| u32::from(q.ready)),
             reg::INTERRUPT_STATUS if self.active => INTERRUPT_USED_BUFFER,
+            reg::INTERRUPT_STATUS if self.status & status::DEVICE_NEEDS_RESET != 0 => {
+                INTERRUPT_CONFIG_CHANGE
+            }
             reg::STATUS => self.status,
             // No shared memory regions: length all ones means "does not exist".
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
@@ -227,20 +235,24 @@ impl VirtioMmio {
         }
     }
 
-    fn activate(&mut self) {
-        let queues: Vec<QueueConfig> = self
-            .queues
+    fn ready_queues(&self, next_avail: impl Fn(&QueueState) -> u16) -> Vec<QueueConfig> {
+        self.queues
             .iter()
             .enumerate()
             .filter(|(_, q)| q.ready)
             .map(|(index, q)| QueueConfig {
                 index: index as u16,
                 size: q.size,
+                next_avail: next_avail(q),
                 descriptors: q.descriptors,
                 driver_area: q.driver_area,
                 device_area: q.device_area,
             })
-            .collect();
+            .collect()
+    }
+
+    fn activate(&mut self) {
+        let queues = self.ready_queues(|_| 0);
         match self
             .device
             .activate(self.acked_features, &queues, &self.kicks, &self.interrupt)
@@ -254,6 +266,45 @@ impl VirtioMmio {
                 self.status |= status::DEVICE_NEEDS_RESET;
             }
         }
+    }
+
+    /// Hands the device to a new backend, e.g. a restarted worker. A running device keeps
+    /// running: the new backend resumes each queue at the guest's used index (requests
+    /// the old one took but never completed are served again, which is safe for devices
+    /// that complete in order), then gets a kick to look at the rings and the guest gets
+    /// an interrupt in case a completion's notification was lost with the old backend.
+    pub fn replace_device(
+        &mut self,
+        mut device: Box<dyn VirtioDevice>,
+        memory: &GuestMemory,
+    ) -> Result<(), ActivateError> {
+        if self.active {
+            let queues = self.ready_queues(|q| {
+                let index = GuestAddress(q.device_area.wrapping_add(USED_RING_INDEX_OFFSET));
+                memory.read_obj::<u16>(index).unwrap_or(0)
+            });
+            device.activate(self.acked_features, &queues, &self.kicks, &self.interrupt)?;
+            for queue in &queues {
+                if let Some(kick) = self.kicks.get(usize::from(queue.index)) {
+                    let _ = kick.write(1);
+                }
+            }
+            let _ = self.interrupt.write(1);
+        }
+        self.device = device;
+        Ok(())
+    }
+
+    /// The backend is gone for good: tell the driver the device needs a reset.
+    pub fn mark_failed(&mut self) {
+        self.active = false;
+        self.status |= status::DEVICE_NEEDS_RESET;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        let _ = self.interrupt.write(1);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     fn reset(&mut self) {
@@ -434,6 +485,7 @@ mod tests {
             QueueConfig {
                 index: 0,
                 size: 128,
+                next_avail: 0,
                 descriptors: 0x1_0000_1000,
                 driver_area: 0x2000,
                 device_area: 0x3000,
@@ -480,10 +532,55 @@ mod tests {
     }
 
     #[test]
+    fn a_replacement_backend_resumes_at_the_used_index() {
+        let memory = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // Used ring at 0x3000: flags, then idx = 7.
+        memory.write_obj(7u16, GuestAddress(0x3002)).unwrap();
+        let (mut mmio, _) = transport(false);
+        bring_up(&mut mmio);
+        // bring_up put the descriptor table above this small memory; only the used
+        // ring matters here.
+        let log = Arc::new(Mutex::new(Recorded::default()));
+        let replacement = FakeDevice {
+            log: log.clone(),
+            fail: false,
+        };
+        mmio.replace_device(Box::new(replacement), &memory).unwrap();
+        let log = log.lock().unwrap();
+        assert_eq!(log.activations.len(), 1);
+        assert_eq!(log.activations[0].1[0].next_avail, 7);
+        assert_eq!(
+            mmio.kicks[0].read().unwrap(),
+            1,
+            "the new backend gets a kick"
+        );
+        assert_eq!(
+            mmio.interrupt.read().unwrap(),
+            1,
+            "the guest gets an interrupt"
+        );
+    }
+
+    #[test]
+    fn a_failed_device_reports_needs_reset() {
+        let (mut mmio, _) = transport(false);
+        bring_up(&mut mmio);
+        mmio.mark_failed();
+        assert_ne!(read(&mut mmio, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(
+            read(&mut mmio, reg::INTERRUPT_STATUS),
+            INTERRUPT_CONFIG_CHANGE
+        );
+    }
+
+    #[test]
     fn failed_activation_asks_for_a_reset() {
         let (mut mmio, _) = transport(true);
         bring_up(&mut mmio);
         assert_ne!(read(&mut mmio, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
-        assert_eq!(read(&mut mmio, reg::INTERRUPT_STATUS), 0);
+        assert_eq!(
+            read(&mut mmio, reg::INTERRUPT_STATUS),
+            INTERRUPT_CONFIG_CHANGE
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! where Linux finds the RSDP both through `boot_params.acpi_rsdp_addr` and by scanning
 //! the BIOS area.
 
-use acpi_tables::aml::{Name, Package, Path, ZERO};
+use acpi_tables::aml::{
+    Device, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, ZERO,
+};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -72,8 +74,35 @@ fn io_register(port: u16, bits: u8, access: AccessSize) -> GAS {
     GAS::new(AddressSpace::SystemIo, bits, 0, access, u64::from(port))
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device the guest should find through ACPI (no command-line hints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub gsi: u32,
+}
+
+/// `Device (VRnn) { _HID "LNRO0005", _UID, _CRS { Memory32Fixed, Interrupt } }`, the
+/// binding Linux's virtio_mmio driver matches.
+fn virtio_mmio_aml(index: usize, device: &VirtioMmioDevice) -> Vec<u8> {
+    let hid: &'static str = "LNRO0005";
+    let uid = index as u32;
+    let memory = Memory32Fixed::new(true, device.base as u32, device.size as u32);
+    // Edge-triggered, active high: the worker pulses it through an irqfd.
+    let interrupt = Interrupt::new(true, true, false, false, device.gsi);
+    let resources = ResourceTemplate::new(vec![&memory, &interrupt]);
+    let hid = Name::new(Path::new("_HID"), &hid);
+    let uid = Name::new(Path::new("_UID"), &uid);
+    let crs = Name::new(Path::new("_CRS"), &resources);
+    let path = format!("_SB_.VR{index:02X}");
+    aml_bytes(&Device::new(Path::new(&path), vec![&hid, &uid, &crs]))
+}
+
+fn dsdt(virtio: &[VirtioMmioDevice]) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for (index, device) in virtio.iter().enumerate() {
+        dsdt.append_slice(&virtio_mmio_aml(index, device));
+    }
     let slp_typ = SLP_TYP_S5 as u8;
     let s5 = Name::new(
         Path::new("_S5_"),
@@ -147,8 +176,9 @@ fn interrupt_override(source: u8, gsi: u32, flags: u16) -> [u8; 10] {
     entry
 }
 
-/// Builds RSDP, XSDT, FADT, FACS, MADT and DSDT for a guest with `cpus` vCPUs.
-pub fn build(cpus: u8) -> Result<AcpiTables, AcpiError> {
+/// Builds RSDP, XSDT, FADT, FACS, MADT and DSDT for a guest with `cpus` vCPUs and the
+/// given virtio-mmio devices.
+pub fn build(cpus: u8, virtio: &[VirtioMmioDevice]) -> Result<AcpiTables, AcpiError> {
     let base = layout::ACPI_TABLES_START;
     let mut image = Vec::new();
     // The RSDP goes first so that the BIOS-area scan finds it at a 16-byte boundary; its
@@ -156,7 +186,7 @@ pub fn build(cpus: u8) -> Result<AcpiTables, AcpiError> {
     let rsdp_len = Rsdp::len();
     image.resize(rsdp_len, 0);
 
-    let dsdt = place(&mut image, base, 16, &dsdt());
+    let dsdt = place(&mut image, base, 16, &dsdt(virtio));
     let facs = place(&mut image, base, 64, &aml_bytes(&FACS::new()));
     let fadt = place(&mut image, base, 16, &fadt(dsdt, facs));
     let madt = place(&mut image, base, 16, &madt(cpus));
@@ -214,7 +244,7 @@ mod tests {
 
     #[test]
     fn tables_link_up_with_valid_checksums() {
-        let tables = build(2).unwrap();
+        let tables = build(2, &[]).unwrap();
         let sigs: Vec<_> = walk(&tables).into_iter().map(|(s, _)| s).collect();
         assert_eq!(sigs, vec![*b"FACP", *b"APIC"]);
         assert_eq!(tables.rsdp_address(), layout::ACPI_TABLES_START);
@@ -224,7 +254,7 @@ mod tests {
     #[test]
     fn madt_lists_every_cpu_the_ioapic_and_overrides() {
         for cpus in [1u8, 2, 8, 254] {
-            let tables = build(cpus).unwrap();
+            let tables = build(cpus, &[]).unwrap();
             let (_, madt) = walk(&tables)
                 .into_iter()
                 .find(|(s, _)| s == b"APIC")
@@ -256,7 +286,7 @@ mod tests {
 
     #[test]
     fn fadt_points_at_pm1_reset_and_dsdt_with_s5() {
-        let tables = build(1).unwrap();
+        let tables = build(1, &[]).unwrap();
         let (_, fadt) = walk(&tables)
             .into_iter()
             .find(|(s, _)| s == b"FACP")

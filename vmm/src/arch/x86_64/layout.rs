@@ -36,6 +36,11 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole: RAM below 4 GiB ends here.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 1 << 32;
+/// virtio-mmio devices, one 4 KiB page each from the start of the MMIO gap.
+pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START;
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// IOAPIC pins for virtio-mmio devices: the ones no legacy ISA device uses.
+pub const VIRTIO_MMIO_GSIS: [u32; 8] = [16, 17, 18, 19, 20, 21, 22, 23];
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 
@@ -91,6 +96,12 @@ const _: () = {
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     assert!(ACPI_TABLES_END <= HIGH_MEMORY_START);
 };
+
+/// Where the `index`th virtio-mmio device lives: (MMIO base, GSI), or None past the last.
+pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
+    let gsi = *VIRTIO_MMIO_GSIS.get(index)?;
+    Some((VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_STRIDE, gsi))
+}
 
 /// A guest RAM range `[start, start + size)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

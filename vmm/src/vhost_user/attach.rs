@@ -1,0 +1,163 @@
+//! Attaching a worker-served device to the VM: spawn the worker, connect to it as the
+//! vhost-user frontend, and put a virtio-mmio transport for it on the MMIO bus with an
+//! ioeventfd per queue and an irqfd for its interrupt.
+
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+
+use bulkhead_protocol::WorkerLaunch;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{VhostUserDevice, VhostUserDeviceError};
+use crate::arch::x86_64::acpi::VirtioMmioDevice;
+use crate::arch::x86_64::layout;
+use crate::devices::bus::{Bus, BusError};
+use crate::memory::GuestMemory;
+use crate::virtio::mmio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::virtio::VirtioMmio;
+use crate::worker::{spawn_worker, worker_binary, LaunchError};
+
+#[derive(Debug, Error)]
+pub enum AttachError {
+    #[error("too many virtio devices: at most {max}")]
+    TooManyDevices { max: usize },
+    #[error("device {device}: cannot start its worker")]
+    Launch {
+        device: String,
+        #[source]
+        source: LaunchError,
+    },
+    #[error("device {device}: worker did not complete the vhost-user handshake")]
+    Handshake {
+        device: String,
+        #[source]
+        source: VhostUserDeviceError,
+    },
+    #[error("device {device}: {what}")]
+    Kvm {
+        device: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device {device}: placing it on the MMIO bus")]
+    Bus {
+        device: String,
+        #[source]
+        source: BusError,
+    },
+}
+
+/// What the rest of the VM needs to know about an attached device.
+pub struct AttachedDevice {
+    pub acpi: VirtioMmioDevice,
+    pub worker: Child,
+    pub transport: Arc<Mutex<VirtioMmio>>,
+}
+
+/// The shape of a device type, as the transport must present it.
+#[derive(Debug, Clone)]
+pub struct DeviceShape {
+    pub device_type: u32,
+    pub queue_sizes: Vec<u16>,
+    pub config_size: usize,
+}
+
+fn new_eventfd() -> std::io::Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}
+
+/// Attaches the `index`th virtio-mmio device, served by a worker started with `launch`.
+pub fn attach_worker_device(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    memory: &GuestMemory,
+    index: usize,
+    launch: &WorkerLaunch,
+    shape: DeviceShape,
+) -> Result<AttachedDevice, AttachError> {
+    let device = launch.device_name.clone();
+    let (base, gsi) = layout::virtio_mmio_slot(index).ok_or(AttachError::TooManyDevices {
+        max: layout::VIRTIO_MMIO_GSIS.len(),
+    })?;
+    let kvm_err = |what: &'static str| {
+        let device = device.clone();
+        move |source: std::io::Error| AttachError::Kvm {
+            device,
+            what,
+            source,
+        }
+    };
+
+    let queue_count = shape.queue_sizes.len();
+    let (worker, backend) = start_backend(launch, &shape, memory)?;
+
+    let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+    let mut kicks = Vec::with_capacity(queue_count);
+    for queue in 0..queue_count as u32 {
+        let kick = new_eventfd().map_err(kvm_err("creating a queue eventfd"))?;
+        vm.register_ioevent(&kick, &notify, queue)
+            .map_err(|e| kvm_err("KVM_IOEVENTFD")(e.into()))?;
+        kicks.push(kick);
+    }
+    let interrupt = new_eventfd().map_err(kvm_err("creating the interrupt eventfd"))?;
+    vm.register_irqfd(&interrupt, gsi)
+        .map_err(|e| kvm_err("KVM_IRQFD")(e.into()))?;
+
+    let transport = Arc::new(Mutex::new(VirtioMmio::new(
+        device.clone(),
+        Box::new(backend),
+        kicks,
+        interrupt,
+    )));
+    mmio.insert(base, MMIO_WINDOW_SIZE, transport.clone())
+        .map_err(|source| AttachError::Bus {
+            device: device.clone(),
+            source,
+        })?;
+    tracing::info!(%device, base = format_args!("{base:#x}"), gsi, pid = worker.id(), "worker device attached");
+    Ok(AttachedDevice {
+        acpi: VirtioMmioDevice {
+            base,
+            size: MMIO_WINDOW_SIZE,
+            gsi,
+        },
+        worker,
+        transport,
+    })
+}
+
+/// Starts a worker for `launch` and completes the vhost-user handshake with it. Used
+/// for the first worker of a device and for every replacement after a crash.
+pub fn start_backend(
+    launch: &WorkerLaunch,
+    shape: &DeviceShape,
+    memory: &GuestMemory,
+) -> Result<(Child, VhostUserDevice), AttachError> {
+    let device = &launch.device_name;
+    let worker = spawn_worker(&worker_binary(), launch).map_err(|source| AttachError::Launch {
+        device: device.clone(),
+        source,
+    })?;
+    let mut child = worker.child;
+    match VhostUserDevice::connect(
+        worker.socket,
+        shape.device_type,
+        shape.queue_sizes.clone(),
+        shape.config_size,
+        memory.clone(),
+    ) {
+        Ok(backend) => Ok((child, backend)),
+        Err(source) => {
+            // A worker that cannot talk is of no use; do not leave it behind.
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(AttachError::Handshake {
+                device: device.clone(),
+                source,
+            })
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! A virtio device served by a vhost-user backend (a bulkhead worker or any standard
+//! backend). The VMM keeps the transport registers; on DRIVER_OK it tells the backend
+//! where guest memory and the rings are, and which eventfds carry kicks and interrupts.
+
+use std::os::unix::net::UnixStream;
+
+use thiserror::Error;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+use crate::virtio::{ActivateError, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Protocol features bulkhead can use, when the backend offers them.
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+}
+
+#[derive(Debug, Error)]
+pub enum VhostUserDeviceError {
+    #[error("vhost-user {step} failed: {source}")]
+    Protocol {
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("the backend does not offer VIRTIO_F_VERSION_1")]
+    NotModern,
+    #[error("the backend serves {offered} queues, the device needs {needed}")]
+    TooFewQueues { offered: u64, needed: usize },
+}
+
+fn step(step: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserDeviceError {
+    move |source| VhostUserDeviceError::Protocol { step, source }
+}
+
+pub struct VhostUserDevice {
+    device_type: u32,
+    queue_sizes: Vec<u16>,
+    frontend: Frontend,
+    /// Features the backend offers (including vhost-user's own PROTOCOL_FEATURES bit).
+    backend_features: u64,
+    protocol_features: VhostUserProtocolFeatures,
+    memory: GuestMemory,
+    config_size: usize,
+    /// Queues handed to the backend at the last activation, to stop them on reset.
+    active_queues: Vec<u16>,
+}
+
+impl VhostUserDevice {
+    /// Connects to a backend over `stream` and learns what it offers.
+    pub fn connect(
+        stream: UnixStream,
+        device_type: u32,
+        queue_sizes: Vec<u16>,
+        config_size: usize,
+        memory: GuestMemory,
+    ) -> Result<Self, VhostUserDeviceError> {
+        let mut frontend = Frontend::from_stream(stream, queue_sizes.len() as u64);
+        frontend.set_owner().map_err(step("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
+        if backend_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VhostUserDeviceError::NotModern);
+        }
+        let mut protocol_features = VhostUserProtocolFeatures::empty();
+        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(step("GET_PROTOCOL_FEATURES"))?;
+            protocol_features = offered & wanted_protocol_features();
+            frontend
+                .set_protocol_features(protocol_features)
+                .map_err(step("SET_PROTOCOL_FEATURES"))?;
+        }
+        if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+            let offered = frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?;
+            if offered < queue_sizes.len() as u64 {
+                return Err(VhostUserDeviceError::TooFewQueues {
+                    offered,
+                    needed: queue_sizes.len(),
+                });
+            }
+        }
+        Ok(Self {
+            device_type,
+            queue_sizes,
+            frontend,
+            backend_features,
+            protocol_features,
+            memory,
+            config_size,
+            active_queues: Vec::new(),
+        })
+    }
+
+    fn memory_table(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, VhostUserDeviceError> {
+        self.memory
+            .iter()
+            .map(|region| {
+                VhostUserMemoryRegionInfo::from_guest_region(region)
+                    .map_err(step("describing guest memory"))
+            })
+            .collect()
+    }
+
+    /// vhost-user wants ring addresses in the frontend's address space.
+    fn host_address(&self, queue: &QueueConfig, guest: u64) -> Result<u64, ActivateError> {
+        self.memory
+            .get_host_address(GuestAddress(guest))
+            .map(|host| host as u64)
+            .map_err(|_| ActivateError::BadQueue {
+                index: queue.index,
+                problem: format!("ring address {guest:#x} is not in guest RAM"),
+            })
+    }
+
+    fn start(
+        &mut self,
+        acked_features: u64,
+        queues: &[QueueConfig],
+        kicks: &[EventFd],
+        interrupt: &EventFd,
+    ) -> Result<(), ActivateError> {
+        let backend = |e: VhostUserDeviceError| ActivateError::Backend(e.to_string());
+        let protocol_bit =
+            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.frontend
+            .set_features(acked_features | protocol_bit)
+            .map_err(step("SET_FEATURES"))
+            .map_err(backend)?;
+        let table = self.memory_table().map_err(backend)?;
+        self.frontend
+            .set_mem_table(&table)
+            .map_err(step("SET_MEM_TABLE"))
+            .map_err(backend)?;
+        for queue in queues {
+            let index = usize::from(queue.index);
+            let max = self.queue_sizes.get(index).copied().unwrap_or(0);
+            let kick = kicks.get(index).ok_or_else(|| ActivateError::BadQueue {
+                index: queue.index,
+                problem: "no notification eventfd".into(),
+            })?;
+            let rings = VringConfigData {
+                queue_max_size: max,
+                queue_size: queue.size,
+                flags: 0,
+                desc_table_addr: self.host_address(queue, queue.descriptors)?,
+                used_ring_addr: self.host_address(queue, queue.device_area)?,
+                avail_ring_addr: self.host_address(queue, queue.driver_area)?,
+                log_addr: None,
+            };
+            let steps: [(&'static str, Result<(), vhost::Error>); 5] = [
+                (
+                    "SET_VRING_NUM",
+                    self.frontend.set_vring_num(index, queue.size),
+                ),
+                (
+                    "SET_VRING_ADDR",
+                    self.frontend.set_vring_addr(index, &rings),
+                ),
+                (
+                    "SET_VRING_BASE",
+                    self.frontend.set_vring_base(index, queue.next_avail),
+                ),
+                (
+                    "SET_VRING_CALL",
+                    self.frontend.set_vring_call(index, interrupt),
+                ),
+                ("SET_VRING_KICK", self.frontend.set_vring_kick(index, kick)),
+            ];
+            for (name, result) in steps {
+                result.map_err(step(name)).map_err(backend)?;
+            }
+            // With PROTOCOL_FEATURES negotiated, rings start disabled (vhost-user spec).
+            if protocol_bit != 0 {
+                self.frontend
+                    .set_vring_enable(index, true)
+                    .map_err(step("SET_VRING_ENABLE"))
+                    .map_err(backend)?;
+            }
+            self.active_queues.push(queue.index);
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        // The PROTOCOL_FEATURES bit is vhost-user's business, not the guest's.
+        self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let in_range = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= self.config_size as u64);
+        if !in_range
+            || !self
+                .protocol_features
+                .contains(VhostUserProtocolFeatures::CONFIG)
+        {
+            return;
+        }
+        // GET_CONFIG needs `&mut`; config reads are rare, so a short-lived clone of the
+        // connection handle (it shares the socket and its lock) keeps this method `&self`.
+        let mut frontend = self.frontend.clone();
+        match frontend.get_config(
+            offset as u32,
+            data.len() as u32,
+            VhostUserConfigFlags::WRITABLE,
+            data,
+        ) {
+            Ok((_, payload)) if payload.len() == data.len() => data.copy_from_slice(&payload),
+            Ok(_) => tracing::warn!("vhost-user GET_CONFIG returned a short payload"),
+            Err(e) => tracing::warn!("vhost-user GET_CONFIG failed: {e}"),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::CONFIG)
+        {
+            return;
+        }
+        if let Err(e) =
+            self.frontend
+                .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
+        {
+            tracing::warn!("vhost-user SET_CONFIG failed: {e}");
+        }
+    }
+
+    fn activate(
+        &mut self,
+        acked_features: u64,
+        queues: &[QueueConfig],
+        kicks: &[EventFd],
+        interrupt: &EventFd,
+    ) -> Result<(), ActivateError> {
+        self.active_queues.clear();
+        self.start(acked_features, queues, kicks, interrupt)
+    }
+
+    fn reset(&mut self) {
+        // GET_VRING_BASE stops a ring (vhost-user spec); the backend keeps no state.
+        for index in std::mem::take(&mut self.active_queues) {
+            if let Err(e) = self.frontend.get_vring_base(usize::from(index)) {
+                tracing::warn!(queue = index, "vhost-user GET_VRING_BASE failed: {e}");
+            }
+        }
+    }
+}

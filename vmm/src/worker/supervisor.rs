@@ -1,0 +1,260 @@
+//! Watching device workers and replacing the ones that die.
+//!
+//! One thread waits on every worker's pidfd. When a worker exits, the supervisor logs
+//! how (an exit status, a signal, a seccomp violation), waits a backoff, starts a new
+//! worker, and hands it the running device: memory table, rings resumed at the guest's
+//! used index, the same kick and interrupt eventfds (see
+//! [`VirtioMmio::replace_device`]). The guest sees a short pause. After too many
+//! crashes in a row the device is marked failed and the guest carries on without it.
+
+use std::os::fd::AsFd;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitStatus};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bulkhead_protocol::{AuditEvent, WorkerLaunch};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::audit_log::AuditLog;
+use super::pidfd::PidFd;
+use crate::devices::bus::lock;
+use crate::memory::GuestMemory;
+use crate::vhost_user::{start_backend, DeviceShape};
+use crate::virtio::VirtioMmio;
+
+/// How hard the supervisor tries before giving a device up.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    /// Crashes in a row (without a stable period between them) before giving up.
+    pub max_restarts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// A worker that ran this long has recovered; its next crash counts from one again.
+    pub stable_after: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: 5,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            stable_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RestartPolicy {
+    fn backoff(&self, crashes: u32) -> Duration {
+        let factor = 1u32 << crashes.saturating_sub(1).min(16);
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
+}
+
+struct Supervised {
+    launch: WorkerLaunch,
+    shape: DeviceShape,
+    transport: Arc<Mutex<VirtioMmio>>,
+    child: Child,
+    pidfd: PidFd,
+    started: Instant,
+    /// Crashes since the device last ran stably.
+    crashes: u32,
+}
+
+pub struct WorkerSupervisor {
+    devices: Vec<Supervised>,
+    memory: GuestMemory,
+    audit: Arc<AuditLog>,
+    policy: RestartPolicy,
+}
+
+/// Whether a worker's death was its seccomp filter killing it.
+pub fn is_seccomp_violation(status: &ExitStatus) -> bool {
+    status.signal() == Some(libc::SIGSYS)
+}
+
+impl WorkerSupervisor {
+    pub fn new(memory: GuestMemory, audit: Arc<AuditLog>, policy: RestartPolicy) -> Self {
+        Self {
+            devices: Vec::new(),
+            memory,
+            audit,
+            policy,
+        }
+    }
+
+    /// Starts watching a device's first worker.
+    pub fn watch(
+        &mut self,
+        launch: WorkerLaunch,
+        shape: DeviceShape,
+        transport: Arc<Mutex<VirtioMmio>>,
+        child: Child,
+    ) -> std::io::Result<()> {
+        let pidfd = PidFd::open(child.id())?;
+        self.audit.record(AuditEvent::Spawn {
+            device: launch.device_name.clone(),
+            kind: launch.device.kind(),
+            pid: child.id(),
+        });
+        self.devices.push(Supervised {
+            launch,
+            shape,
+            transport,
+            child,
+            pidfd,
+            started: Instant::now(),
+            crashes: 0,
+        });
+        Ok(())
+    }
+
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        while !self.devices.is_empty() {
+            let ready = match self.wait_for_exit() {
+                Ok(ready) => ready,
+                Err(e) => {
+                    tracing::error!("supervisor cannot wait for workers: {e}");
+                    return;
+                }
+            };
+            // Highest index first, so removing a failed device keeps the others' indices.
+            for index in ready.into_iter().rev() {
+                self.handle_exit(index);
+            }
+        }
+    }
+
+    /// Indices of the devices whose worker exited.
+    fn wait_for_exit(&self) -> nix::Result<Vec<usize>> {
+        let mut fds: Vec<PollFd> = self
+            .devices
+            .iter()
+            .map(|d| PollFd::new(d.pidfd.as_fd(), PollFlags::POLLIN))
+            .collect();
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(fds
+            .iter()
+            .enumerate()
+            .filter(|(_, fd)| fd.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(index, _)| index)
+            .collect())
+    }
+
+    fn record_death(&self, device: &Supervised, status: ExitStatus) {
+        let name = device.launch.device_name.clone();
+        let pid = device.child.id();
+        let event = match (status.code(), status.signal()) {
+            (Some(code), _) => AuditEvent::Exit {
+                device: name,
+                pid,
+                status: code,
+            },
+            (None, signal) => AuditEvent::Crash {
+                device: name,
+                pid,
+                signal: signal.unwrap_or(0),
+                seccomp_violation: is_seccomp_violation(&status),
+            },
+        };
+        self.audit.record(event);
+    }
+
+    fn handle_exit(&mut self, index: usize) {
+        let status = match self.devices[index].child.wait() {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::error!("cannot reap a worker: {e}");
+                return;
+            }
+        };
+        self.record_death(&self.devices[index], status);
+        let policy = self.policy;
+        let device = &mut self.devices[index];
+        if device.started.elapsed() >= policy.stable_after {
+            device.crashes = 0;
+        }
+        loop {
+            device.crashes += 1;
+            if device.crashes > policy.max_restarts {
+                let failed = self.devices.remove(index);
+                lock(&failed.transport).mark_failed();
+                self.audit.record(AuditEvent::GiveUp {
+                    device: failed.launch.device_name,
+                    attempts: failed.crashes - 1,
+                });
+                return;
+            }
+            std::thread::sleep(policy.backoff(device.crashes));
+            match restart(device, &self.memory) {
+                Ok(()) => {
+                    self.audit.record(AuditEvent::Restart {
+                        device: device.launch.device_name.clone(),
+                        attempt: device.crashes,
+                        pid: device.child.id(),
+                    });
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    device = %device.launch.device_name,
+                    "restarting the worker failed: {e:#}"
+                ),
+            }
+        }
+    }
+}
+
+/// Starts a replacement worker and gives it the device.
+fn restart(device: &mut Supervised, memory: &GuestMemory) -> anyhow::Result<()> {
+    let (mut child, backend) = start_backend(&device.launch, &device.shape, memory)?;
+    let handed_over = lock(&device.transport).replace_device(Box::new(backend), memory);
+    let pidfd = PidFd::open(child.id());
+    let pidfd = match (handed_over, pidfd) {
+        (Ok(()), Ok(pidfd)) => pidfd,
+        (Err(e), _) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
+        (_, Err(e)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
+    };
+    device.child = child;
+    device.pidfd = pidfd;
+    device.started = Instant::now();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let policy = RestartPolicy::default();
+        assert_eq!(policy.backoff(1), Duration::from_millis(50));
+        assert_eq!(policy.backoff(2), Duration::from_millis(100));
+        assert_eq!(policy.backoff(4), Duration::from_millis(400));
+        assert_eq!(policy.backoff(40), Duration::from_secs(5));
+    }
+}
