@@ -6,6 +6,7 @@
 //!   /lab/scenario.sh    the bulkhead runs (`Scenario::l1_script`)
 //!   /lab/modules/*.ko   kvm-amd and its dependencies, load order in /lab/modules.order
 //!   /bin/bulkhead       with its libraries and ELF interpreter, at their host paths
+//!   /bin/bulkhead-worker  the device worker built beside it, when there is one
 //!   /vmlinux            the L2 kernel
 //!   <guest.path>        each L2 initramfs
 //! L2, booted by bulkhead inside L1:
@@ -73,11 +74,20 @@ pub fn build_l1(
         return Err(LabError::BulkheadMissing(bulkhead.to_owned()));
     }
     fs.host_file("/bin/bulkhead", bulkhead, 0o755);
-    for file in shared_libs::runtime_files(bulkhead)? {
-        let path = file
-            .to_str()
-            .ok_or_else(|| LabError::Invalid(format!("non-UTF-8 library path {file:?}")))?;
-        fs.host_file(path, &file, 0o755);
+    let mut binaries = vec![bulkhead.to_owned()];
+    // bulkhead starts its device workers from its own directory.
+    let worker = bulkhead.with_file_name("bulkhead-worker");
+    if worker.is_file() {
+        fs.host_file("/bin/bulkhead-worker", &worker, 0o755);
+        binaries.push(worker);
+    }
+    for binary in &binaries {
+        for file in shared_libs::runtime_files(binary)? {
+            let path = file
+                .to_str()
+                .ok_or_else(|| LabError::Invalid(format!("non-UTF-8 library path {file:?}")))?;
+            fs.host_file(path, &file, 0o755);
+        }
     }
 
     fs.host_file("/vmlinux", &assets.vmlinux, 0o644);

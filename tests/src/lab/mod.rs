@@ -44,6 +44,12 @@ use qemu::QemuMachine;
 /// powering off. L1 reaches `kvm ready` in 6-10 s; the rest of the budget is the runs'.
 const L1_BUDGET: Duration = Duration::from_secs(90);
 
+/// L1 boots per scenario. QEMU's emulated SVM is not flawless: now and then L1 itself
+/// dies mid-scenario (QEMU exits with no panic on the console, the output cut mid-line).
+/// Such a boot says nothing about bulkhead, so it is retried; a bulkhead run that hangs
+/// or fails is not, and fails the test.
+const L1_ATTEMPTS: u32 = 3;
+
 /// Time for a guest booted directly under QEMU TCG (about 5 s).
 const DIRECT_BOOT_BUDGET: Duration = Duration::from_secs(90);
 
@@ -88,7 +94,23 @@ impl Lab {
     pub fn run(&self, scenario: &Scenario, bulkhead: &Path) -> Result<LabReport, LabError> {
         let machine = self.prepare_l1(scenario, bulkhead)?;
         let runs_budget: Duration = scenario.runs.iter().map(|run| run.timeout).sum();
-        self.boot_captured(&scenario.name, &machine, L1_BUDGET + runs_budget)
+        let mut attempt = 1;
+        loop {
+            let report = self.boot_captured(&scenario.name, &machine, L1_BUDGET + runs_budget)?;
+            if attempt == L1_ATTEMPTS || !report.l1_died() {
+                return Ok(report);
+            }
+            let kept = report
+                .log_path
+                .with_extension(format!("l1-died-{attempt}.log"));
+            let _ = fs::rename(&report.log_path, &kept);
+            eprintln!(
+                "lab: L1 died during scenario {:?} (console kept in {}); booting it again",
+                scenario.name,
+                kept.display()
+            );
+            attempt += 1;
+        }
     }
 
     /// Boots L1 once for `scenario` with the console on this terminal (for the demo).

@@ -101,6 +101,18 @@ impl LabReport {
     }
 
     /// When L1 printed `LAB: <marker>` (e.g. "kvm ready", "done"), if it did.
+    /// L1 went away on its own before finishing its scenario, while no bulkhead run had
+    /// hung or failed: QEMU exited (rather than being killed at the deadline) without
+    /// `LAB: done`, and every run that ended, ended with status 0.
+    pub fn l1_died(&self) -> bool {
+        let qemu_exited = self.qemu_status.is_some();
+        let runs_fine = self
+            .runs
+            .iter()
+            .all(|run| matches!(run.exit, Some(0) | None));
+        qemu_exited && self.marker_at("done").is_none() && runs_fine
+    }
+
     pub fn marker_at(&self, marker: &str) -> Option<Duration> {
         self.lines
             .iter()
@@ -258,6 +270,23 @@ mod tests {
             (b.exit, b.ended_at, b.guest("cpus")),
             (None, None, Some("1"))
         );
+    }
+
+    #[test]
+    fn tells_a_dead_l1_from_a_failed_run() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = |text: &str| {
+            let mut r = report(text);
+            r.qemu_status = Some(ExitStatus::from_raw(0));
+            r
+        };
+        let died = "LAB: kvm ready\nLAB: run a: begin\nLAB: run a: exit=0\nLAB: run b: begin\n[ 8.2] alg: se";
+        assert!(exited(died).l1_died());
+        // Killed at the deadline: a hang, not a death.
+        assert!(!report(died).l1_died());
+        // A bulkhead run failed: that is the test's to report.
+        assert!(!exited("LAB: run a: begin\nLAB: run a: exit=137\n").l1_died());
+        assert!(!exited("LAB: run a: begin\nLAB: run a: exit=0\nLAB: done\n").l1_died());
     }
 
     #[test]

@@ -33,6 +33,19 @@ pub struct HostFeatures {
 }
 
 const LEAF_EXTENDED_FEATURES: u32 = 0x7;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+
+/// KVM paravirtual features the guest is offered (CPUID 0x40000001 EAX): kvm-clock,
+/// no port-0x80 delays, paravirtual EOI, steal time and the stable-clock bit - the set
+/// QEMU enables by default. KVM also supports PV spinlock kicks, PV TLB flushes, PV
+/// IPIs, async page faults and more; each adds a guest/host protocol whose lost wakeup
+/// hangs the guest, and we saw such hangs during SMP bring-up under nested KVM.
+const KVM_FEATURES_OFFERED: u32 = (1 << 0) // CLOCKSOURCE
+    | (1 << 1) // NOP_IO_DELAY
+    | (1 << 3) // CLOCKSOURCE2
+    | (1 << 5) // STEAL_TIME
+    | (1 << 6) // PV_EOI
+    | (1 << 24); // CLOCKSOURCE_STABLE_BIT
 const LEAF_XSAVE: u32 = 0xd;
 
 /// XSAVE state components that exist only with a CPUID feature flag, as
@@ -159,6 +172,7 @@ pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], apic_id: u8, cpus: u8, h
                     }
                 }
             }
+            LEAF_KVM_FEATURES => entry.eax &= KVM_FEATURES_OFFERED,
             LEAF_AMD_SIZE_IDS => {
                 // ECX[15:12]: APIC id bits for cores; ECX[7:0]: cores - 1.
                 entry.ecx = (core_id_bits(cpus) << 12) | (count - 1);
@@ -241,6 +255,16 @@ mod tests {
         patch_for_vcpu(&mut entries, 0, 1, HostFeatures::default());
         assert_eq!(entries[2].eax, 0x207);
         assert_eq!(entries[2].ecx, 0xa88);
+    }
+
+    #[test]
+    fn only_the_chosen_kvm_pv_features_are_offered() {
+        let mut entries = [entry(0x4000_0001, 0)];
+        entries[0].eax = 0x0103_ffff; // everything KVM 6.x supports
+        patch_for_vcpu(&mut entries, 0, 2, HostFeatures::default());
+        assert_eq!(entries[0].eax, 0x0100_006b);
+        assert_eq!(entries[0].eax & (1 << 7), 0, "no PV spinlock kicks");
+        assert_eq!(entries[0].eax & (1 << 11), 0, "no PV IPIs");
     }
 
     #[test]
