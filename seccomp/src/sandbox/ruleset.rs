@@ -1,0 +1,80 @@
+//! Turning [`LandlockRules`] into a Landlock ruleset and restricting the calling thread.
+
+use landlock::{
+    CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus,
+};
+
+use crate::error::SandboxError;
+use crate::landlock_rules::{Enforcement, LandlockRules};
+
+/// How much of a policy's Landlock rules the running kernel enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LandlockOutcome {
+    /// Every handled right and scope.
+    Full,
+    /// Some: the kernel's Landlock ABI predates part of the policy.
+    Partial,
+    /// None: Landlock is not built in or not enabled at boot.
+    None,
+}
+
+impl LandlockOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LandlockOutcome::Full => "fully",
+            LandlockOutcome::Partial => "partially",
+            LandlockOutcome::None => "not at all",
+        }
+    }
+}
+
+/// Restricts the calling thread. With [`Enforcement::Required`], anything short of full
+/// enforcement is an error (usually before anything is enforced: the crate refuses
+/// unsupported rights up front); with [`Enforcement::BestEffort`], it is a warning.
+pub fn restrict_self(rules: &LandlockRules) -> Result<LandlockOutcome, SandboxError> {
+    let level = match rules.enforcement {
+        Enforcement::Required => CompatLevel::HardRequirement,
+        Enforcement::BestEffort => CompatLevel::BestEffort,
+    };
+    let mut ruleset = Ruleset::default().set_compatibility(level);
+    if !rules.handled_fs.is_empty() {
+        ruleset = ruleset.handle_access(rules.handled_fs)?;
+    }
+    if !rules.handled_net.is_empty() {
+        ruleset = ruleset.handle_access(rules.handled_net)?;
+    }
+    if !rules.scopes.is_empty() {
+        ruleset = ruleset.scope(rules.scopes)?;
+    }
+    let mut created = ruleset.create()?;
+    for grant in &rules.paths {
+        let parent = PathFd::new(&grant.path).map_err(|source| SandboxError::LandlockPath {
+            path: grant.path.clone(),
+            source,
+        })?;
+        created = created.add_rule(PathBeneath::new(parent, grant.access))?;
+    }
+    for grant in &rules.ports {
+        created = created.add_rule(NetPort::new(grant.port, grant.access))?;
+    }
+    // no_new_privs is already set by the caller; the crate setting it again is harmless.
+    let status = created.restrict_self()?;
+    let outcome = match status.ruleset {
+        RulesetStatus::FullyEnforced => LandlockOutcome::Full,
+        RulesetStatus::PartiallyEnforced => LandlockOutcome::Partial,
+        RulesetStatus::NotEnforced => LandlockOutcome::None,
+    };
+    match (outcome, rules.enforcement) {
+        (LandlockOutcome::Full, _) => {}
+        (_, Enforcement::Required) => {
+            return Err(SandboxError::LandlockNotEnforced(outcome.as_str()));
+        }
+        (_, Enforcement::BestEffort) => tracing::warn!(
+            "Landlock is enforced {} on this kernel; the seccomp filter still keeps this \
+             worker out of the filesystem and the network",
+            outcome.as_str()
+        ),
+    }
+    Ok(outcome)
+}
