@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use bulkhead_protocol::RngConfig;
+use bulkhead_protocol::{RngConfig, WorkerKind};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, ConfigError, CpuCount, MemorySize, VmConfig};
@@ -22,6 +22,12 @@ pub struct Cli {
 pub enum Command {
     /// Boot a Linux guest with its serial console on this terminal.
     Run(RunArgs),
+    /// Print the sandbox policy a device worker kind runs under: its seccomp allowlist
+    /// with argument filters, its Landlock rules, and the digest the audit log records.
+    Policy {
+        /// Worker kind, e.g. rng.
+        kind: WorkerKind,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -78,7 +84,20 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid command line").command {
             Command::Run(run) => run,
+            other => panic!("expected run, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn policy_takes_a_known_kind() {
+        assert!(matches!(
+            parse(&["policy", "rng"]).unwrap().command,
+            Command::Policy {
+                kind: WorkerKind::Rng
+            }
+        ));
+        let err = parse(&["policy", "floppy"]).unwrap_err().to_string();
+        assert!(err.contains("unknown worker kind"), "{err}");
     }
 
     #[test]

@@ -39,6 +39,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             // (still in scope) must not be torn down under them.
             std::process::exit(exit.status());
         }
+        Command::Policy { kind } => {
+            print!("{}", bulkhead_seccomp::policy_for(kind).describe());
+            Ok(0)
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bulkhead_protocol::{AuditEvent, WorkerLaunch};
+use bulkhead_seccomp::is_seccomp_violation;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::audit_log::AuditLog;
@@ -73,11 +74,6 @@ pub struct WorkerSupervisor {
     policy: RestartPolicy,
 }
 
-/// Whether a worker's death was its seccomp filter killing it.
-pub fn is_seccomp_violation(status: &ExitStatus) -> bool {
-    status.signal() == Some(libc::SIGSYS)
-}
-
 impl WorkerSupervisor {
     pub fn new(memory: GuestMemory, audit: Arc<AuditLog>, policy: RestartPolicy) -> Self {
         Self {
@@ -97,10 +93,16 @@ impl WorkerSupervisor {
         child: Child,
     ) -> std::io::Result<()> {
         let pidfd = PidFd::open(child.id())?;
+        let kind = launch.device.kind();
         self.audit.record(AuditEvent::Spawn {
             device: launch.device_name.clone(),
-            kind: launch.device.kind(),
+            kind,
             pid: child.id(),
+        });
+        self.audit.record(AuditEvent::Policy {
+            device: launch.device_name.clone(),
+            kind,
+            digest: bulkhead_seccomp::policy_for(kind).digest().to_string(),
         });
         self.devices.push(Supervised {
             launch,
