@@ -305,7 +305,7 @@ mod tests {
     /// changes it; update it here deliberately, in the same change.
     #[cfg(target_arch = "x86_64")]
     const RNG_DIGEST: &str =
-        "sha256:0a647917e7830f7f767aa9824e8ab4f4156abb6a8049978e5826946607c5625d";
+        "sha256:e0129b68789597c8226cb411c976f83e58f767e72f14bb89b41fd22c7bb4c1ae";
 
     #[cfg(target_arch = "x86_64")]
     #[test]

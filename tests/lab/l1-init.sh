@@ -28,16 +28,40 @@ done </lab/modules.order
 [ -c /dev/kvm ] || lab_fail "no /dev/kvm after loading kvm-amd (does QEMU's -cpu offer svm?)"
 echo "LAB: kvm ready"
 
+# lab_trigger MARKER ACTION
+# Arms a trigger for the next lab_run: once that run's output contains MARKER, L1 runs the
+# shell command ACTION. This is how a scenario injects a fault (kill a device worker) at
+# the moment the guest chooses, by printing MARKER.
+trigger_marker='' trigger_action=''
+lab_trigger() {
+    trigger_marker=$1 trigger_action=$2
+}
+
 # lab_run LABEL SECONDS STDIN COMMAND...
 # One bulkhead run (one L2 boot), killed after SECONDS so that a hung guest costs one run,
-# not the whole boot. bulkhead writes the L2 console to its stdout, which is this console,
-# so the L2 guest's output lands between the two markers.
+# not the whole boot. bulkhead writes the L2 console to its stdout, which goes to this
+# console (and to a file the trigger watches), so the L2 guest's output lands between the
+# two markers.
 lab_run() {
     label=$1 seconds=$2 stdin=$3
     shift 3
+    out=/tmp/lab-run.out
+    : >"$out"
+    watcher=''
+    if [ -n "$trigger_marker" ]; then
+        (
+            while ! grep -qF "$trigger_marker" "$out"; do sleep 0.2; done
+            echo "LAB: run $label: trigger"
+            eval "$trigger_action"
+        ) &
+        watcher=$!
+    fi
+    trigger_marker='' trigger_action=''
     echo "LAB: run $label: begin"
-    timeout -s KILL "$seconds" "$@" <"$stdin"
-    status=$?
+    # ash has no PIPESTATUS: the status travels through a file.
+    { timeout -s KILL "$seconds" "$@" <"$stdin"; echo $? >/tmp/lab-run.status; } | tee "$out"
+    status=$(cat /tmp/lab-run.status)
+    [ -n "$watcher" ] && kill "$watcher" 2>/dev/null
     # The guest's last line may lack a newline; keep the marker at the start of a line.
     echo
     echo "LAB: run $label: exit=$status"

@@ -7,6 +7,7 @@
 
 pub mod lab;
 pub mod micro;
+pub mod vhost;
 
 use std::path::PathBuf;
 

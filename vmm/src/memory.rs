@@ -8,6 +8,7 @@ use std::os::fd::AsFd;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use thiserror::Error;
 use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -47,12 +48,22 @@ pub struct GuestRam {
 impl GuestRam {
     /// Allocates `size` bytes of guest RAM (zero-filled, lazily backed).
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        let fd = memfd_create(c"bulkhead-guest-ram", MFdFlags::MFD_CLOEXEC)
-            .map_err(MemoryError::Memfd)?;
+        let fd = memfd_create(
+            c"bulkhead-guest-ram",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(MemoryError::Memfd)?;
         let memfd = File::from(fd);
         memfd
             .set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
+        // Workers map this file: if it could shrink under them, their next access to the
+        // lost pages would kill them with SIGBUS.
+        fcntl(
+            &memfd,
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+        )
+        .map_err(MemoryError::Memfd)?;
         let ranges = layout::ram_ranges(size);
         let mut file_offset = 0u64;
         let regions: Vec<_> = ranges
@@ -138,5 +149,7 @@ mod tests {
             0xdead_beef
         );
         assert!(mem.write_obj(1u8, GuestAddress(64 << 20)).is_err());
+        // Sealed: nobody can pull pages out from under a worker.
+        assert!(ram.memfd.set_len(1 << 20).is_err());
     }
 }

@@ -1,20 +1,20 @@
 //! The rng worker: a vhost-user virtio-rng backend that fills the guest's buffers from
-//! getrandom(2), optionally rate limited by sleeping.
+//! getrandom(2), optionally rate limited by a timer.
 //!
 //! # How the allowlist was found
 //!
 //! A minimal virtio-rng backend on vhost-user-backend 0.24 (one queue; getrandom into each
-//! descriptor; a 1 ms sleep per request standing in for the rate limiter) was driven by a
+//! descriptor) was driven by a
 //! `vhost` 0.18 frontend through the whole protocol - owner, features, a memfd memory
 //! table sent twice, vring setup, five kick/call round trips, GET_VRING_BASE, hang-up -
 //! under `strace -f`, with a marker written where the sandbox would go on (before the
 //! daemon's threads exist). The system calls after the marker, minus the daemon's own
 //! `accept4` (a bulkhead worker inherits a connected socket), are [`super::runtime`] and
 //! [`super::vhost_user`]; paths the trace cannot hit (thread exit, abort) come from glibc
-//! 2.36 and std. The sleep is what rate limiting adds here.
+//! 2.36 and std.
 //!
-//! Not covered: a rate limiter built on a timerfd (timerfd_create/timerfd_settime) - add
-//! them here if the worker grows one.
+//! The worker's rate limiter is a timerfd in the queue thread's epoll set, hence
+//! timerfd_create/timerfd_settime; standalone mode accepts the next frontend itself.
 //!
 //! The rng worker needs no file, no path and no network: the VMM hands it its socket, and
 //! getrandom needs no /dev/urandom. Every system call that takes a path is missing from
@@ -30,16 +30,21 @@ use crate::sys;
 use crate::syscall_rule::SyscallRule;
 
 pub fn policy() -> Policy {
-    let rate_limit = [
-        SyscallRule::allow(sys!(SYS_clock_nanosleep)).because("rate limiting: std's sleep"),
-        SyscallRule::allow(sys!(SYS_nanosleep)).because("rate limiting: libc's sleep"),
+    let rng = [
+        SyscallRule::allow(sys!(SYS_timerfd_create))
+            .because("rate limiting: each device's refill timer, in the queue's epoll set"),
+        SyscallRule::allow(sys!(SYS_timerfd_settime)).because("rate limiting: arming the refill"),
+        SyscallRule::allow(sys!(SYS_accept4)).because(
+            "standalone mode: the next frontend on the socket bound before the sandbox; \
+             accepting creates no socket of its own",
+        ),
     ];
     Policy {
         kind: WorkerKind::Rng,
         syscalls: runtime::rules()
             .into_iter()
             .chain(vhost_user::rules())
-            .chain(rate_limit)
+            .chain(rng)
             .collect(),
         landlock: LandlockRules::deny_all(Enforcement::BestEffort),
         keep_fds: Policy::stdio(),
@@ -69,7 +74,7 @@ mod tests {
             "socketpair",
             "connect",
             "bind",
-            "accept4",
+            "listen",
             "execve",
             "fork",
             "vfork",
@@ -94,7 +99,9 @@ mod tests {
             "mmap",
             "munmap",
             "getrandom",
-            "clock_nanosleep",
+            "timerfd_create",
+            "timerfd_settime",
+            "accept4",
             "clone",
             "futex",
             "exit_group",

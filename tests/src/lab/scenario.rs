@@ -41,6 +41,11 @@ pub struct Run {
     pub timeout: Duration,
     /// Give bulkhead the console as stdin (an interactive demo) instead of /dev/null.
     pub console_input: bool,
+    /// (marker, L1 shell command): run the command in L1 once the run's output contains
+    /// the marker.
+    pub trigger: Option<(String, String)>,
+    /// L1 shell commands run after the run ends, e.g. to print a file bulkhead wrote.
+    pub afterwards: Vec<String>,
 }
 
 impl Scenario {
@@ -78,6 +83,13 @@ impl Scenario {
             } else {
                 "/dev/null"
             };
+            if let Some((marker, action)) = &run.trigger {
+                script.push_str(&format!(
+                    "lab_trigger {} {}\n",
+                    shell_quote(marker),
+                    shell_quote(action)
+                ));
+            }
             let command: Vec<String> = std::iter::once("bulkhead")
                 .chain(run.args.iter().map(String::as_str))
                 .map(shell_quote)
@@ -88,6 +100,10 @@ impl Scenario {
                 run.timeout.as_secs(),
                 command.join(" ")
             ));
+            for line in &run.afterwards {
+                script.push_str(line);
+                script.push('\n');
+            }
         }
         script
     }
@@ -146,7 +162,21 @@ impl Run {
             args: args.into_iter().map(Into::into).collect(),
             timeout: DEFAULT_RUN_TIMEOUT,
             console_input: false,
+            trigger: None,
+            afterwards: Vec::new(),
         }
+    }
+
+    /// Runs `l1_command` in L1 once the guest (or bulkhead) prints `marker`.
+    pub fn when_output_contains(mut self, marker: &str, l1_command: &str) -> Self {
+        self.trigger = Some((marker.to_owned(), l1_command.to_owned()));
+        self
+    }
+
+    /// Runs `l1_command` in L1 after the run.
+    pub fn then_in_l1(mut self, l1_command: &str) -> Self {
+        self.afterwards.push(l1_command.to_owned());
+        self
     }
 
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -205,5 +235,23 @@ mod tests {
             "lab_run first 120 /dev/null bulkhead run --cmdline 'console=ttyS0 quiet'\n"
         ));
         assert!(script.contains("lab_run second 5 /dev/console bulkhead run\n"));
+    }
+
+    #[test]
+    fn triggers_come_before_and_follow_ups_after_their_run() {
+        let scenario = Scenario::new("t").run(
+            Run::new("rng", ["run"])
+                .when_output_contains("GUEST: reading", "pkill -9 bulkhead-worker")
+                .then_in_l1("cat /tmp/audit"),
+        );
+        let script = scenario.l1_script();
+        let trigger = script
+            .find("lab_trigger 'GUEST: reading' 'pkill -9 bulkhead-worker'\n")
+            .unwrap();
+        let run = script
+            .find("lab_run rng 120 /dev/null bulkhead run\n")
+            .unwrap();
+        let after = script.find("cat /tmp/audit\n").unwrap();
+        assert!(trigger < run && run < after, "{script}");
     }
 }

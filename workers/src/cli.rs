@@ -1,0 +1,136 @@
+//! The worker's command line.
+//!
+//! ```text
+//! bulkhead-worker rng --socket PATH [--rate-limit BYTES/MS]   standalone vhost-user backend
+//! bulkhead-worker rng --launch-fd N                           started by the bulkhead VMM
+//! ```
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use bulkhead_protocol::RateLimit;
+use clap::{Args, Parser, Subcommand};
+
+use crate::rng::MAX_PERIOD_MS;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bulkhead-worker",
+    version,
+    about = "A bulkhead device worker: one device, served as a vhost-user backend"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub worker: WorkerCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// virtio-rng: random bytes from the host's getrandom(2).
+    Rng(RngArgs),
+}
+
+/// Where the frontend is: every worker kind takes exactly one of these.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Endpoint {
+    /// Listen on this Unix socket as a standalone vhost-user backend, serving one frontend
+    /// (QEMU, cloud-hypervisor, ...) after another.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Started by the bulkhead VMM: descriptor N is a memfd holding the launch config,
+    /// which names the connected vhost-user socket.
+    #[arg(long, value_name = "N")]
+    pub launch_fd: Option<RawFd>,
+}
+
+#[derive(Debug, Args)]
+pub struct RngArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Serve at most BYTES of entropy every MS milliseconds (standalone mode; a launched
+    /// worker takes its limit from the launch config).
+    #[arg(long, value_name = "BYTES/MS", value_parser = parse_rate_limit, conflicts_with = "launch_fd")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Parses `BYTES/MS`, e.g. `4096/1000`.
+pub fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
+    let (bytes, period_ms) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not BYTES/MS (for example 4096/1000)"))?;
+    let bytes: u64 = bytes
+        .parse()
+        .map_err(|_| format!("{bytes:?} is not a byte count"))?;
+    let period_ms: u64 = period_ms
+        .parse()
+        .map_err(|_| format!("{period_ms:?} is not a number of milliseconds"))?;
+    if bytes == 0 {
+        return Err("the byte count must be at least 1".into());
+    }
+    if !(1..=MAX_PERIOD_MS).contains(&period_ms) {
+        return Err(format!("the period must be 1 to {MAX_PERIOD_MS} ms"));
+    }
+    Ok(RateLimit { bytes, period_ms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bulkhead-worker").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn standalone_and_launched_forms_parse() {
+        let cli = parse(&[
+            "rng",
+            "--socket",
+            "/tmp/rng.sock",
+            "--rate-limit",
+            "4096/1000",
+        ])
+        .unwrap();
+        let WorkerCommand::Rng(args) = cli.worker;
+        assert_eq!(args.endpoint.socket, Some(PathBuf::from("/tmp/rng.sock")));
+        assert_eq!(
+            args.rate_limit,
+            Some(RateLimit {
+                bytes: 4096,
+                period_ms: 1000
+            })
+        );
+        let WorkerCommand::Rng(args) = parse(&["rng", "--launch-fd", "3"]).unwrap().worker;
+        assert_eq!(args.endpoint.launch_fd, Some(3));
+    }
+
+    #[test]
+    fn endpoint_is_required_and_unique() {
+        assert!(parse(&["rng"]).is_err());
+        assert!(parse(&["rng", "--socket", "a", "--launch-fd", "3"]).is_err());
+        assert!(parse(&["rng", "--launch-fd", "3", "--rate-limit", "1/1"]).is_err());
+    }
+
+    #[test]
+    fn rate_limits_are_checked() {
+        assert!(parse_rate_limit("4096").is_err());
+        assert!(parse_rate_limit("0/1000").is_err());
+        assert!(parse_rate_limit("10/0").is_err());
+        assert!(parse_rate_limit("x/10").is_err());
+        assert!(parse_rate_limit("10/99999999999999").is_err());
+        assert_eq!(
+            parse_rate_limit("1/1"),
+            Ok(RateLimit {
+                bytes: 1,
+                period_ms: 1
+            })
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! bulkhead's device workers: each device runs as its own process, `bulkhead-worker <kind>`,
+//! a standard vhost-user backend that sees guest memory through the memfd regions the
+//! frontend shares and nothing else of the VM.
+//!
+//! - [`vhost_user`]: serves a device over one vhost-user connection - the frontend's
+//!   messages, the memory table, vring start/stop and the thread that runs the queues. It
+//!   works on a socket it accepted as well as on one it inherited already connected.
+//! - [`virtio`]: guest-facing helpers shared by devices (descriptor chain checks).
+//! - [`rng`]: virtio-rng, entropy from the host's getrandom(2), optionally rate limited.
+//! - [`launch`]: how a worker started by the VMM finds its configuration and socket.
+//! - [`sandbox`]: the one place a worker confines itself before serving.
+//! - [`cli`]: the command line.
+
+pub mod cli;
+mod fd;
+pub mod launch;
+pub mod rng;
+pub mod sandbox;
+pub mod vhost_user;
+pub mod virtio;

@@ -1,0 +1,130 @@
+//! `bulkhead-worker`: one device served as a vhost-user backend. Sets the device up,
+//! confines itself, then serves; errors become one `error: ...` line on stderr and exit
+//! status 1 (2 for a command line that does not parse).
+
+use std::fs;
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use bulkhead_protocol::{DeviceConfig, RngConfig, WorkerKind};
+use bulkhead_workers::cli::{Cli, Endpoint, WorkerCommand};
+use bulkhead_workers::launch::read_launch;
+use bulkhead_workers::rng::RngDevice;
+use bulkhead_workers::sandbox::enter_sandbox;
+use bulkhead_workers::vhost_user::{serve_connection, serve_listener, DeviceBackend, GuestRam};
+use clap::Parser;
+use vhost_user_backend::{VhostUserBackend, VringT};
+
+/// Where the frontend is, once set up.
+enum Frontend {
+    /// Standalone: a bound socket; frontends connect one after another.
+    Listening(UnixListener),
+    /// Launched by the VMM: the connected socket named by the launch config.
+    Connected(UnixStream),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // The supervisor's log is a file, not a terminal: no colour codes there.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` joins the context chain into one line.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.worker {
+        WorkerCommand::Rng(args) => {
+            let (frontend, config) = match args.endpoint {
+                Endpoint {
+                    socket: Some(path), ..
+                } => {
+                    let config = RngConfig {
+                        rate_limit: args.rate_limit,
+                    };
+                    (Frontend::Listening(bind(&path)?), config)
+                }
+                Endpoint {
+                    launch_fd: Some(fd),
+                    ..
+                } => {
+                    let launch = read_launch(fd, WorkerKind::Rng)
+                        .with_context(|| format!("--launch-fd {fd}"))?;
+                    tracing::info!("serving {}", launch.device_name);
+                    let DeviceConfig::Rng(config) = launch.device;
+                    (Frontend::Connected(launch.connection), config)
+                }
+                Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
+            };
+            serve(WorkerKind::Rng, frontend, || {
+                RngDevice::new(&config).map(RngDevice::into_backend)
+            })
+        }
+    }
+}
+
+/// Confines the worker, then serves its frontend(s) with a fresh device each. Every
+/// worker kind ends up here. Devices are made inside the sandbox: whatever descriptors
+/// they own (a rate limiter's timer) would otherwise be among those the sandbox closes.
+fn serve<T, E>(
+    kind: WorkerKind,
+    frontend: Frontend,
+    mut new_device: impl FnMut() -> Result<DeviceBackend<T>, E>,
+) -> anyhow::Result<()>
+where
+    T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    T::Vring: VringT<GuestRam> + Clone + Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    // The single place the sandbox is entered: everything above was setup; everything
+    // below reads what frontends and guests send.
+    let keep = match &frontend {
+        Frontend::Connected(connection) => (connection.as_raw_fd(), "vhost-user socket"),
+        Frontend::Listening(listener) => (listener.as_raw_fd(), "listening socket"),
+    };
+    enter_sandbox(kind, &[keep]).context("cannot enter the sandbox")?;
+
+    match frontend {
+        Frontend::Connected(connection) => {
+            serve_connection(connection, new_device()?)?;
+            tracing::info!("the VMM closed the connection");
+            Ok(())
+        }
+        Frontend::Listening(listener) => {
+            serve_listener(&listener, new_device)?;
+            Ok(())
+        }
+    }
+}
+
+/// Binds the standalone socket, replacing a stale socket left by an earlier run (but
+/// nothing that is not a socket).
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?,
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(_) => {}
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
