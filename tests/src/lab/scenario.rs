@@ -241,12 +241,12 @@ mod tests {
     fn triggers_come_before_and_follow_ups_after_their_run() {
         let scenario = Scenario::new("t").run(
             Run::new("rng", ["run"])
-                .when_output_contains("GUEST: reading", "pkill -9 bulkhead-worker")
+                .when_output_contains("GUEST: reading", "killall -9 bulkhead-worker")
                 .then_in_l1("cat /tmp/audit"),
         );
         let script = scenario.l1_script();
         let trigger = script
-            .find("lab_trigger 'GUEST: reading' 'pkill -9 bulkhead-worker'\n")
+            .find("lab_trigger 'GUEST: reading' 'killall -9 bulkhead-worker'\n")
             .unwrap();
         let run = script
             .find("lab_run rng 120 /dev/null bulkhead run\n")
