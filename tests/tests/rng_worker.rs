@@ -602,3 +602,60 @@ fn indirect_chains_are_served_within_bounds() -> Result<()> {
     }
     assert_serves_a_good_request(&mut device)
 }
+
+/// What the VMM's supervisor does when a worker dies, done by the test: start a
+/// replacement, negotiate, share the same memory and resume the queue at the used index
+/// the guest's ring shows (requests the dead worker took but never completed are served
+/// again). The stream of reads goes on without a lost or failed request.
+#[test]
+fn a_killed_worker_is_replaced_and_the_stream_resumes() -> Result<()> {
+    const DEPTH: usize = 8;
+    const TOTAL: usize = 64;
+    let config = || DeviceConfig::Rng(RngConfig::default());
+    let (first, connection) = WorkerProcess::launched("rng0", config())?;
+    let mut device = rng_device(connection, 64)?;
+    let buffers = (0..DEPTH)
+        .map(|_| device.memory.allocate(u64::from(PAGE), 8))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut replacement = None;
+    let mut in_flight = 0;
+    let mut completed = 0;
+    let mut next_buffer = 0;
+    while completed < TOTAL {
+        while in_flight < DEPTH && completed + in_flight < TOTAL {
+            let addr = buffers[next_buffer % DEPTH];
+            next_buffer += 1;
+            device.queues[0].post(&[Buffer::writable(addr, PAGE)])?;
+            in_flight += 1;
+        }
+        device.queues[0].kick()?;
+        if completed >= TOTAL / 2 && replacement.is_none() {
+            // SIGKILL with requests in flight, as a crash would.
+            first.kill()?;
+            let (worker, connection) = WorkerProcess::launched("rng0", config())?;
+            let mut frontend = UserspaceFrontend::new(connection, 1);
+            frontend.negotiate(0, VhostUserProtocolFeatures::REPLY_ACK)?;
+            frontend.set_mem_table(&device.memory)?;
+            let used_ring = device.queues[0].layout().used_ring;
+            let used_index = device.memory.read(GuestAddress(used_ring.0 + 2), 2)?;
+            let resume_at = u16::from_le_bytes([used_index[0], used_index[1]]);
+            frontend.resume_queue(0, &device.queues[0], resume_at)?;
+            device.frontend = frontend;
+            replacement = Some(worker);
+            device.queues[0].kick()?;
+        }
+        for used in device.queues[0].wait_used(1, TIMEOUT)? {
+            ensure!(
+                used.len == PAGE,
+                "request {} got {} bytes around the restart",
+                completed,
+                used.len
+            );
+            completed += 1;
+            in_flight -= 1;
+        }
+    }
+    let worker = replacement.context("the worker was never replaced")?;
+    assert_alive(&worker)
+}
