@@ -28,7 +28,7 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::Vcpu;
 use crate::vhost_user::{attach_worker_device, AttachError, DeviceShape};
 use crate::worker::audit_log::AuditLogError;
-use crate::worker::{AuditLog, RestartPolicy, WorkerSupervisor};
+use crate::worker::{worker_binary, AuditLog, RestartPolicy, WorkerSupervisor};
 
 /// Descriptors per virtio-rng queue: requests are small and few.
 const RNG_QUEUE_SIZE: u16 = 256;
@@ -141,8 +141,13 @@ impl Vm {
             Some(path) => AuditLog::open(path)?,
             None => AuditLog::default(),
         });
-        let mut supervisor =
-            WorkerSupervisor::new(ram.memory().clone(), audit, RestartPolicy::default());
+        let worker = worker_binary();
+        let mut supervisor = WorkerSupervisor::new(
+            worker.clone(),
+            ram.memory().clone(),
+            audit,
+            RestartPolicy::default(),
+        );
         let mut mmio = Bus::default();
         let mut virtio = Vec::new();
         if let Some(rng) = &config.rng {
@@ -157,6 +162,7 @@ impl Vm {
                 config_size: 0,
             };
             let attached = attach_worker_device(
+                &worker,
                 &vm,
                 &mut mmio,
                 ram.memory(),

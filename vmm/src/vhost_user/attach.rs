@@ -2,6 +2,7 @@
 //! vhost-user frontend, and put a virtio-mmio transport for it on the MMIO bus with an
 //! ioeventfd per queue and an irqfd for its interrupt.
 
+use std::path::Path;
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +18,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::memory::GuestMemory;
 use crate::virtio::mmio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::virtio::VirtioMmio;
-use crate::worker::{spawn_worker, worker_binary, LaunchError};
+use crate::worker::{spawn_worker, LaunchError};
 
 #[derive(Debug, Error)]
 pub enum AttachError {
@@ -69,8 +70,10 @@ fn new_eventfd() -> std::io::Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
 }
 
-/// Attaches the `index`th virtio-mmio device, served by a worker started with `launch`.
+/// Attaches the `index`th virtio-mmio device, served by a `worker` process started with
+/// `launch`.
 pub fn attach_worker_device(
+    worker: &Path,
     vm: &VmFd,
     mmio: &mut Bus,
     memory: &GuestMemory,
@@ -92,7 +95,7 @@ pub fn attach_worker_device(
     };
 
     let queue_count = shape.queue_sizes.len();
-    let (worker, backend) = start_backend(launch, &shape, memory)?;
+    let (worker, backend) = start_backend(worker, launch, &shape, memory)?;
 
     let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
     let mut kicks = Vec::with_capacity(queue_count);
@@ -132,12 +135,13 @@ pub fn attach_worker_device(
 /// Starts a worker for `launch` and completes the vhost-user handshake with it. Used
 /// for the first worker of a device and for every replacement after a crash.
 pub fn start_backend(
+    binary: &Path,
     launch: &WorkerLaunch,
     shape: &DeviceShape,
     memory: &GuestMemory,
 ) -> Result<(Child, VhostUserDevice), AttachError> {
     let device = &launch.device_name;
-    let worker = spawn_worker(&worker_binary(), launch).map_err(|source| AttachError::Launch {
+    let worker = spawn_worker(binary, launch).map_err(|source| AttachError::Launch {
         device: device.clone(),
         source,
     })?;

@@ -9,6 +9,7 @@
 
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -68,6 +69,8 @@ struct Supervised {
 }
 
 pub struct WorkerSupervisor {
+    /// The `bulkhead-worker` binary replacements are started from.
+    binary: PathBuf,
     devices: Vec<Supervised>,
     memory: GuestMemory,
     audit: Arc<AuditLog>,
@@ -75,8 +78,14 @@ pub struct WorkerSupervisor {
 }
 
 impl WorkerSupervisor {
-    pub fn new(memory: GuestMemory, audit: Arc<AuditLog>, policy: RestartPolicy) -> Self {
+    pub fn new(
+        binary: PathBuf,
+        memory: GuestMemory,
+        audit: Arc<AuditLog>,
+        policy: RestartPolicy,
+    ) -> Self {
         Self {
+            binary,
             devices: Vec::new(),
             memory,
             audit,
@@ -205,7 +214,7 @@ impl WorkerSupervisor {
                 return;
             }
             std::thread::sleep(policy.backoff(device.crashes));
-            match restart(device, &self.memory) {
+            match restart(&self.binary, device, &self.memory) {
                 Ok(()) => {
                     self.audit.record(AuditEvent::Restart {
                         device: device.launch.device_name.clone(),
@@ -224,8 +233,8 @@ impl WorkerSupervisor {
 }
 
 /// Starts a replacement worker and gives it the device.
-fn restart(device: &mut Supervised, memory: &GuestMemory) -> anyhow::Result<()> {
-    let (mut child, backend) = start_backend(&device.launch, &device.shape, memory)?;
+fn restart(binary: &Path, device: &mut Supervised, memory: &GuestMemory) -> anyhow::Result<()> {
+    let (mut child, backend) = start_backend(binary, &device.launch, &device.shape, memory)?;
     let handed_over = lock(&device.transport).replace_device(Box::new(backend), memory);
     let pidfd = PidFd::open(child.id());
     let pidfd = match (handed_over, pidfd) {
@@ -250,6 +259,117 @@ fn restart(device: &mut Supervised, memory: &GuestMemory) -> anyhow::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::BusDevice;
+    use crate::virtio::{ActivateError, QueueConfig, VirtioDevice};
+    use bulkhead_protocol::{DeviceConfig, RngConfig};
+    use std::process::Command;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct NoDevice;
+
+    impl VirtioDevice for NoDevice {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            _acked_features: u64,
+            _queues: &[QueueConfig],
+            _kicks: &[EventFd],
+            _interrupt: &EventFd,
+        ) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+
+    /// A worker that dies of SIGSYS, as one does when its seccomp filter catches it, and
+    /// whose replacements cannot start: the supervisor must log a seccomp violation, try
+    /// as often as its policy says, then give the device up and mark it failed.
+    #[test]
+    fn logs_a_seccomp_kill_and_gives_up_after_the_restart_limit() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-supervisor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let audit_path = dir.join("audit.jsonl");
+        let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
+        let memory = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let policy = RestartPolicy {
+            max_restarts: 2,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            stable_after: Duration::from_secs(60),
+        };
+        let mut supervisor =
+            WorkerSupervisor::new(dir.join("no-such-worker"), memory, audit, policy);
+        let transport = Arc::new(Mutex::new(VirtioMmio::new(
+            "rng0".into(),
+            Box::new(NoDevice),
+            vec![EventFd::new(0).unwrap()],
+            EventFd::new(0).unwrap(),
+        )));
+        let launch = WorkerLaunch {
+            device_name: "rng0".into(),
+            device: DeviceConfig::Rng(RngConfig::default()),
+            vhost_user_fd: 4,
+        };
+        let shape = DeviceShape {
+            device_type: 4,
+            queue_sizes: vec![16],
+            config_size: 0,
+        };
+        let child = Command::new("sh")
+            .args(["-c", "kill -SYS $$"])
+            .spawn()
+            .unwrap();
+        supervisor
+            .watch(launch, shape, transport.clone(), child)
+            .unwrap();
+        // The thread ends once no device is left to watch.
+        supervisor.spawn().unwrap().join().unwrap();
+
+        let log = std::fs::read_to_string(&audit_path).unwrap();
+        let events: Vec<AuditEvent> = log
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<bulkhead_protocol::audit::AuditRecord>(l)
+                    .unwrap()
+                    .event
+            })
+            .collect();
+        assert!(matches!(events[0], AuditEvent::Spawn { .. }), "{log}");
+        assert!(matches!(events[1], AuditEvent::Policy { .. }), "{log}");
+        assert!(
+            matches!(
+                events[2],
+                AuditEvent::Crash {
+                    signal: libc::SIGSYS,
+                    seccomp_violation: true,
+                    ..
+                }
+            ),
+            "{log}"
+        );
+        assert!(
+            matches!(events[3], AuditEvent::GiveUp { attempts: 2, .. }),
+            "{log}"
+        );
+        let mut status = [0u8; 4];
+        lock(&transport).read(0x70, &mut status);
+        assert_ne!(
+            u32::from_le_bytes(status) & crate::virtio::status::DEVICE_NEEDS_RESET,
+            0
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
