@@ -11,21 +11,26 @@ pub mod vhost;
 
 use std::path::PathBuf;
 
-/// Path of the `bulkhead` binary under test.
-///
-/// `BULKHEAD_BIN` wins when set; otherwise the binary cargo built into the same profile
-/// directory as the running test executable (`target/<profile>/bulkhead`).
+/// Path of the `bulkhead` binary under test: `BULKHEAD_BIN` when set, otherwise the one
+/// cargo built next to the test executable.
 pub fn bulkhead_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("BULKHEAD_BIN") {
+    built_binary("bulkhead", "BULKHEAD_BIN")
+}
+
+/// Path of the binary `name` under test: the environment variable `override_var` wins
+/// when set; otherwise the binary cargo built into the same profile directory as the
+/// running test executable (`target/<profile>/<name>`).
+pub fn built_binary(name: &str, override_var: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_var) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test-exe> -> target/<profile>/bulkhead
+    // target/<profile>/deps/<test-exe> -> target/<profile>/<name>
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("bulkhead");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} not found: build it first with `cargo build --workspace` (same profile as the tests)",

@@ -49,21 +49,7 @@ pub enum WorkerError {
 /// Path of the `bulkhead-worker` binary under test: `BULKHEAD_WORKER_BIN` when set,
 /// otherwise the one cargo built next to the test executable (`target/<profile>/`).
 pub fn worker_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("BULKHEAD_WORKER_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("bulkhead-worker");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first with `cargo build --workspace` (same profile as the tests)",
-        bin.display()
-    );
-    bin
+    crate::built_binary("bulkhead-worker", "BULKHEAD_WORKER_BIN")
 }
 
 /// A running worker. Dropping it kills it.
