@@ -12,7 +12,12 @@ use super::LabError;
 /// L1's kernel command line. `panic=-1` reboots at once on a panic (or if /init dies), and
 /// with `-no-reboot` that ends QEMU instead of waiting for the timeout. loglevel=4 keeps
 /// L1's boot chatter (which can interleave with the L2 console) to warnings and worse.
-const L1_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
+///
+/// `tsc=reliable` describes the lab's hardware truthfully: TCG's TSC is the host's
+/// invariant TSC, but `-cpu max` presents an AMD family 0xf without the invariant-TSC
+/// bit, so L1 would mark its TSC unstable and run KVM without its master clock - a path
+/// real hosts never take, and one where L2 guests' timekeeping is at its weakest.
+const L1_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4 tsc=reliable";
 
 /// A machine for QEMU TCG to boot: normally L1, or an L2 guest image booted directly to check
 /// the harness without bulkhead.
