@@ -50,9 +50,9 @@ lab_run() {
     watcher=''
     if [ -n "$trigger_marker" ]; then
         (
-            while ! grep -qF "$trigger_marker" "$out"; do sleep 0.2; done
-            echo "LAB: run $label: trigger"
+            while ! grep -qF "$trigger_marker" "$out"; do sleep 0.1; done
             eval "$trigger_action"
+            echo "LAB: run $label: triggered"
         ) &
         watcher=$!
     fi
