@@ -45,9 +45,10 @@ use qemu::QemuMachine;
 const L1_BUDGET: Duration = Duration::from_secs(90);
 
 /// L1 boots per scenario. QEMU's emulated SVM is not flawless: now and then L1 itself
-/// dies mid-scenario (QEMU exits with no panic on the console, the output cut mid-line).
-/// Such a boot says nothing about bulkhead, so it is retried; a bulkhead run that hangs
-/// or fails is not, and fails the test.
+/// dies mid-scenario (QEMU exits with no panic on the console, the output cut mid-line)
+/// or freezes (not even L1's own run timeout fires), more often under heavy L2 exit
+/// traffic. Such a boot says nothing about bulkhead, so it is retried; a bulkhead run
+/// that hangs (killed by L1 at its timeout) or fails is not, and fails the test.
 const L1_ATTEMPTS: u32 = 3;
 
 /// Time for a guest booted directly under QEMU TCG (about 5 s).
@@ -105,7 +106,7 @@ impl Lab {
                 .with_extension(format!("l1-died-{attempt}.log"));
             let _ = fs::rename(&report.log_path, &kept);
             eprintln!(
-                "lab: L1 died during scenario {:?} (console kept in {}); booting it again",
+                "lab: L1 died or froze during scenario {:?} (console kept in {}); booting it again",
                 scenario.name,
                 kept.display()
             );

@@ -100,19 +100,21 @@ impl LabReport {
         }
     }
 
-    /// When L1 printed `LAB: <marker>` (e.g. "kvm ready", "done"), if it did.
-    /// L1 went away on its own before finishing its scenario, while no bulkhead run had
-    /// hung or failed: QEMU exited (rather than being killed at the deadline) without
-    /// `LAB: done`, and every run that ended, ended with status 0.
+    /// L1 failed on its own before finishing its scenario, while no bulkhead run had
+    /// failed: no `LAB: done`, every run that ended ended with status 0, and either QEMU
+    /// exited by itself (L1 died) or a run never reported its end although L1 kills every
+    /// run at its timeout well before QEMU's deadline (L1 froze).
     pub fn l1_died(&self) -> bool {
-        let qemu_exited = self.qemu_status.is_some();
         let runs_fine = self
             .runs
             .iter()
             .all(|run| matches!(run.exit, Some(0) | None));
-        qemu_exited && self.marker_at("done").is_none() && runs_fine
+        let qemu_exited = self.qemu_status.is_some();
+        let run_never_ended = self.runs.iter().any(|run| run.exit.is_none());
+        self.marker_at("done").is_none() && runs_fine && (qemu_exited || run_never_ended)
     }
 
+    /// When L1 printed `LAB: <marker>` (e.g. "kvm ready", "done"), if it did.
     pub fn marker_at(&self, marker: &str) -> Option<Duration> {
         self.lines
             .iter()
@@ -282,8 +284,10 @@ mod tests {
         };
         let died = "LAB: kvm ready\nLAB: run a: begin\nLAB: run a: exit=0\nLAB: run b: begin\n[ 8.2] alg: se";
         assert!(exited(died).l1_died());
-        // Killed at the deadline: a hang, not a death.
-        assert!(!report(died).l1_died());
+        // Killed at the deadline in the middle of a run that L1 never ended: L1 froze.
+        assert!(report(died).l1_died());
+        // Killed at the deadline after its runs ended: something else, not L1's death.
+        assert!(!report("LAB: run a: begin\nLAB: run a: exit=0\n").l1_died());
         // A bulkhead run failed: that is the test's to report.
         assert!(!exited("LAB: run a: begin\nLAB: run a: exit=137\n").l1_died());
         assert!(!exited("LAB: run a: begin\nLAB: run a: exit=0\nLAB: done\n").l1_died());
