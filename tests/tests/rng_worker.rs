@@ -659,3 +659,57 @@ fn a_killed_worker_is_replaced_and_the_stream_resumes() -> Result<()> {
     let worker = replacement.context("the worker was never replaced")?;
     assert_alive(&worker)
 }
+
+/// The replacement dance again, the way Linux's virtio-rng drives the queue: EVENT_IDX,
+/// one 64-byte request in flight at a time, and a kick only when the device's
+/// `avail_event` asks for one.
+#[test]
+fn a_replaced_worker_serves_a_driver_that_suppresses_kicks() -> Result<()> {
+    const QUEUE_SIZE: u16 = 64;
+    const REQUESTS: usize = 300;
+    let config = || DeviceConfig::Rng(RngConfig::default());
+    let features = 1 << VIRTIO_RING_F_EVENT_IDX;
+    let (first, connection) = WorkerProcess::launched("rng0", config())?;
+    let setup = DeviceSetup::new(&[QUEUE_SIZE]).with_features(features);
+    let mut device = UserspaceDevice::start(connection, &setup)?;
+    let buffer = device.memory.allocate(64, 8)?;
+    let layout = device.queues[0].layout();
+    let read_u16 = |device: &UserspaceDevice, addr: u64| -> Result<u16> {
+        let bytes = device.memory.read(GuestAddress(addr), 2)?;
+        Ok(u16::from_le_bytes([bytes[0], bytes[1]]))
+    };
+    let avail_event_at = layout.used_ring.0 + 4 + 8 * u64::from(QUEUE_SIZE);
+    let mut replacement = None;
+    for request in 0..REQUESTS {
+        let old = read_u16(&device, layout.avail_ring.0 + 2)?;
+        device.queues[0].post(&[Buffer::writable(buffer, 64)])?;
+        let new = old.wrapping_add(1);
+        let avail_event = read_u16(&device, avail_event_at)?;
+        if new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old) {
+            device.queues[0].kick()?;
+        }
+        if request == REQUESTS / 3 {
+            first.kill()?;
+            let (worker, connection) = WorkerProcess::launched("rng0", config())?;
+            let mut frontend = UserspaceFrontend::new(connection, 1);
+            frontend.negotiate(features, VhostUserProtocolFeatures::REPLY_ACK)?;
+            frontend.set_mem_table(&device.memory)?;
+            let resume_at = read_u16(&device, layout.used_ring.0 + 2)?;
+            frontend.resume_queue(0, &device.queues[0], resume_at)?;
+            device.frontend = frontend;
+            replacement = Some(worker);
+            // As the VMM does after a restart: one kick so the new worker looks.
+            device.queues[0].kick()?;
+        }
+        let used = device.queues[0]
+            .wait_used(1, TIMEOUT)
+            .with_context(|| format!("request {request} was never served"))?;
+        ensure!(
+            used[0].len == 64,
+            "request {request} got {} bytes",
+            used[0].len
+        );
+    }
+    let worker = replacement.context("the worker was never replaced")?;
+    assert_alive(&worker)
+}
