@@ -45,6 +45,7 @@ echo "GUEST: reads_ok=$ok""#
     format!(
         r#"
 echo "GUEST: hwrng=$(cat /sys/class/misc/hw_random/rng_current)"
+echo "GUEST: irq=$(grep virtio /proc/interrupts | tr -s ' ')"
 echo "GUEST: random=$(head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \n')"
 echo "GUEST: big_read=$({big_read})"
 echo "GUEST: reading"

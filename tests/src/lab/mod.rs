@@ -46,9 +46,10 @@ const L1_BUDGET: Duration = Duration::from_secs(90);
 
 /// L1 boots per scenario. QEMU's emulated SVM is not flawless: now and then L1 itself
 /// dies mid-scenario (QEMU exits with no panic on the console, the output cut mid-line)
-/// or freezes (not even L1's own run timeout fires), more often under heavy L2 exit
-/// traffic. Such a boot says nothing about bulkhead, so it is retried; a bulkhead run
-/// that hangs (killed by L1 at its timeout) or fails is not, and fails the test.
+/// or freezes (not even L1's own run timeout fires), or its watchdog finds a vCPU thread
+/// stuck inside KVM_RUN for tens of seconds (see [`LabReport::l1_died`]). Such a boot says
+/// nothing about bulkhead, so it is retried; a bulkhead run that hangs (killed by L1 at
+/// its timeout) or fails for any other reason is not, and fails the test.
 const L1_ATTEMPTS: u32 = 3;
 
 /// Time for a guest booted directly under QEMU TCG (about 5 s).

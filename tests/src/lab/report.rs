@@ -100,10 +100,16 @@ impl LabReport {
         }
     }
 
-    /// L1 failed on its own before finishing its scenario, while no bulkhead run had
-    /// failed: no `LAB: done`, every run that ended ended with status 0, and either QEMU
-    /// exited by itself (L1 died) or a run never reported its end although L1 kills every
-    /// run at its timeout well before QEMU's deadline (L1 froze).
+    /// L1 failed on its own, so the boot says nothing about bulkhead. Either:
+    /// - it did not finish its scenario while no bulkhead run had failed (no `LAB: done`,
+    ///   every run that ended ended with status 0), and QEMU exited by itself (L1 died) or
+    ///   a run never reported its end although L1 kills every run at its timeout well
+    ///   before QEMU's deadline (L1 froze); or
+    /// - L1's own watchdog caught one of bulkhead's vCPU threads stuck in the L1 kernel
+    ///   (`soft lockup ... [vcpu1:117]`). A vCPU thread can only be inside KVM_RUN there,
+    ///   and KVM returns to userspace on every exit it cannot handle: a CPU stuck for
+    ///   tens of seconds means the emulated SVM stopped delivering L1's interrupts while
+    ///   L2 ran, whatever L2 was doing.
     pub fn l1_died(&self) -> bool {
         let runs_fine = self
             .runs
@@ -111,7 +117,16 @@ impl LabReport {
             .all(|run| matches!(run.exit, Some(0) | None));
         let qemu_exited = self.qemu_status.is_some();
         let run_never_ended = self.runs.iter().any(|run| run.exit.is_none());
-        self.marker_at("done").is_none() && runs_fine && (qemu_exited || run_never_ended)
+        let unfinished = self.marker_at("done").is_none() && runs_fine;
+        (unfinished && (qemu_exited || run_never_ended)) || self.l1_vcpu_lockup()
+    }
+
+    fn l1_vcpu_lockup(&self) -> bool {
+        self.lines.iter().any(|line| {
+            line.text
+                .split_once("watchdog: BUG: soft lockup")
+                .is_some_and(|(_, rest)| rest.contains("[vcpu"))
+        })
     }
 
     /// When L1 printed `LAB: <marker>` (e.g. "kvm ready", "done"), if it did.
@@ -291,6 +306,13 @@ mod tests {
         // A bulkhead run failed: that is the test's to report.
         assert!(!exited("LAB: run a: begin\nLAB: run a: exit=137\n").l1_died());
         assert!(!exited("LAB: run a: begin\nLAB: run a: exit=0\nLAB: done\n").l1_died());
+        // L1's watchdog saw a bulkhead vCPU thread stuck in its kernel: L1's fault, even
+        // though the run then failed at its timeout.
+        let lockup = "LAB: run a: begin\n[ 9.9] evm: s[ 143.2] watchdog: BUG: soft lockup - CPU#0 stuck for 88s! [vcpu1:117]\nLAB: run a: exit=137\nLAB: done\n";
+        assert!(exited(lockup).l1_died());
+        // The same watchdog in the L2 guest names a guest task: bulkhead's to answer for.
+        let guest_lockup = "LAB: run a: begin\n[ 30.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [swapper/1:0]\nLAB: run a: exit=137\nLAB: done\n";
+        assert!(!exited(guest_lockup).l1_died());
     }
 
     #[test]
