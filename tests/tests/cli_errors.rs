@@ -254,3 +254,53 @@ fn kernel_flag_is_required() -> Result<()> {
         .assert_error_mentioning(&["--kernel"]);
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Device workers
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn missing_worker_binary() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let kernel = dir.write("kernel", &power_off_kernel()?)?;
+    let missing = dir.path().join("no-such-worker");
+    BulkheadCommand::new()
+        .env("BULKHEAD_WORKER", &missing)
+        .args(["run", "--rng", "--kernel"])
+        .arg(&kernel)
+        .run()?
+        .assert_error_mentioning(&["cannot start its worker"]);
+    Ok(())
+}
+
+#[test]
+fn audit_log_in_a_missing_directory() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let log = dir.path().join("no-such-dir").join("audit.jsonl");
+    let log = path_str(&log).to_owned();
+    run_image(&power_off_kernel()?, &["--audit-log", &log])?
+        .assert_error_mentioning(&["cannot open audit log"]);
+    Ok(())
+}
+
+/// The control for the two above: with a worker binary and a writable log, a VM with an
+/// rng device starts its worker (the vhost-user handshake happens before the guest
+/// runs), logs it, and ends cleanly.
+#[test]
+fn rng_worker_is_started_and_audited() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let log = dir.path().join("audit.jsonl");
+    run_image(
+        &power_off_kernel()?,
+        &["--rng", "--audit-log", path_str(&log)],
+    )?
+    .assert_clean_exit();
+    let audit = std::fs::read_to_string(&log)?;
+    assert!(
+        audit.contains(r#""event":"spawn","device":"rng0","kind":"rng""#),
+        "{audit}"
+    );
+    assert!(audit.contains(r#""event":"policy""#), "{audit}");
+    assert!(!audit.contains(r#""event":"crash""#), "{audit}");
+    Ok(())
+}

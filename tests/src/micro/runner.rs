@@ -115,6 +115,8 @@ pub enum RunError {
 
 /// `bulkhead <args>` with stdin bytes and a timeout.
 pub struct BulkheadCommand {
+    /// Environment variables set for bulkhead (and the workers it starts).
+    env: Vec<(OsString, OsString)>,
     /// The bulkhead binary; [`bulkhead_bin`] unless overridden.
     binary: Option<PathBuf>,
     /// A program (and its arguments) that runs bulkhead, e.g. to drop privileges.
@@ -133,6 +135,7 @@ impl Default for BulkheadCommand {
 impl BulkheadCommand {
     pub fn new() -> Self {
         BulkheadCommand {
+            env: Vec::new(),
             binary: None,
             wrapper: Vec::new(),
             args: Vec::new(),
@@ -160,6 +163,12 @@ impl BulkheadCommand {
             "stdin input must fit in a pipe buffer"
         );
         self.stdin = bytes.to_vec();
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
         self
     }
 
@@ -194,6 +203,7 @@ impl BulkheadCommand {
             None => Command::new(&binary),
         };
         let mut child = command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(&self.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
