@@ -1,16 +1,17 @@
 //! Assembling a VM from a [`VmConfig`]: KVM, guest RAM, the boot image, legacy devices
 //! and vCPU threads; then waiting for it to end.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
-
 use kvm_bindings::{kvm_pit_config, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::VirtioMmioDevice;
 use crate::arch::x86_64::layout::{self, irqs, ports};
 use crate::arch::x86_64::{acpi, cpuid, msrs, regs};
 use crate::boot::{self, BootSource};
@@ -105,38 +106,24 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM; guest serial output goes to `console`.
     pub fn new(config: &VmConfig, console: ConsoleOutput) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        match kvm.get_api_version() {
-            KVM_API_VERSION => {}
-            version if version < 0 => {
-                let errno = std::io::Error::last_os_error();
-                return Err(VmError::ApiVersion(format!("an error: {errno}")));
-            }
-            version => return Err(VmError::ApiVersion(version.to_string())),
-        }
-        if let Some(cap) = REQUIRED_CAPS.into_iter().find(|&c| !kvm.check_extension(c)) {
-            return Err(VmError::MissingCapability(cap));
-        }
-        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
-        if kvm.check_extension(Cap::SetIdentityMapAddr) {
-            vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
-                .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        }
-        vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            // Let KVM answer port 0x61 (PC speaker / PIT gate) too: Linux polls it
-            // while calibrating the TSC against the PIT.
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-
+        let kvm = open_kvm()?;
+        let vm = create_vm(&kvm)?;
         let ram = GuestRam::new(config.memory.bytes())?;
         ram.register(&vm)?;
 
-        let cpus = config.cpus.get();
+        // The kernel is checked and loaded before any worker starts, so that a bad image
+        // costs nothing but an error message.
+        let entry = boot::load(
+            &ram,
+            &BootSource {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                acpi_rsdp: acpi::RSDP_ADDRESS,
+            },
+        )?;
+        let cr3 = regs::write_boot_tables(ram.memory())?;
+
         let audit = Arc::new(match &config.audit_log {
             Some(path) => AuditLog::open(path)?,
             None => AuditLog::default(),
@@ -149,124 +136,26 @@ impl Vm {
             RestartPolicy::default(),
         );
         let mut mmio = Bus::default();
-        let mut virtio = Vec::new();
-        if let Some(rng) = &config.rng {
-            let launch = WorkerLaunch {
-                device_name: "rng0".into(),
-                device: DeviceConfig::Rng(rng.clone()),
-                vhost_user_fd: -1,
-            };
-            let shape = DeviceShape {
-                device_type: WorkerKind::Rng.virtio_device_id(),
-                queue_sizes: vec![RNG_QUEUE_SIZE],
-                config_size: 0,
-            };
-            let attached = attach_worker_device(
-                &worker,
-                &vm,
-                &mut mmio,
-                ram.memory(),
-                virtio.len(),
-                &launch,
-                shape.clone(),
-            )?;
-            virtio.push(attached.acpi);
-            supervisor
-                .watch(launch, shape, attached.transport, attached.worker)
-                .map_err(VmError::Supervisor)?;
-        }
+        let virtio = attach_worker_devices(config, &worker, &vm, &ram, &mut mmio, &mut supervisor)?;
+
+        let cpus = config.cpus.get();
         let tables = acpi::build(cpus, &virtio)?;
         ram.memory()
             .write_slice(&tables.bytes, GuestAddress(tables.base))
             .map_err(VmError::AcpiWrite)?;
-        let entry = boot::load(
-            &ram,
-            &BootSource {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
-                acpi_rsdp: tables.rsdp_address(),
-            },
-        )?;
-        let cr3 = regs::write_boot_tables(ram.memory())?;
 
         let exit = Arc::new(ExitSignal::default());
-        let serial_irq =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?;
-        vm.register_irqfd(&serial_irq, irqs::COM1)
-            .map_err(ioctl("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
-        let mut pio = Bus::default();
-        pio.insert(u64::from(ports::COM1), 8, serial.clone())?;
-        pio.insert(
-            u64::from(ports::I8042_DATA),
-            u64::from(ports::I8042_COMMAND - ports::I8042_DATA) + 1,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        )?;
-        pio.insert(
-            u64::from(ports::RTC_INDEX),
-            2,
-            Arc::new(Mutex::new(Rtc::default())),
-        )?;
-        pio.insert(
-            u64::from(ports::PM1A_EVENT),
-            acpi_pm::REGISTER_BLOCK_LEN,
-            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
-        )?;
-        pio.insert(
-            u64::from(ports::PM_TIMER),
-            acpi_pm_timer::REGISTER_LEN,
-            Arc::new(Mutex::new(AcpiPmTimer::default())),
-        )?;
-        pio.insert(
-            u64::from(ports::RESET_CONTROL),
-            1,
-            Arc::new(Mutex::new(ResetControl::new(exit.clone()))),
-        )?;
-        let pio = Arc::new(pio);
-        let mmio = Arc::new(mmio);
-
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-        let host = cpuid::HostFeatures {
-            tsc_deadline_timer: kvm.check_extension(Cap::TscDeadlineTimer),
+        let (pio, serial) = legacy_devices(&vm, &exit, console)?;
+        let buses = Buses {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
         };
-        let boot_msrs = msrs::boot_msrs();
-        let mut vcpus = Vec::with_capacity(usize::from(cpus));
-        for id in 0..cpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(ioctl("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, cpus, host);
-            fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
-            let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VmError::Msrs {
-                cpu: id,
-                set: 0,
-                wanted: boot_msrs.len(),
-            })?;
-            let set = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
-            if set != boot_msrs.len() {
-                return Err(VmError::Msrs {
-                    cpu: id,
-                    set,
-                    wanted: boot_msrs.len(),
-                });
-            }
-            regs::configure_lapic_lints(&fd)?;
-            // Application processors wait for INIT/SIPI from the guest, in KVM.
-            if id == 0 {
-                regs::configure_boot_vcpu(&fd, cr3, entry.entry, entry.zero_page)?;
-            }
-            vcpus.push(Vcpu {
-                id,
-                fd,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                exit: exit.clone(),
-            });
-        }
+        let boot_vcpu = BootVcpu {
+            cr3,
+            entry: entry.entry,
+            zero_page: entry.zero_page,
+        };
+        let vcpus = create_vcpus(&kvm, &vm, cpus, boot_vcpu, &buses, &exit)?;
         tracing::info!(
             cpus,
             memory = %config.memory,
@@ -297,4 +186,189 @@ impl Vm {
         }
         Ok(self.exit.wait())
     }
+}
+
+/// Opens /dev/kvm and checks it is a KVM that can run bulkhead's VMs.
+fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    match kvm.get_api_version() {
+        KVM_API_VERSION => {}
+        version if version < 0 => {
+            let errno = std::io::Error::last_os_error();
+            return Err(VmError::ApiVersion(format!("an error: {errno}")));
+        }
+        version => return Err(VmError::ApiVersion(version.to_string())),
+    }
+    if let Some(cap) = REQUIRED_CAPS.into_iter().find(|&c| !kvm.check_extension(c)) {
+        return Err(VmError::MissingCapability(cap));
+    }
+    Ok(kvm)
+}
+
+/// A VM with KVM's in-kernel interrupt controllers and PIT.
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+    if kvm.check_extension(Cap::SetIdentityMapAddr) {
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    }
+    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        // Let KVM answer port 0x61 (PC speaker / PIT gate) too: Linux polls it while
+        // calibrating the TSC against the PIT.
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+/// Starts a worker for each device the config asks for, attaches it to the MMIO bus, and
+/// hands it to the supervisor; returns what the ACPI tables must describe.
+fn attach_worker_devices(
+    config: &VmConfig,
+    worker: &Path,
+    vm: &VmFd,
+    ram: &GuestRam,
+    mmio: &mut Bus,
+    supervisor: &mut WorkerSupervisor,
+) -> Result<Vec<VirtioMmioDevice>, VmError> {
+    let mut devices = Vec::new();
+    if let Some(rng) = &config.rng {
+        let launch = WorkerLaunch {
+            device_name: "rng0".into(),
+            device: DeviceConfig::Rng(rng.clone()),
+            vhost_user_fd: -1,
+        };
+        let shape = DeviceShape {
+            device_type: WorkerKind::Rng.virtio_device_id(),
+            queue_sizes: vec![RNG_QUEUE_SIZE],
+            config_size: 0,
+        };
+        let attached = attach_worker_device(
+            worker,
+            vm,
+            mmio,
+            ram.memory(),
+            devices.len(),
+            &launch,
+            shape.clone(),
+        )?;
+        devices.push(attached.acpi);
+        supervisor
+            .watch(launch, shape, attached.transport, attached.worker)
+            .map_err(VmError::Supervisor)?;
+    }
+    Ok(devices)
+}
+
+/// The small platform devices every PC has, on the port I/O bus; returns the bus and
+/// the serial port (which the console feeds).
+fn legacy_devices(
+    vm: &VmFd,
+    exit: &Arc<ExitSignal>,
+    console: ConsoleOutput,
+) -> Result<(Bus, Arc<Mutex<SerialPort>>), VmError> {
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, irqs::COM1)
+        .map_err(ioctl("KVM_IRQFD"))?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
+    let mut pio = Bus::default();
+    pio.insert(u64::from(ports::COM1), 8, serial.clone())?;
+    pio.insert(
+        u64::from(ports::I8042_DATA),
+        u64::from(ports::I8042_COMMAND - ports::I8042_DATA) + 1,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    pio.insert(
+        u64::from(ports::RTC_INDEX),
+        2,
+        Arc::new(Mutex::new(Rtc::default())),
+    )?;
+    pio.insert(
+        u64::from(ports::PM1A_EVENT),
+        acpi_pm::REGISTER_BLOCK_LEN,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+    )?;
+    pio.insert(
+        u64::from(ports::PM_TIMER),
+        acpi_pm_timer::REGISTER_LEN,
+        Arc::new(Mutex::new(AcpiPmTimer::default())),
+    )?;
+    pio.insert(
+        u64::from(ports::RESET_CONTROL),
+        1,
+        Arc::new(Mutex::new(ResetControl::new(exit.clone()))),
+    )?;
+    Ok((pio, serial))
+}
+
+/// The shared, immutable device buses every vCPU dispatches its exits to.
+struct Buses {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+}
+
+/// Where the boot vCPU starts.
+#[derive(Clone, Copy)]
+struct BootVcpu {
+    cr3: u64,
+    entry: u64,
+    zero_page: u64,
+}
+
+/// Creates and configures `cpus` vCPUs: CPUID, MSRs and LAPIC for all; registers for the
+/// boot vCPU (the others wait for INIT/SIPI from the guest, in KVM).
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    cpus: u8,
+    boot: BootVcpu,
+    buses: &Buses,
+    exit: &Arc<ExitSignal>,
+) -> Result<Vec<Vcpu>, VmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    let host = cpuid::HostFeatures {
+        tsc_deadline_timer: kvm.check_extension(Cap::TscDeadlineTimer),
+    };
+    let boot_msrs = msrs::boot_msrs();
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    for id in 0..cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let mut cpuid = supported.clone();
+        cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, cpus, host);
+        fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VmError::Msrs {
+            cpu: id,
+            set: 0,
+            wanted: boot_msrs.len(),
+        })?;
+        let set = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+        if set != boot_msrs.len() {
+            return Err(VmError::Msrs {
+                cpu: id,
+                set,
+                wanted: boot_msrs.len(),
+            });
+        }
+        regs::configure_lapic_lints(&fd)?;
+        if id == 0 {
+            regs::configure_boot_vcpu(&fd, boot.cr3, boot.entry, boot.zero_page)?;
+        }
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            pio: buses.pio.clone(),
+            mmio: buses.mmio.clone(),
+            exit: exit.clone(),
+        });
+    }
+    Ok(vcpus)
 }

@@ -44,6 +44,10 @@ pub enum AcpiError {
     TooLarge { needed: usize, available: usize },
 }
 
+/// Where the RSDP is: the first bytes of the table area, which is also where the BIOS-area
+/// scan finds it.
+pub const RSDP_ADDRESS: u64 = layout::ACPI_TABLES_START;
+
 /// The tables, ready to be copied to guest memory at `base`.
 pub struct AcpiTables {
     pub base: u64,
@@ -179,7 +183,7 @@ fn interrupt_override(source: u8, gsi: u32, flags: u16) -> [u8; 10] {
 /// Builds RSDP, XSDT, FADT, FACS, MADT and DSDT for a guest with `cpus` vCPUs and the
 /// given virtio-mmio devices.
 pub fn build(cpus: u8, virtio: &[VirtioMmioDevice]) -> Result<AcpiTables, AcpiError> {
-    let base = layout::ACPI_TABLES_START;
+    let base = RSDP_ADDRESS;
     let mut image = Vec::new();
     // The RSDP goes first so that the BIOS-area scan finds it at a 16-byte boundary; its
     // XSDT pointer is patched in once the XSDT's address is known.
