@@ -4,7 +4,6 @@
 //! same pages (vhost-user `SET_MEM_TABLE` passes the fd and offsets).
 
 use std::fs::File;
-use std::os::fd::AsFd;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -37,12 +36,11 @@ pub enum MemoryError {
     },
 }
 
-/// Guest RAM and the memfd behind it.
+/// Guest RAM. The memfd behind it stays open through the regions' file offsets, which
+/// is also how device workers are handed the same pages.
 pub struct GuestRam {
     memory: GuestMemory,
     ranges: Vec<RamRange>,
-    /// Kept open so workers can be handed the same pages later.
-    memfd: File,
 }
 
 impl GuestRam {
@@ -80,11 +78,7 @@ impl GuestRam {
             })
             .collect::<Result<_, MemoryError>>()?;
         let memory = GuestMemory::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
-        Ok(Self {
-            memory,
-            ranges,
-            memfd,
-        })
+        Ok(Self { memory, ranges })
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -93,10 +87,6 @@ impl GuestRam {
 
     pub fn ranges(&self) -> &[RamRange] {
         &self.ranges
-    }
-
-    pub fn memfd(&self) -> impl AsFd + '_ {
-        &self.memfd
     }
 
     /// End of the RAM below the 32-bit gap: where the kernel, initrd and boot data live.
@@ -150,6 +140,7 @@ mod tests {
         );
         assert!(mem.write_obj(1u8, GuestAddress(64 << 20)).is_err());
         // Sealed: nobody can pull pages out from under a worker.
-        assert!(ram.memfd.set_len(1 << 20).is_err());
+        let memfd = mem.iter().next().unwrap().file_offset().unwrap().file();
+        assert!(memfd.set_len(1 << 20).is_err());
     }
 }

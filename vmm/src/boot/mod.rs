@@ -186,10 +186,11 @@ fn load_initrd(ram: &GuestRam, image: &KernelImage, path: &Path) -> Result<(u64,
         source,
     };
     let mut file = File::open(path).map_err(open_err)?;
-    let size = file.metadata().map_err(open_err)?.len();
-    if file.metadata().map_err(open_err)?.is_dir() {
+    let metadata = file.metadata().map_err(open_err)?;
+    if metadata.is_dir() {
         return Err(open_err(std::io::Error::from_raw_os_error(libc::EISDIR)));
     }
+    let size = metadata.len();
     let limit = ram.low_end().min(image.initrd_addr_max().saturating_add(1));
     let kernel_end = align_up(image.memory_end(), PAGE_SIZE).unwrap_or(u64::MAX);
     let too_large = || BootError::InitrdTooLarge {

@@ -18,7 +18,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::memory::GuestMemory;
 use crate::virtio::mmio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::virtio::VirtioMmio;
-use crate::worker::{spawn_worker, LaunchError};
+use crate::worker::{discard_worker, spawn_worker, LaunchError};
 
 #[derive(Debug, Error)]
 pub enum AttachError {
@@ -155,9 +155,8 @@ pub fn start_backend(
     ) {
         Ok(backend) => Ok((child, backend)),
         Err(source) => {
-            // A worker that cannot talk is of no use; do not leave it behind.
-            let _ = child.kill();
-            let _ = child.wait();
+            // A worker that cannot talk is of no use.
+            discard_worker(&mut child);
             Err(AttachError::Handshake {
                 device: device.clone(),
                 source,

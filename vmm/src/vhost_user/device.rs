@@ -120,75 +120,6 @@ impl VhostUserDevice {
                 problem: format!("ring address {guest:#x} is not in guest RAM"),
             })
     }
-
-    fn start(
-        &mut self,
-        acked_features: u64,
-        queues: &[QueueConfig],
-        kicks: &[EventFd],
-        interrupt: &EventFd,
-    ) -> Result<(), ActivateError> {
-        let backend = |e: VhostUserDeviceError| ActivateError::Backend(e.to_string());
-        let protocol_bit =
-            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.frontend
-            .set_features(acked_features | protocol_bit)
-            .map_err(step("SET_FEATURES"))
-            .map_err(backend)?;
-        let table = self.memory_table().map_err(backend)?;
-        self.frontend
-            .set_mem_table(&table)
-            .map_err(step("SET_MEM_TABLE"))
-            .map_err(backend)?;
-        for queue in queues {
-            let index = usize::from(queue.index);
-            let max = self.queue_sizes.get(index).copied().unwrap_or(0);
-            let kick = kicks.get(index).ok_or_else(|| ActivateError::BadQueue {
-                index: queue.index,
-                problem: "no notification eventfd".into(),
-            })?;
-            let rings = VringConfigData {
-                queue_max_size: max,
-                queue_size: queue.size,
-                flags: 0,
-                desc_table_addr: self.host_address(queue, queue.descriptors)?,
-                used_ring_addr: self.host_address(queue, queue.device_area)?,
-                avail_ring_addr: self.host_address(queue, queue.driver_area)?,
-                log_addr: None,
-            };
-            let steps: [(&'static str, Result<(), vhost::Error>); 5] = [
-                (
-                    "SET_VRING_NUM",
-                    self.frontend.set_vring_num(index, queue.size),
-                ),
-                (
-                    "SET_VRING_ADDR",
-                    self.frontend.set_vring_addr(index, &rings),
-                ),
-                (
-                    "SET_VRING_BASE",
-                    self.frontend.set_vring_base(index, queue.next_avail),
-                ),
-                (
-                    "SET_VRING_CALL",
-                    self.frontend.set_vring_call(index, interrupt),
-                ),
-                ("SET_VRING_KICK", self.frontend.set_vring_kick(index, kick)),
-            ];
-            for (name, result) in steps {
-                result.map_err(step(name)).map_err(backend)?;
-            }
-            // With PROTOCOL_FEATURES negotiated, rings start disabled (vhost-user spec).
-            if protocol_bit != 0 {
-                self.frontend
-                    .set_vring_enable(index, true)
-                    .map_err(step("SET_VRING_ENABLE"))
-                    .map_err(backend)?;
-            }
-            self.active_queues.push(queue.index);
-        }
-        Ok(())
-    }
 }
 
 impl VirtioDevice for VhostUserDevice {
@@ -255,7 +186,66 @@ impl VirtioDevice for VhostUserDevice {
         interrupt: &EventFd,
     ) -> Result<(), ActivateError> {
         self.active_queues.clear();
-        self.start(acked_features, queues, kicks, interrupt)
+        let backend = |e: VhostUserDeviceError| ActivateError::Backend(e.to_string());
+        let protocol_bit =
+            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.frontend
+            .set_features(acked_features | protocol_bit)
+            .map_err(step("SET_FEATURES"))
+            .map_err(backend)?;
+        let table = self.memory_table().map_err(backend)?;
+        self.frontend
+            .set_mem_table(&table)
+            .map_err(step("SET_MEM_TABLE"))
+            .map_err(backend)?;
+        for queue in queues {
+            let index = usize::from(queue.index);
+            let max = self.queue_sizes.get(index).copied().unwrap_or(0);
+            let kick = kicks.get(index).ok_or_else(|| ActivateError::BadQueue {
+                index: queue.index,
+                problem: "no notification eventfd".into(),
+            })?;
+            let rings = VringConfigData {
+                queue_max_size: max,
+                queue_size: queue.size,
+                flags: 0,
+                desc_table_addr: self.host_address(queue, queue.descriptors)?,
+                used_ring_addr: self.host_address(queue, queue.device_area)?,
+                avail_ring_addr: self.host_address(queue, queue.driver_area)?,
+                log_addr: None,
+            };
+            let steps: [(&'static str, Result<(), vhost::Error>); 5] = [
+                (
+                    "SET_VRING_NUM",
+                    self.frontend.set_vring_num(index, queue.size),
+                ),
+                (
+                    "SET_VRING_ADDR",
+                    self.frontend.set_vring_addr(index, &rings),
+                ),
+                (
+                    "SET_VRING_BASE",
+                    self.frontend.set_vring_base(index, queue.next_avail),
+                ),
+                (
+                    "SET_VRING_CALL",
+                    self.frontend.set_vring_call(index, interrupt),
+                ),
+                ("SET_VRING_KICK", self.frontend.set_vring_kick(index, kick)),
+            ];
+            for (name, result) in steps {
+                result.map_err(step(name)).map_err(backend)?;
+            }
+            // With PROTOCOL_FEATURES negotiated, rings start disabled (vhost-user spec).
+            if protocol_bit != 0 {
+                self.frontend
+                    .set_vring_enable(index, true)
+                    .map_err(step("SET_VRING_ENABLE"))
+                    .map_err(backend)?;
+            }
+            self.active_queues.push(queue.index);
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {

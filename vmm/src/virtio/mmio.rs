@@ -303,10 +303,6 @@ impl VirtioMmio {
         let _ = self.interrupt.write(1);
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     fn reset(&mut self) {
         if self.active {
             self.device.reset();

@@ -84,6 +84,13 @@ fn park(fd: &impl AsRawFd) -> Result<OwnedFd, LaunchError> {
     Ok(unsafe { OwnedFd::from_raw_fd(parked) })
 }
 
+/// Kills and reaps a worker that never got its device (or could not be handed it), so
+/// that no half-started process is left behind.
+pub fn discard_worker(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Starts `binary <kind> --launch-fd 3` with the launch memfd and a fresh socket pair.
 pub fn spawn_worker(binary: &Path, launch: &WorkerLaunch) -> Result<WorkerChild, LaunchError> {
     let mut launch = launch.clone();

@@ -7,5 +7,5 @@ pub mod pidfd;
 pub mod supervisor;
 
 pub use audit_log::AuditLog;
-pub use launch::{spawn_worker, worker_binary, LaunchError, WorkerChild};
+pub use launch::{discard_worker, spawn_worker, worker_binary, LaunchError, WorkerChild};
 pub use supervisor::{RestartPolicy, WorkerSupervisor};

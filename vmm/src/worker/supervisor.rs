@@ -20,6 +20,7 @@ use bulkhead_seccomp::is_seccomp_violation;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::audit_log::AuditLog;
+use super::launch::discard_worker;
 use super::pidfd::PidFd;
 use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
@@ -235,25 +236,25 @@ impl WorkerSupervisor {
 /// Starts a replacement worker and gives it the device.
 fn restart(binary: &Path, device: &mut Supervised, memory: &GuestMemory) -> anyhow::Result<()> {
     let (mut child, backend) = start_backend(binary, &device.launch, &device.shape, memory)?;
-    let handed_over = lock(&device.transport).replace_device(Box::new(backend), memory);
-    let pidfd = PidFd::open(child.id());
-    let pidfd = match (handed_over, pidfd) {
-        (Ok(()), Ok(pidfd)) => pidfd,
-        (Err(e), _) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.into());
+    // The pidfd first: once the device is handed over, the worker must be watched.
+    let handed_over = PidFd::open(child.id())
+        .map_err(anyhow::Error::from)
+        .and_then(|pidfd| {
+            lock(&device.transport).replace_device(Box::new(backend), memory)?;
+            Ok(pidfd)
+        });
+    match handed_over {
+        Ok(pidfd) => {
+            device.child = child;
+            device.pidfd = pidfd;
+            device.started = Instant::now();
+            Ok(())
         }
-        (_, Err(e)) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.into());
+        Err(e) => {
+            discard_worker(&mut child);
+            Err(e)
         }
-    };
-    device.child = child;
-    device.pidfd = pidfd;
-    device.started = Instant::now();
-    Ok(())
+    }
 }
 
 #[cfg(test)]

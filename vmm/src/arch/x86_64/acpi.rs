@@ -54,12 +54,6 @@ pub struct AcpiTables {
     pub bytes: Vec<u8>,
 }
 
-impl AcpiTables {
-    pub fn rsdp_address(&self) -> u64 {
-        self.base
-    }
-}
-
 /// Appends `table` at the next `align`-aligned offset; returns its guest address.
 fn place(image: &mut Vec<u8>, base: u64, align: usize, table: &[u8]) -> u64 {
     let offset = image.len().next_multiple_of(align);
@@ -251,7 +245,7 @@ mod tests {
         let tables = build(2, &[]).unwrap();
         let sigs: Vec<_> = walk(&tables).into_iter().map(|(s, _)| s).collect();
         assert_eq!(sigs, vec![*b"FACP", *b"APIC"]);
-        assert_eq!(tables.rsdp_address(), layout::ACPI_TABLES_START);
+        assert_eq!(tables.base, RSDP_ADDRESS);
         assert_eq!(tables.base % 16, 0);
     }
 
