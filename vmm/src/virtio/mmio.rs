@@ -26,8 +26,8 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x1af4;
 const INTERRUPT_USED_BUFFER: u32 = 1;
 const INTERRUPT_CONFIG_CHANGE: u32 = 2;
-/// Offset of the used ring's `idx` field in the device area (after `flags`).
-const USED_RING_INDEX_OFFSET: u64 = 2;
+/// Offset of the `idx` field in a split ring's driver and device areas (after `flags`).
+const RING_INDEX_OFFSET: u64 = 2;
 
 mod reg {
     pub const MAGIC: u64 = 0x000;
@@ -279,10 +279,16 @@ impl VirtioMmio {
         memory: &GuestMemory,
     ) -> Result<(), ActivateError> {
         if self.active {
-            let queues = self.ready_queues(|q| {
-                let index = GuestAddress(q.device_area.wrapping_add(USED_RING_INDEX_OFFSET));
-                memory.read_obj::<u16>(index).unwrap_or(0)
-            });
+            let queues = self.ready_queues(|q| ring_index(memory, q.device_area));
+            for queue in &queues {
+                tracing::info!(
+                    device = %self.name,
+                    queue = queue.index,
+                    used_idx = queue.next_avail,
+                    avail_idx = ring_index(memory, queue.driver_area),
+                    "resuming queue on the new backend"
+                );
+            }
             device.activate(self.acked_features, &queues, &self.kicks, &self.interrupt)?;
             for queue in &queues {
                 if let Some(kick) = self.kicks.get(usize::from(queue.index)) {
@@ -317,6 +323,15 @@ impl VirtioMmio {
             .iter_mut()
             .for_each(|q| *q = QueueState::default());
     }
+}
+
+/// The `idx` field of a split ring's available or used ring, which both follow a 16-bit
+/// `flags` field; 0 when the guest's address is not in RAM (the backend then refuses the
+/// ring anyway).
+fn ring_index(memory: &GuestMemory, ring: u64) -> u16 {
+    memory
+        .read_obj::<u16>(GuestAddress(ring.wrapping_add(RING_INDEX_OFFSET)))
+        .unwrap_or(0)
 }
 
 impl BusDevice for VirtioMmio {
