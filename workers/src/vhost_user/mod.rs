@@ -11,11 +11,13 @@
 //! It is also where inflight tracking (GET/SET_INFLIGHT_FD) will live, which restarting a
 //! worker mid-I/O needs and `vhost-user-backend` does not provide.
 
+mod inflight;
 mod memory;
 mod server;
 mod session;
 mod vring_thread;
 
+pub use inflight::{InflightError, InflightLayout, InflightRegion, QueueRegion, Recovery};
 pub use memory::{map_memory_table, AddressTranslation, MemoryTableError};
 pub use server::{serve_connection, serve_listener, DeviceBackend, ServeError};
 pub use session::{Session, SessionError};
