@@ -15,10 +15,12 @@ mod inflight;
 mod memory;
 mod server;
 mod session;
+mod tracked_queue;
 mod vring_thread;
 
 pub use inflight::{InflightError, InflightLayout, InflightRegion, QueueRegion, Recovery};
 pub use memory::{map_memory_table, AddressTranslation, MemoryTableError};
 pub use server::{serve_connection, serve_listener, DeviceBackend, ServeError};
 pub use session::{Session, SessionError};
+pub use tracked_queue::{Completion, InflightTracking, QueueError, TrackedQueue};
 pub use vring_thread::{is_running, EventSource, GuestRam, VringThread, VringThreadError};
