@@ -1,7 +1,7 @@
 //! Inflight I/O tracking end to end through the vhost-user session: an out-of-order test
 //! device served in this process (the way a block worker with asynchronous I/O would be),
 //! driven by the userspace frontend and driver, "crashed" with requests in flight and
-//! replaced. Also: frontends lying about the region are refused, and devices that did not
+//! replaced - by the userspace frontend and by the VMM's own. Also: frontends lying about the region are refused, and devices that did not
 //! ask for tracking do not offer it.
 
 use std::fs::File;
@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use bulkhead_protocol::RngConfig;
 use bulkhead_tests::vhost::{Buffer, SharedMemory, SplitQueueDriver, UserspaceFrontend};
+use bulkhead_vmm::memory::GuestRam as VmmGuestRam;
+use bulkhead_vmm::vhost_user::VhostUserDevice;
+use bulkhead_vmm::virtio::{QueueConfig, VirtioDevice};
 use bulkhead_workers::rng::RngDevice;
 use bulkhead_workers::vhost_user::{
     serve_connection, Completion, DeviceBackend, EventSource, GuestRam, InflightTracking,
@@ -34,6 +37,7 @@ const QUEUE_SIZE: u16 = 16;
 /// The device's "I/O finished" event, as an io_uring completion eventfd would be.
 const COMPLETION_EVENT: u16 = 2;
 const TIMEOUT: Duration = Duration::from_secs(5);
+const VIRTIO_F_VERSION_1_BIT: u64 = 1 << VIRTIO_F_VERSION_1;
 
 /// A device that completes requests out of order: it holds every request until the test
 /// names the ones to finish, or (`complete_at_once`) finishes each as it arrives. A
@@ -379,6 +383,123 @@ fn lying_inflight_regions_are_refused() -> Result<()> {
     ensure!(frontend.get_inflight_fd(4, QUEUE_SIZE).is_err());
     drop(frontend);
     ensure!(backend.join()?.is_err());
+    Ok(())
+}
+
+/// The VMM's side: a split ring laid out by hand in the VMM's own guest RAM.
+struct VmmGuest {
+    memory: bulkhead_vmm::memory::GuestMemory,
+    posted: u16,
+}
+
+impl VmmGuest {
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    fn new(ram: &VmmGuestRam) -> Result<Self> {
+        let memory = ram.memory().clone();
+        for i in 0..QUEUE_SIZE {
+            let entry = GuestAddress(Self::DESC + 16 * u64::from(i));
+            // addr, len, flags = WRITE, next
+            memory.write_obj(0x1_0000 + 64 * u64::from(i), entry)?;
+            memory.write_obj(64u32, GuestAddress(entry.0 + 8))?;
+            memory.write_obj(2u16, GuestAddress(entry.0 + 12))?;
+        }
+        Ok(VmmGuest { memory, posted: 0 })
+    }
+
+    fn queue(&self, next_avail: u16) -> QueueConfig {
+        QueueConfig {
+            index: 0,
+            size: QUEUE_SIZE,
+            next_avail,
+            descriptors: Self::DESC,
+            driver_area: Self::AVAIL,
+            device_area: Self::USED,
+        }
+    }
+
+    fn post(&mut self, head: u16) -> Result<()> {
+        let slot = GuestAddress(Self::AVAIL + 4 + 2 * u64::from(self.posted % QUEUE_SIZE));
+        self.memory.write_obj(head, slot)?;
+        self.posted += 1;
+        self.memory
+            .write_obj(self.posted, GuestAddress(Self::AVAIL + 2))?;
+        Ok(())
+    }
+
+    fn used_idx(&self) -> Result<u16> {
+        Ok(self.memory.read_obj(GuestAddress(Self::USED + 2))?)
+    }
+
+    fn wait_used(&self, count: u16) -> Result<Vec<u32>> {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.used_idx()? < count {
+            ensure!(Instant::now() < deadline, "used index {}", self.used_idx()?);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (0..self.used_idx()?)
+            .map(|i| {
+                let entry = GuestAddress(Self::USED + 4 + 8 * u64::from(i % QUEUE_SIZE));
+                Ok(self.memory.read_obj(entry)?)
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn the_vmm_hands_the_inflight_region_to_the_replacement_backend() -> Result<()> {
+    let ram = VmmGuestRam::new(4 << 20)?;
+    let mut guest = VmmGuest::new(&ram)?;
+    let kicks = vec![EventFd::new(EFD_NONBLOCK)?];
+    let interrupt = EventFd::new(EFD_NONBLOCK)?;
+    let connect = |backend: &mut Backend| {
+        let connection = backend.connection.take().expect("one frontend per backend");
+        VhostUserDevice::connect(connection, 2, vec![QUEUE_SIZE], 0, ram.memory().clone())
+    };
+
+    let mut first = Backend::start(false)?;
+    let mut device = connect(&mut first)?;
+    device.activate(
+        VIRTIO_F_VERSION_1_BIT,
+        &[guest.queue(0)],
+        &kicks,
+        &interrupt,
+    )?;
+    let region = device
+        .inflight_region()
+        .ok_or_else(|| anyhow::anyhow!("the VMM did not ask for an inflight region"))?;
+    for head in [5, 9, 2] {
+        guest.post(head)?;
+    }
+    kicks[0].write(1)?;
+    first.wait_in_flight(3)?;
+    first.complete(&[9])?;
+    ensure!(guest.wait_used(1)? == [9]);
+    drop(device);
+    ensure!(first.join()?.is_ok());
+
+    // What the supervisor and `VirtioMmio::replace_device` do for a replacement: the
+    // region is handed over, the queue resumes at the used index.
+    let mut second = Backend::start(true)?;
+    let mut device = connect(&mut second)?;
+    device.adopt_inflight_region(region);
+    let used = guest.used_idx()?;
+    device.activate(
+        VIRTIO_F_VERSION_1_BIT,
+        &[guest.queue(used)],
+        &kicks,
+        &interrupt,
+    )?;
+    guest.post(7)?;
+    kicks[0].write(1)?;
+    let used = guest.wait_used(4)?;
+    ensure!(used == [9, 5, 2, 7], "used ring {used:?}");
+    std::thread::sleep(Duration::from_millis(50));
+    ensure!(guest.used_idx()? == 4, "a request was completed twice");
+    drop(device);
+    ensure!(second.join()?.is_ok());
     Ok(())
 }
 
