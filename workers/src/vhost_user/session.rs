@@ -337,11 +337,16 @@ where
         let vring = self.vring(index)?;
         let memory = self.memory.memory();
         let mut state = vring.get_mut();
+        // A new kick eventfd for a ring already running changes nothing else: its tracked
+        // requests are still being served.
+        let restart = !state.get_queue().ready();
         // `is_valid` insists on a ready queue; nobody sees it ready before the lock is
         // released, and then only if everything below succeeded.
         state.get_queue_mut().set_ready(true);
         let started = if !state.get_queue().is_valid(&*memory) {
             Err(Refusal::InvalidRing(index))
+        } else if !restart {
+            Ok(())
         } else if let Some(mut queue) = self.tracking.as_ref().and_then(|t| t.queue(index as usize))
         {
             queue

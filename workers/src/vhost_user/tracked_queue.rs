@@ -12,9 +12,9 @@
 //! ```ignore
 //! let mut state = vrings[q].get_mut();               // the vring lock first,
 //! let mut queue = tracking.queue(q).unwrap();        // then the queue's
-//! while let Some(request) = queue.pop(&mut state, &memory)? {
+//! queue.drain(&mut state, &memory, event_idx, |request| {
 //!     submit(request);                              // async I/O, any number in flight
-//! }
+//! })?;
 //! // later, as the I/Os finish, in any order:
 //! queue.complete_batch(&mut state, &memory, &[Completion { head, written }])?;
 //! ```
@@ -220,6 +220,32 @@ impl TrackedQueue {
         }
     }
 
+    /// Pops every request the ring holds and hands each to `submit`; returns how many.
+    /// With EVENT_IDX (`event_idx`) the guest's kicks are suppressed while draining and
+    /// re-enabled after, then the ring is looked at once more, so that a request posted in
+    /// between is not left without a kick.
+    pub fn drain(
+        &mut self,
+        state: &mut VringState<GuestRam>,
+        memory: &GuestMemoryMmap,
+        event_idx: bool,
+        mut submit: impl FnMut(Request),
+    ) -> Result<usize, QueueError> {
+        let mut count = 0;
+        loop {
+            if event_idx {
+                state.disable_notification()?;
+            }
+            while let Some(request) = self.pop(state, memory)? {
+                submit(request);
+                count += 1;
+            }
+            if !event_idx || !state.enable_notification()? {
+                return Ok(count);
+            }
+        }
+    }
+
     /// Marks a head just taken from the available ring in flight; false if the driver
     /// broke the ring.
     fn take(&mut self, head: u16) -> Result<bool, QueueError> {
@@ -280,32 +306,58 @@ impl TrackedQueue {
         if done.is_empty() {
             return Ok(());
         }
-        // Every head must be in flight, once: check on a copy of the marks.
-        let mut marks = self.in_flight.clone();
-        for completion in done {
-            match marks.get_mut(usize::from(completion.head)) {
+        // Every head must be in flight, once. Marks are cleared as heads are checked (so a
+        // repeated head is caught) and put back if anything fails before publication.
+        for (checked, completion) in done.iter().enumerate() {
+            match self.in_flight.get_mut(usize::from(completion.head)) {
                 Some(mark) if *mark => *mark = false,
-                _ => return Err(QueueError::NotInFlight(completion.head)),
+                _ => {
+                    self.restore_marks(&done[..checked]);
+                    return Err(QueueError::NotInFlight(completion.head));
+                }
             }
         }
         let heads: Vec<u16> = done.iter().map(|c| c.head).collect();
-        let region = match &self.region {
-            Some(region) => Some(region.queue(self.index)?),
+        // A handle of our own, so the marks can be restored while the region is in use.
+        let shared = self.region.clone();
+        let region = match &shared {
+            Some(region) => match region.queue(self.index) {
+                Ok(region) => Some(region),
+                Err(e) => {
+                    self.restore_marks(done);
+                    return Err(e.into());
+                }
+            },
             None => None,
         };
-        if let Some(region) = &region {
-            region.stage_batch(&heads)?;
-        }
-        let new_used = publish_used(state, memory, done)?;
+        let staged = match &region {
+            Some(region) => region.stage_batch(&heads).map_err(QueueError::from),
+            None => Ok(()),
+        };
+        let published = staged.and_then(|()| publish_used(state, memory, done));
+        let new_used = match published {
+            Ok(new_used) => new_used,
+            Err(e) => {
+                // The guest got none of them: still in flight.
+                self.restore_marks(done);
+                return Err(e);
+            }
+        };
+        // From here the guest has them, whatever happens: the marks stay cleared.
+        self.in_flight_count -= done.len();
         if let Some(region) = &region {
             region.commit_batch(&heads, new_used)?;
         }
-        self.in_flight = marks;
-        self.in_flight_count -= done.len();
         if state.needs_notification()? {
             state.signal_used_queue().map_err(QueueError::Signal)?;
         }
         Ok(())
+    }
+
+    fn restore_marks(&mut self, done: &[Completion]) {
+        for completion in done {
+            self.in_flight[usize::from(completion.head)] = true;
+        }
     }
 }
 
@@ -542,6 +594,30 @@ mod tests {
     }
 
     #[test]
+    fn drain_pops_everything_with_or_without_event_idx() {
+        let mut guest = Guest::new();
+        let tracking = InflightTracking::new(1);
+        for event_idx in [false, true] {
+            let vring = guest.vring(guest.posted);
+            vring.set_queue_event_idx(event_idx);
+            let mut queue = tracking.queue(0).unwrap();
+            start(&mut queue, None, &vring, &guest);
+            for head in [1, 2, 3] {
+                guest.post(head);
+            }
+            let mut heads = Vec::new();
+            let count = queue
+                .drain(&mut vring.get_mut(), &guest.memory, event_idx, |r| {
+                    heads.push(r.head)
+                })
+                .unwrap();
+            assert_eq!((count, heads), (3, vec![1, 2, 3]));
+            complete(&mut queue, &vring, &guest, &[3, 1, 2]);
+        }
+        assert_eq!(guest.used_heads(), vec![3, 1, 2, 3, 1, 2]);
+    }
+
+    #[test]
     fn without_a_region_the_queue_works_untracked() {
         let mut guest = Guest::new();
         let tracking = InflightTracking::new(1);
@@ -578,6 +654,9 @@ mod tests {
         }
         assert_eq!(guest.used_idx(), 0, "nothing was published");
         assert_eq!(queue.in_flight(), 1);
+        // The refused batches left head 2 in flight.
+        queue.complete(&mut state, &guest.memory, 2, 0).unwrap();
+        assert_eq!(guest.used_heads(), vec![2]);
     }
 
     #[test]
