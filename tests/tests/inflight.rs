@@ -386,6 +386,22 @@ fn lying_inflight_regions_are_refused() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_region_cannot_be_swapped_under_a_started_ring() -> Result<()> {
+    let memory = Arc::new(SharedMemory::new(GuestAddress(1 << 20), 4 << 20)?);
+    let queue = SplitQueueDriver::new(memory.clone(), QUEUE_SIZE)?;
+    let mut backend = Backend::start(true)?;
+    let mut frontend = backend.frontend()?;
+    frontend.negotiate(0, wanted_protocol())?;
+    frontend.set_mem_table(&memory)?;
+    let (region, file) = frontend.get_inflight_fd(1, QUEUE_SIZE)?;
+    frontend.start_queue(0, &queue)?;
+    ensure!(frontend.set_inflight_fd(&region, &file).is_err());
+    drop(frontend);
+    ensure!(backend.join()?.is_err());
+    Ok(())
+}
+
 /// The VMM's side: a split ring laid out by hand in the VMM's own guest RAM.
 struct VmmGuest {
     memory: bulkhead_vmm::memory::GuestMemory,

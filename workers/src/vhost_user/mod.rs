@@ -8,8 +8,10 @@
 //! [`VhostUserBackend`](vhost_user_backend::VhostUserBackend) implementations served by
 //! [`VringThread`]s, exactly as under the upstream daemon.
 //!
-//! It is also where inflight tracking (GET/SET_INFLIGHT_FD) will live, which restarting a
-//! worker mid-I/O needs and `vhost-user-backend` does not provide.
+//! It also does inflight I/O tracking (GET/SET_INFLIGHT_FD), which restarting a worker
+//! mid-I/O needs and `vhost-user-backend` does not provide: the [`InflightRegion`] in
+//! shared memory, and [`TrackedQueue`], the queue a device that completes requests out of
+//! order serves its ring through.
 
 mod inflight;
 mod memory;

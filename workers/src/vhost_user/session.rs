@@ -317,8 +317,13 @@ where
         if self.tracking.is_none() {
             return Err(Refusal::InflightNotOffered);
         }
-        // Swapping the region under a running queue would lose its bookkeeping.
-        if let Some(running) = self.vrings.iter().position(is_running) {
+        // Swapping the region under a started queue (enabled or not) would lose its
+        // bookkeeping.
+        if let Some(running) = self
+            .vrings
+            .iter()
+            .position(|vring| vring.get_ref().get_queue().ready())
+        {
             return Err(Refusal::InflightWhileRunning(running));
         }
         Ok(InflightLayout::new(
