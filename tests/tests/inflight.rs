@@ -531,5 +531,26 @@ fn devices_that_complete_in_order_do_not_offer_inflight_tracking() -> Result<()>
         .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
     drop(frontend);
     ensure!(server.join().is_ok());
+
+    // The VMM's frontend asks rng for no region and serves it as before.
+    let ram = VmmGuestRam::new(4 << 20)?;
+    let mut guest = VmmGuest::new(&ram)?;
+    let (ours, theirs) = UnixStream::pair()?;
+    let device = RngDevice::new(&RngConfig { rate_limit: None })?.into_backend();
+    let server = std::thread::spawn(move || serve_connection(theirs, device));
+    let mut rng = VhostUserDevice::connect(ours, 4, vec![QUEUE_SIZE], 0, ram.memory().clone())?;
+    let kicks = vec![EventFd::new(EFD_NONBLOCK)?];
+    rng.activate(
+        VIRTIO_F_VERSION_1_BIT,
+        &[guest.queue(0)],
+        &kicks,
+        &EventFd::new(EFD_NONBLOCK)?,
+    )?;
+    ensure!(rng.inflight_region().is_none());
+    guest.post(3)?;
+    kicks[0].write(1)?;
+    ensure!(guest.wait_used(1)? == [3]);
+    drop(rng);
+    ensure!(server.join().is_ok());
     Ok(())
 }
