@@ -402,6 +402,41 @@ fn the_region_cannot_be_swapped_under_a_started_ring() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_corrupt_region_stops_the_ring_from_starting() -> Result<()> {
+    use std::os::unix::fs::FileExt;
+
+    let memory = Arc::new(SharedMemory::new(GuestAddress(1 << 20), 4 << 20)?);
+    let queue = SplitQueueDriver::new(memory.clone(), QUEUE_SIZE)?;
+    // A region its last writer scribbled on: version 1, but an absurd batch link and a
+    // used index far behind the ring's.
+    let mut maker = Backend::start(true)?;
+    let mut frontend = maker.frontend()?;
+    frontend.negotiate(0, wanted_protocol())?;
+    let (region, file) = frontend.get_inflight_fd(1, QUEUE_SIZE)?;
+    drop(frontend);
+    maker.join()?.ok();
+    // version, desc_num, last_batch_head, used_idx
+    let mut header = Vec::new();
+    for field in [1u16, QUEUE_SIZE, 60000, 0] {
+        header.extend_from_slice(&field.to_le_bytes());
+    }
+    file.write_all_at(&header, 8)?;
+    // The guest's used index says one request was returned.
+    let used_idx = GuestAddress(queue.layout().used_ring.0 + 2);
+    memory.memory().write_obj(1u16, used_idx)?;
+
+    let mut backend = Backend::start(true)?;
+    let mut frontend = backend.frontend()?;
+    frontend.negotiate(0, wanted_protocol())?;
+    frontend.set_mem_table(&memory)?;
+    frontend.set_inflight_fd(&region, &file)?;
+    ensure!(frontend.resume_queue(0, &queue, 1).is_err());
+    drop(frontend);
+    ensure!(backend.join()?.is_err());
+    Ok(())
+}
+
 /// The VMM's side: a split ring laid out by hand in the VMM's own guest RAM.
 struct VmmGuest {
     memory: bulkhead_vmm::memory::GuestMemory,
