@@ -5,7 +5,8 @@
 //! - [`vhost_user`]: serves a device over one vhost-user connection - the frontend's
 //!   messages, the memory table, vring start/stop and the thread that runs the queues. It
 //!   works on a socket it accepted as well as on one it inherited already connected.
-//! - [`virtio`]: guest-facing helpers shared by devices (descriptor chain checks).
+//! - [`virtio`]: guest-facing helpers shared by devices (descriptor chain checks, requests
+//!   walked from their head index).
 //! - [`rng`]: virtio-rng, entropy from the host's getrandom(2), optionally rate limited.
 //! - [`launch`]: how a worker started by the VMM finds its configuration and socket.
 //! - [`sandbox`]: the one place a worker confines itself before serving.

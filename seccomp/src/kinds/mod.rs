@@ -2,8 +2,10 @@
 //!
 //! - [`runtime`]: what every Rust-on-glibc worker needs after setup.
 //! - [`vhost_user`]: what serving a vhost-user connection adds.
+//! - [`inflight`]: what a device that tracks in-flight requests adds.
 //! - one module per kind for the rest and for its Landlock rules.
 
+mod inflight;
 mod rng;
 mod runtime;
 mod vhost_user;

@@ -1,11 +1,13 @@
 //! A vhost-user frontend in the test process: the VMM's half of the protocol, on top of
 //! the `vhost` crate's [`Frontend`], for driving any backend without a VM.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use thiserror::Error;
 use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
@@ -152,6 +154,33 @@ impl UserspaceFrontend {
     /// Stops queue `index` (GET_VRING_BASE); returns the backend's next avail index.
     pub fn stop_queue(&mut self, index: usize) -> Result<u32, FrontendError> {
         Ok(self.frontend.get_vring_base(index)?)
+    }
+
+    /// GET_INFLIGHT_FD: asks the backend for a fresh inflight region for `num_queues` queues
+    /// of `queue_size`; returns the region's description and its descriptor, which a
+    /// frontend keeps for the backend's successor.
+    pub fn get_inflight_fd(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(VhostUserInflight, File), FrontendError> {
+        let request = VhostUserInflight {
+            num_queues,
+            queue_size,
+            ..Default::default()
+        };
+        Ok(self.frontend.get_inflight_fd(&request)?)
+    }
+
+    /// SET_INFLIGHT_FD: hands the backend a region (normally one its predecessor
+    /// created), described by `inflight` - which a test may make lie.
+    pub fn set_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+        file: &File,
+    ) -> Result<(), FrontendError> {
+        self.frontend.set_inflight_fd(inflight, file.as_raw_fd())?;
+        Ok(())
     }
 
     /// The `vhost` crate's frontend, for requests this wrapper does not cover.

@@ -2,10 +2,12 @@
 //! backend). The VMM keeps the transport registers; on DRIVER_OK it tells the backend
 //! where guest memory and the rings are, and which eventfds carry kicks and interrupts.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use thiserror::Error;
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -14,13 +16,15 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
-use crate::virtio::{ActivateError, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::{ActivateError, InflightRegion, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
 
-/// Protocol features bulkhead can use, when the backend offers them.
+/// Protocol features bulkhead can use, when the backend offers them. A backend offers
+/// INFLIGHT_SHMFD when its device completes requests out of order.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 #[derive(Debug, Error)]
@@ -52,6 +56,11 @@ pub struct VhostUserDevice {
     config_size: usize,
     /// Queues handed to the backend at the last activation, to stop them on reset.
     active_queues: Vec<u16>,
+    /// The inflight region of the running queues (INFLIGHT_SHMFD): from this backend's
+    /// GET_INFLIGHT_FD, or inherited from the backend it replaced.
+    inflight: Option<InflightRegion>,
+    /// Whether `inflight` came from a predecessor and must be sent with SET_INFLIGHT_FD.
+    inflight_inherited: bool,
 }
 
 impl VhostUserDevice {
@@ -97,7 +106,57 @@ impl VhostUserDevice {
             memory,
             config_size,
             active_queues: Vec::new(),
+            inflight: None,
+            inflight_inherited: false,
         })
+    }
+
+    /// Sets up inflight tracking before the rings, as the spec asks: a backend taking over
+    /// running queues gets its predecessor's region (SET_INFLIGHT_FD); otherwise the
+    /// backend makes a fresh one (GET_INFLIGHT_FD), which the VMM keeps for its successor.
+    fn set_up_inflight(&mut self) -> Result<(), VhostUserDeviceError> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            self.inflight = None;
+            return Ok(());
+        }
+        match &self.inflight {
+            Some(region) if self.inflight_inherited => {
+                let description = VhostUserInflight {
+                    mmap_size: region.mmap_size,
+                    mmap_offset: region.mmap_offset,
+                    num_queues: region.num_queues,
+                    queue_size: region.queue_size,
+                };
+                self.frontend
+                    .set_inflight_fd(&description, region.file.as_raw_fd())
+                    .map_err(step("SET_INFLIGHT_FD"))?;
+                self.inflight_inherited = false;
+            }
+            _ => {
+                // Big enough for any ring size the driver may choose.
+                let queue_size = self.queue_sizes.iter().copied().max().unwrap_or(0);
+                let request = VhostUserInflight {
+                    num_queues: self.queue_sizes.len() as u16,
+                    queue_size,
+                    ..Default::default()
+                };
+                let (reply, file) = self
+                    .frontend
+                    .get_inflight_fd(&request)
+                    .map_err(step("GET_INFLIGHT_FD"))?;
+                self.inflight = Some(InflightRegion {
+                    file: Arc::new(file),
+                    mmap_size: reply.mmap_size,
+                    mmap_offset: reply.mmap_offset,
+                    num_queues: reply.num_queues,
+                    queue_size: reply.queue_size,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn memory_table(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, VhostUserDeviceError> {
@@ -198,6 +257,7 @@ impl VirtioDevice for VhostUserDevice {
             .set_mem_table(&table)
             .map_err(step("SET_MEM_TABLE"))
             .map_err(backend)?;
+        self.set_up_inflight().map_err(backend)?;
         for queue in queues {
             let index = usize::from(queue.index);
             let max = self.queue_sizes.get(index).copied().unwrap_or(0);
@@ -255,5 +315,17 @@ impl VirtioDevice for VhostUserDevice {
                 tracing::warn!(queue = index, "vhost-user GET_VRING_BASE failed: {e}");
             }
         }
+        // The driver starts its rings afresh: nothing is owed from before.
+        self.inflight = None;
+        self.inflight_inherited = false;
+    }
+
+    fn inflight_region(&self) -> Option<InflightRegion> {
+        self.inflight.clone()
+    }
+
+    fn adopt_inflight_region(&mut self, region: InflightRegion) {
+        self.inflight = Some(region);
+        self.inflight_inherited = true;
     }
 }

@@ -1,5 +1,8 @@
 //! The device behind a virtio transport.
 
+use std::fs::File;
+use std::sync::Arc;
+
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -10,6 +13,14 @@ pub struct QueueConfig {
     pub size: u16,
     /// Where in the available ring the device starts: 0 for a fresh queue, the used
     /// index when a restarted backend takes over a running one.
+    ///
+    /// The used index is exact for a device that completes in order. One that completes
+    /// out of order has also taken the requests still in flight; with an inflight region
+    /// ([`InflightRegion`]) the backend knows them and resumes after them (used index +
+    /// in-flight count, after repairing a half-recorded last batch), overriding this
+    /// value, as libvhost-user does when QEMU sends it the same used index. The VMM does
+    /// not read the region itself: mapping a file a worker can shrink would let the worker
+    /// crash the VMM with SIGBUS, and the backend must do that arithmetic anyway.
     pub next_avail: u16,
     pub descriptors: u64,
     pub driver_area: u64,
@@ -22,6 +33,18 @@ pub enum ActivateError {
     Backend(String),
     #[error("queue {index}: {problem}")]
     BadQueue { index: u16, problem: String },
+}
+
+/// A vhost-user inflight I/O tracking region (INFLIGHT_SHMFD): made by the first backend
+/// (GET_INFLIGHT_FD), kept by the VMM, and handed to every replacement (SET_INFLIGHT_FD)
+/// so it can finish exactly the requests its predecessor left in flight. Opaque here.
+#[derive(Debug, Clone)]
+pub struct InflightRegion {
+    pub file: Arc<File>,
+    pub mmap_size: u64,
+    pub mmap_offset: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
 }
 
 /// What a transport needs from a device. Queue processing is not here: the device hands
@@ -46,4 +69,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving the queues.
     fn reset(&mut self);
+    /// The inflight region of the running queues, for a replacement backend to adopt.
+    fn inflight_region(&self) -> Option<InflightRegion> {
+        None
+    }
+    /// Takes over `region` from the backend this one replaces; called before
+    /// [`activate`](Self::activate).
+    fn adopt_inflight_region(&mut self, _region: InflightRegion) {}
 }

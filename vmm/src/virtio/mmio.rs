@@ -273,12 +273,17 @@ impl VirtioMmio {
     /// the old one took but never completed are served again, which is safe for devices
     /// that complete in order), then gets a kick to look at the rings and the guest gets
     /// an interrupt in case a completion's notification was lost with the old backend.
+    /// A device that completes out of order also inherits the old backend's inflight
+    /// region, from which the new one learns exactly which requests are still owed.
     pub fn replace_device(
         &mut self,
         mut device: Box<dyn VirtioDevice>,
         memory: &GuestMemory,
     ) -> Result<(), ActivateError> {
         if self.active {
+            // The used index is where an in-order device resumes; an out-of-order one gets
+            // the inflight region too and resumes after what is still in flight (see
+            // `QueueConfig::next_avail`).
             let queues = self.ready_queues(|q| ring_index(memory, q.device_area));
             for queue in &queues {
                 tracing::info!(
@@ -288,6 +293,10 @@ impl VirtioMmio {
                     avail_idx = ring_index(memory, queue.driver_area),
                     "resuming queue on the new backend"
                 );
+            }
+            // A clone: if this replacement fails to start, the next one needs it too.
+            if let Some(region) = self.device.inflight_region() {
+                device.adopt_inflight_region(region);
             }
             device.activate(self.acked_features, &queues, &self.kicks, &self.interrupt)?;
             for queue in &queues {
@@ -365,18 +374,70 @@ impl BusDevice for VirtioMmio {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::{ActivateError, VIRTIO_F_VERSION_1};
+    use crate::virtio::{ActivateError, InflightRegion, VIRTIO_F_VERSION_1};
     use std::sync::{Arc, Mutex};
 
     #[derive(Default)]
     struct Recorded {
         activations: Vec<(u64, Vec<QueueConfig>)>,
         resets: usize,
+        /// Inflight regions adopted before activation.
+        adopted: Vec<u64>,
     }
 
     struct FakeDevice {
         log: Arc<Mutex<Recorded>>,
         fail: bool,
+    }
+
+    /// A FakeDevice whose backend tracks in-flight requests in a region of `size` bytes.
+    struct TrackingDevice {
+        inner: FakeDevice,
+        region: Option<InflightRegion>,
+    }
+
+    impl VirtioDevice for TrackingDevice {
+        fn device_type(&self) -> u32 {
+            self.inner.device_type()
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256]
+        }
+        fn features(&self) -> u64 {
+            self.inner.features()
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            self.inner.read_config(offset, data)
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.inner.write_config(offset, data)
+        }
+        fn activate(
+            &mut self,
+            acked_features: u64,
+            queues: &[QueueConfig],
+            kicks: &[EventFd],
+            interrupt: &EventFd,
+        ) -> Result<(), ActivateError> {
+            self.inner
+                .activate(acked_features, queues, kicks, interrupt)
+        }
+        fn reset(&mut self) {
+            self.region = None;
+            self.inner.reset()
+        }
+        fn inflight_region(&self) -> Option<InflightRegion> {
+            self.region.clone()
+        }
+        fn adopt_inflight_region(&mut self, region: InflightRegion) {
+            self.inner
+                .log
+                .lock()
+                .unwrap()
+                .adopted
+                .push(region.mmap_size);
+            self.region = Some(region);
+        }
     }
 
     impl VirtioDevice for FakeDevice {
@@ -570,6 +631,51 @@ mod tests {
             1,
             "the guest gets an interrupt"
         );
+    }
+
+    #[test]
+    fn a_replacement_backend_inherits_the_inflight_region() {
+        let memory = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let log = Arc::new(Mutex::new(Recorded::default()));
+        let region = InflightRegion {
+            file: Arc::new(std::fs::File::open("/dev/null").unwrap()),
+            mmap_size: 4160,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 256,
+        };
+        let first = TrackingDevice {
+            inner: FakeDevice {
+                log: log.clone(),
+                fail: false,
+            },
+            region: Some(region),
+        };
+        let mut mmio = VirtioMmio::new(
+            "blk0".into(),
+            Box::new(first),
+            vec![EventFd::new(0).unwrap()],
+            EventFd::new(0).unwrap(),
+        );
+        bring_up(&mut mmio);
+        let replacement = |fail| {
+            Box::new(TrackingDevice {
+                inner: FakeDevice {
+                    log: log.clone(),
+                    fail,
+                },
+                region: None,
+            })
+        };
+        // A replacement that fails to start does not take the region with it.
+        assert!(mmio.replace_device(replacement(true), &memory).is_err());
+        mmio.replace_device(replacement(false), &memory).unwrap();
+        assert_eq!(log.lock().unwrap().adopted, vec![4160, 4160]);
+        assert!(mmio.device.inflight_region().is_some());
+
+        // After a driver reset the queues start afresh: nothing to inherit.
+        write(&mut mmio, reg::STATUS, 0);
+        assert!(mmio.device.inflight_region().is_none());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 pub mod device;
 pub mod mmio;
 
-pub use device::{ActivateError, QueueConfig, VirtioDevice};
+pub use device::{ActivateError, InflightRegion, QueueConfig, VirtioDevice};
 pub use mmio::VirtioMmio;
 
 /// Feature bit every modern (virtio 1.x) device and driver must agree on.

@@ -91,6 +91,8 @@ impl RngDevice {
         DeviceBackend {
             backend: Arc::new(RwLock::new(self)),
             event_sources,
+            // Requests complete in order, at once: the used index says all there is.
+            inflight: None,
         }
     }
 

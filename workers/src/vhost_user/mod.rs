@@ -8,15 +8,21 @@
 //! [`VhostUserBackend`](vhost_user_backend::VhostUserBackend) implementations served by
 //! [`VringThread`]s, exactly as under the upstream daemon.
 //!
-//! It is also where inflight tracking (GET/SET_INFLIGHT_FD) will live, which restarting a
-//! worker mid-I/O needs and `vhost-user-backend` does not provide.
+//! It also does inflight I/O tracking (GET/SET_INFLIGHT_FD), which restarting a worker
+//! mid-I/O needs and `vhost-user-backend` does not provide: the [`InflightRegion`] in
+//! shared memory, and [`TrackedQueue`], the queue a device that completes requests out of
+//! order serves its ring through.
 
+mod inflight;
 mod memory;
 mod server;
 mod session;
+mod tracked_queue;
 mod vring_thread;
 
+pub use inflight::{InflightError, InflightLayout, InflightRegion, QueueRegion, Recovery};
 pub use memory::{map_memory_table, AddressTranslation, MemoryTableError};
 pub use server::{serve_connection, serve_listener, DeviceBackend, ServeError};
 pub use session::{Session, SessionError};
+pub use tracked_queue::{Completion, InflightTracking, QueueError, TrackedQueue};
 pub use vring_thread::{is_running, EventSource, GuestRam, VringThread, VringThreadError};

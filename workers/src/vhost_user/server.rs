@@ -11,6 +11,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vhost_user_backend::{VhostUserBackend, VringT};
 
 use super::session::{Session, SessionError};
+use super::tracked_queue::InflightTracking;
 use super::vring_thread::{EventSource, GuestRam, VringThreadError};
 
 #[derive(Debug, Error)]
@@ -35,6 +36,11 @@ pub struct DeviceBackend<T> {
     pub backend: T,
     /// Host descriptors its vring threads watch beside the queue kicks.
     pub event_sources: Vec<EventSource>,
+    /// Set by a device that completes requests out of order and serves its queues through
+    /// [`TrackedQueue`](super::TrackedQueue)s: the session then offers
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` and keeps these queues in step with the
+    /// inflight region, so a restarted worker loses and repeats no request.
+    pub inflight: Option<InflightTracking>,
 }
 
 /// Serves `device` to the frontend on `connection` until the frontend hangs up.
@@ -53,6 +59,7 @@ where
     let session = Arc::new(Mutex::new(Session::new(
         device.backend,
         &device.event_sources,
+        device.inflight,
         shutdown_handle,
     )?));
     let mut requests = BackendReqHandler::from_stream(connection, session.clone());

@@ -37,7 +37,9 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use crate::fd::set_nonblocking;
 
+use super::inflight::{InflightError, InflightLayout, InflightRegion};
 use super::memory::{map_memory_table, AddressTranslation, MemoryTableError};
+use super::tracked_queue::{InflightTracking, QueueError};
 use super::vring_thread::{is_running, EventSource, GuestRam, VringThread, VringThreadError};
 
 #[derive(Debug, Error)]
@@ -57,6 +59,8 @@ pub enum SessionError {
     VringThread(#[from] VringThreadError),
     #[error("cannot spawn a vring thread: {0}")]
     SpawnThread(io::Error),
+    #[error("the device tracks {tracked} queues but has {num_queues}")]
+    TrackingQueues { tracked: usize, num_queues: usize },
 }
 
 /// Why a request was refused; becomes the error `handle_request` reports.
@@ -97,6 +101,14 @@ enum Refusal {
     UpdateMemory(io::Error),
     #[error("the device failed to stop queue {index}: {source}")]
     StopVring { index: u32, source: io::Error },
+    #[error("INFLIGHT_SHMFD is not offered")]
+    InflightNotOffered,
+    #[error("inflight region messages must come before the rings start (queue {0} runs)")]
+    InflightWhileRunning(usize),
+    #[error("inflight region refused: {0}")]
+    Inflight(#[from] InflightError),
+    #[error("queue {index}: inflight recovery failed: {source}")]
+    InflightStart { index: u32, source: QueueError },
 }
 
 impl From<Refusal> for VhostUserError {
@@ -126,6 +138,12 @@ pub struct Session<T: VhostUserBackend> {
     memory: GuestRam,
     translation: Option<AddressTranslation>,
     owned: bool,
+    /// The per-queue request tracking of a device that asked for it.
+    tracking: Option<InflightTracking>,
+    /// The inflight region from GET_INFLIGHT_FD or SET_INFLIGHT_FD, handed to each
+    /// tracked queue as its ring starts.
+    inflight: Option<Arc<InflightRegion>>,
+    acked_features: u64,
     /// Set by a vring thread that failed; the connection is then shut down so the frontend
     /// (the VMM's supervisor) sees the worker go away rather than a silent queue.
     failure: Arc<Mutex<Option<VringThreadError>>>,
@@ -141,9 +159,18 @@ where
     pub fn new(
         backend: T,
         event_sources: &[EventSource],
+        tracking: Option<InflightTracking>,
         connection: UnixStream,
     ) -> Result<Self, SessionError> {
         let num_queues = backend.num_queues();
+        if let Some(tracking) = &tracking {
+            if tracking.num_queues() != num_queues {
+                return Err(SessionError::TrackingQueues {
+                    tracked: tracking.num_queues(),
+                    num_queues,
+                });
+            }
+        }
         let memory = GuestRam::new(GuestMemoryMmap::new());
         let max_queue_size = u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX);
         let vrings = (0..num_queues)
@@ -205,6 +232,9 @@ where
             memory,
             translation: None,
             owned: false,
+            tracking,
+            inflight: None,
+            acked_features: 0,
             failure,
         })
     }
@@ -268,12 +298,77 @@ where
             vring.get_mut().get_queue_mut().reset();
         }
         self.backend.reset_device();
+        // A reset device has nothing in flight; the frontend sets up a new region.
+        self.inflight = None;
         Ok(())
     }
 
     fn offered_protocol_features(&self) -> VhostUserProtocolFeatures {
         // REPLY_ACK is implemented by the vhost crate's request handler for every backend.
-        self.backend.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK
+        let mut offered = self.backend.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.tracking.is_some() {
+            offered |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        offered
+    }
+
+    /// The layout a GET/SET_INFLIGHT_FD asks for, if this session may take it now.
+    fn inflight_layout(&self, request: &VhostUserInflight) -> Result<InflightLayout, Refusal> {
+        if self.tracking.is_none() {
+            return Err(Refusal::InflightNotOffered);
+        }
+        // Swapping the region under a started queue (enabled or not) would lose its
+        // bookkeeping.
+        if let Some(running) = self
+            .vrings
+            .iter()
+            .position(|vring| vring.get_ref().get_queue().ready())
+        {
+            return Err(Refusal::InflightWhileRunning(running));
+        }
+        Ok(InflightLayout::new(
+            request.num_queues,
+            request.queue_size,
+            self.backend.num_queues(),
+            self.backend.max_queue_size(),
+        )?)
+    }
+
+    /// Starts ring `index` (its kick just arrived): checks that its addresses lie in guest
+    /// memory and, for a tracked queue, picks up what a previous worker left in flight. All
+    /// under the vring's lock, so the device sees the ring ready only once it is in step
+    /// with the inflight region.
+    fn start_ring(&self, index: u32) -> Result<(), Refusal> {
+        let vring = self.vring(index)?;
+        let memory = self.memory.memory();
+        let mut state = vring.get_mut();
+        // A new kick eventfd for a ring already running changes nothing else: its tracked
+        // requests are still being served.
+        let restart = !state.get_queue().ready();
+        // `is_valid` insists on a ready queue; nobody sees it ready before the lock is
+        // released, and then only if everything below succeeded.
+        state.get_queue_mut().set_ready(true);
+        let started = if !state.get_queue().is_valid(&*memory) {
+            Err(Refusal::InvalidRing(index))
+        } else if !restart {
+            Ok(())
+        } else if let Some(mut queue) = self.tracking.as_ref().and_then(|t| t.queue(index as usize))
+        {
+            queue
+                .start(
+                    self.inflight.clone(),
+                    &mut state,
+                    &memory,
+                    self.acked_features,
+                )
+                .map_err(|source| Refusal::InflightStart { index, source })
+        } else {
+            Ok(())
+        };
+        if started.is_err() {
+            state.get_queue_mut().set_ready(false);
+        }
+        started
     }
 }
 
@@ -361,6 +456,7 @@ where
         }
         self.backend.set_event_idx(event_idx);
         self.backend.acked_features(features);
+        self.acked_features = features;
         // Without VHOST_USER_F_PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings are
         // enabled from here on.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -473,17 +569,8 @@ where
         }
         vring.set_kick(file);
 
-        // The ring starts now. Its addresses must lie in guest memory before the device may
-        // touch it.
-        vring.set_queue_ready(true);
-        let valid = {
-            let memory = self.memory.memory();
-            vring.get_ref().get_queue().is_valid(&*memory)
-        };
-        if !valid {
-            vring.set_queue_ready(false);
-            return Err(Refusal::InvalidRing(queue).into());
-        }
+        // The ring starts now.
+        self.start_ring(queue)?;
         // Without a kick fd ("polling mode") nothing wakes the thread but pokes; the frontend
         // gets what it asked for.
         if let Some(kick) = vring.get_ref().get_kick() {
@@ -563,21 +650,34 @@ where
         Err(not_offered("SHARED_OBJECT is not offered"))
     }
 
-    // Inflight tracking (so that a restarted worker never completes a request twice) is not
-    // built yet; vhost-user-backend 0.24 has none either.
+    // A refusal here ends the connection: the vhost crate's handler has no error reply for
+    // GET_INFLIGHT_FD, and SET_INFLIGHT_FD's error ack is followed by the same hang-up.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        request: &VhostUserInflight,
     ) -> VhostUserResult<(VhostUserInflight, File)> {
-        Err(not_offered("INFLIGHT_SHMFD is not offered"))
+        let layout = self.inflight_layout(request)?;
+        let region = InflightRegion::create(layout).map_err(Refusal::from)?;
+        let file = region
+            .file()
+            .try_clone()
+            .map_err(VhostUserError::ReqHandlerError)?;
+        let reply = VhostUserInflight::new(
+            layout.mmap_size() as u64,
+            0,
+            layout.num_queues,
+            layout.queue_size,
+        );
+        self.inflight = Some(Arc::new(region));
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-        _file: File,
-    ) -> VhostUserResult<()> {
-        Err(not_offered("INFLIGHT_SHMFD is not offered"))
+    fn set_inflight_fd(&mut self, request: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        let layout = self.inflight_layout(request)?;
+        let region = InflightRegion::adopt(layout, file, request.mmap_offset, request.mmap_size)
+            .map_err(Refusal::from)?;
+        self.inflight = Some(Arc::new(region));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
