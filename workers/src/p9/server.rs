@@ -1,0 +1,1232 @@
+//! The 9P2000.L server: one [`Export`] (the shared directory and its options) and one
+//! [`Session`] per client connection, holding that client's fids and negotiated msize.
+//!
+//! A request is a byte buffer in and a reply is a byte buffer out
+//! ([`Session::handle`]); framing and delivery belong to the transport - the Unix socket
+//! debug transport today, a virtio queue tomorrow - so the same handler serves both.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::confined::{self, cstring, name_path, open_beneath, open_path, Root};
+use super::messages::{
+    self, lock, parse, push_dirent, setattr, Attr, Lock, ParseError, Reply, Request, SetAttr,
+    StatFs, IO_HEADER_LEN, MAXWELEM, NOTAG,
+};
+use super::wire::{Qid, QT_DIR, QT_FILE, QT_SYMLINK};
+
+/// Largest msize the server agrees to.
+pub const MAX_MSIZE: u32 = 512 * 1024;
+/// Smallest msize it accepts: every reply but Rread/Rreaddir data fits well within.
+pub const MIN_MSIZE: u32 = 4096;
+/// Frames a client may send before Tversion: enough for Tversion itself.
+const PRE_VERSION_MSIZE: u32 = 8192;
+/// The only protocol spoken.
+pub const VERSION: &str = "9P2000.L";
+/// Largest extended attribute value accepted (the kernel's XATTR_SIZE_MAX).
+const XATTR_MAX: u64 = 64 * 1024;
+/// Longest a Tflush waits for the request it names before replying anyway.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
+/// Rgetattr's valid mask: the basic fields (mode through blocks and the three times).
+const GETATTR_BASIC: u64 = 0x7ff;
+
+/// 9P2000.L open flags (Linux's generic values; translated, not assumed equal).
+mod dotl {
+    pub const ACCMODE: u32 = 0o3;
+    pub const CREATE: u32 = 0o100;
+    pub const EXCL: u32 = 0o200;
+    pub const TRUNC: u32 = 0o1000;
+    pub const APPEND: u32 = 0o2000;
+    pub const NONBLOCK: u32 = 0o4000;
+    pub const DSYNC: u32 = 0o10000;
+    pub const DIRECTORY: u32 = 0o200000;
+    pub const NOATIME: u32 = 0o1000000;
+    pub const SYNC: u32 = 0o4000000;
+}
+
+/// An errno to send back in Rlerror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("errno {0}")]
+pub struct Errno(pub i32);
+
+impl From<io::Error> for Errno {
+    fn from(error: io::Error) -> Self {
+        Errno(error.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+type Result<T> = std::result::Result<T, Errno>;
+
+fn err<T>(errno: i32) -> Result<T> {
+    Err(Errno(errno))
+}
+
+/// What a frame handed to the server could not be answered because of.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("not a 9P message: {0}")]
+    Garbage(#[from] super::wire::WireError),
+}
+
+/// The shared directory and how it is shared; one per worker, shared by every session.
+#[derive(Debug)]
+pub struct Export {
+    root: Root,
+    read_only: bool,
+    /// Running as root: pass the client's uid, gid and modes through. Otherwise every
+    /// file belongs to the running user and ownership changes are accepted and ignored.
+    as_root: bool,
+}
+
+impl Export {
+    pub fn new(root: Root, read_only: bool) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        Export {
+            root,
+            read_only,
+            as_root,
+        }
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            err(libc::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What an open fid reads and writes.
+#[derive(Debug, Clone)]
+enum Open {
+    /// Not opened: only walks, getattr and other path operations.
+    None,
+    File(Arc<File>),
+    /// A directory; its mutex keeps seek-then-getdents atomic.
+    Dir(Arc<Mutex<File>>),
+    /// The value (or list) a Txattrwalk read, served by Tread.
+    XattrRead(Arc<Vec<u8>>),
+    /// A Txattrcreate in progress: Twrites fill it, Tclunk sets it.
+    XattrWrite(Arc<Mutex<XattrWrite>>),
+}
+
+#[derive(Debug)]
+struct XattrWrite {
+    file: File,
+    name: CString,
+    size: u64,
+    flags: i32,
+    value: Vec<u8>,
+}
+
+/// A fid: a file the client named, beneath the root.
+#[derive(Debug)]
+struct Fid {
+    /// `O_PATH` (or, after Tlcreate, an open) descriptor: stat, chown, utimes and walks
+    /// start here.
+    fd: Arc<OwnedFd>,
+    qid: Qid,
+    /// Relative to the root; for `..`, reopening, and the parent of rename/remove/link.
+    path: PathBuf,
+    /// The attaching user, for the owner of files it creates when running as root.
+    uid: u32,
+    open: Open,
+}
+
+type FidRef = Arc<Mutex<Fid>>;
+
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere left the data as consistent as any error path would.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One client's state: its fids, negotiated msize and the requests it has in flight.
+#[derive(Debug)]
+pub struct Session {
+    export: Arc<Export>,
+    msize: AtomicU32,
+    versioned: AtomicBool,
+    fids: Mutex<HashMap<u32, FidRef>>,
+    in_flight: Mutex<HashMap<u16, usize>>,
+    finished: Condvar,
+}
+
+/// A request accepted by a session, its tag counted in flight until it is answered (so
+/// a Tflush for it waits for the reply instead of overtaking it).
+#[derive(Debug)]
+pub struct Pending {
+    session: Arc<Session>,
+    frame: Vec<u8>,
+    tag: Option<u16>,
+}
+
+impl Pending {
+    /// Handles the request and returns the reply frame, or an error when the frame is not
+    /// 9P at all (the transport should then drop the connection).
+    pub fn handle(mut self) -> std::result::Result<Vec<u8>, FrameError> {
+        let reply = self.session.dispatch(&self.frame);
+        self.complete();
+        reply
+    }
+
+    fn complete(&mut self) {
+        if let Some(tag) = self.tag.take() {
+            let mut in_flight = lock_ignoring_poison(&self.session.in_flight);
+            if let Some(count) = in_flight.get_mut(&tag) {
+                *count -= 1;
+                if *count == 0 {
+                    in_flight.remove(&tag);
+                }
+            }
+            self.session.finished.notify_all();
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.complete();
+    }
+}
+
+impl Session {
+    pub fn new(export: Arc<Export>) -> Arc<Self> {
+        Arc::new(Session {
+            export,
+            msize: AtomicU32::new(PRE_VERSION_MSIZE),
+            versioned: AtomicBool::new(false),
+            fids: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            finished: Condvar::new(),
+        })
+    }
+
+    /// The largest frame the client may send now (and the server will send).
+    pub fn msize(&self) -> u32 {
+        self.msize.load(Ordering::Relaxed)
+    }
+
+    /// Accepts a frame for handling, possibly on another thread.
+    pub fn receive(self: &Arc<Self>, frame: Vec<u8>) -> Pending {
+        let tag = messages::parse_header(&frame)
+            .ok()
+            .filter(|h| h.kind != messages::kind::TFLUSH)
+            .map(|h| h.tag);
+        if let Some(tag) = tag {
+            *lock_ignoring_poison(&self.in_flight)
+                .entry(tag)
+                .or_insert(0) += 1;
+        }
+        Pending {
+            session: self.clone(),
+            frame,
+            tag,
+        }
+    }
+
+    /// Handles one request frame now and returns its reply frame.
+    pub fn handle(self: &Arc<Self>, frame: &[u8]) -> std::result::Result<Vec<u8>, FrameError> {
+        self.receive(frame.to_vec()).handle()
+    }
+
+    fn dispatch(&self, frame: &[u8]) -> std::result::Result<Vec<u8>, FrameError> {
+        let tagged = match parse(frame) {
+            Ok(tagged) => tagged,
+            Err(ParseError::NoHeader(e)) => return Err(FrameError::Garbage(e)),
+            Err(ParseError::Body { tag, error }) => {
+                tracing::debug!("malformed request (tag {tag}): {error}");
+                return Ok(Reply::Lerror(libc::EPROTO as u32).encode(tag));
+            }
+            Err(ParseError::Unknown { tag, kind }) => {
+                tracing::debug!("unsupported request type {kind} (tag {tag})");
+                return Ok(Reply::Lerror(libc::EOPNOTSUPP as u32).encode(tag));
+            }
+        };
+        let tag = tagged.tag;
+        let reply = if frame.len() > self.msize() as usize {
+            Err(Errno(libc::EMSGSIZE))
+        } else if !self.versioned.load(Ordering::Acquire)
+            && !matches!(tagged.request, Request::Version { .. })
+        {
+            Err(Errno(libc::EPROTO))
+        } else {
+            self.serve(tagged.request)
+        };
+        let reply = reply.unwrap_or_else(|Errno(errno)| {
+            tracing::trace!("tag {tag}: errno {errno}");
+            Reply::Lerror(errno as u32)
+        });
+        Ok(reply.encode(tag))
+    }
+
+    fn fid(&self, fid: u32) -> Result<FidRef> {
+        lock_ignoring_poison(&self.fids)
+            .get(&fid)
+            .cloned()
+            .ok_or(Errno(libc::EBADF))
+    }
+
+    /// A copy of the fid's fields that path operations need, without holding its lock.
+    fn node(&self, fid: u32) -> Result<(Arc<OwnedFd>, Qid, PathBuf, u32)> {
+        let fid = self.fid(fid)?;
+        let fid = lock_ignoring_poison(&fid);
+        Ok((fid.fd.clone(), fid.qid, fid.path.clone(), fid.uid))
+    }
+
+    fn dir_node(&self, fid: u32) -> Result<(Arc<OwnedFd>, PathBuf, u32)> {
+        let (fd, qid, path, uid) = self.node(fid)?;
+        if !qid.is_dir() {
+            return err(libc::ENOTDIR);
+        }
+        Ok((fd, path, uid))
+    }
+
+    fn open_of(&self, fid: u32) -> Result<Open> {
+        let fid = self.fid(fid)?;
+        let open = lock_ignoring_poison(&fid).open.clone();
+        Ok(open)
+    }
+
+    /// Adds `fid`; fails when the number is taken (unless `replace`).
+    fn insert(&self, number: u32, fid: Fid, replace: bool) -> Result<()> {
+        let mut fids = lock_ignoring_poison(&self.fids);
+        if !replace && fids.contains_key(&number) {
+            return err(libc::EBADF);
+        }
+        fids.insert(number, Arc::new(Mutex::new(fid)));
+        Ok(())
+    }
+
+    fn io_limit(&self) -> u32 {
+        self.msize() - IO_HEADER_LEN
+    }
+
+    fn serve(&self, request: Request) -> Result<Reply> {
+        match request {
+            Request::Version { msize, version } => self.version(msize, &version),
+            // No authentication: ENOENT is what clients read as "none required".
+            Request::Auth { .. } => err(libc::ENOENT),
+            Request::Attach {
+                fid,
+                uname,
+                aname,
+                n_uname,
+                ..
+            } => self.attach(fid, &uname, &aname, n_uname),
+            Request::Flush { oldtag } => {
+                self.flush(oldtag);
+                Ok(Reply::Flush)
+            }
+            Request::Walk { fid, newfid, names } => self.walk(fid, newfid, &names),
+            Request::Read { fid, offset, count } => self.read(fid, offset, count),
+            Request::Write { fid, offset, data } => self.write(fid, offset, &data),
+            Request::Clunk { fid } => self.clunk(fid).map(|()| Reply::Clunk),
+            Request::Remove { fid } => self.remove(fid).map(|()| Reply::Remove),
+            Request::Statfs { fid } => self.statfs(fid),
+            Request::Lopen { fid, flags } => self.lopen(fid, flags),
+            Request::Lcreate {
+                fid,
+                name,
+                flags,
+                mode,
+                gid,
+            } => self.lcreate(fid, &name, flags, mode, gid),
+            Request::Symlink {
+                fid,
+                name,
+                target,
+                gid,
+            } => self.symlink(fid, &name, &target, gid),
+            Request::Mknod {
+                dfid,
+                name,
+                mode,
+                major,
+                minor,
+                gid,
+            } => self.mknod(dfid, &name, mode, major, minor, gid),
+            Request::Rename { fid, dfid, name } => {
+                self.rename(fid, dfid, &name).map(|()| Reply::Rename)
+            }
+            Request::Readlink { fid } => self.readlink(fid),
+            Request::Getattr { fid, .. } => self.getattr(fid),
+            Request::Setattr { fid, attr } => self.setattr(fid, &attr).map(|()| Reply::Setattr),
+            Request::XattrWalk { fid, newfid, name } => self.xattr_walk(fid, newfid, &name),
+            Request::XattrCreate {
+                fid,
+                name,
+                size,
+                flags,
+            } => self.xattr_create(fid, &name, size, flags),
+            Request::Readdir { fid, offset, count } => self.readdir(fid, offset, count),
+            Request::Fsync { fid, datasync } => self.fsync(fid, datasync),
+            Request::Lock { fid, lock } => self.lock(fid, &lock),
+            Request::GetLock { fid, lock } => self.getlock(fid, lock),
+            Request::Link { dfid, fid, name } => self.link(dfid, fid, &name),
+            Request::Mkdir {
+                dfid,
+                name,
+                mode,
+                gid,
+            } => self.mkdir(dfid, &name, mode, gid),
+            Request::Renameat {
+                olddirfid,
+                oldname,
+                newdirfid,
+                newname,
+            } => self
+                .renameat(olddirfid, &oldname, newdirfid, &newname)
+                .map(|()| Reply::Renameat),
+            Request::Unlinkat {
+                dirfid,
+                name,
+                flags,
+            } => self.unlinkat(dirfid, &name, flags),
+        }
+    }
+
+    fn version(&self, msize: u32, version: &str) -> Result<Reply> {
+        if msize < MIN_MSIZE {
+            return err(libc::EINVAL);
+        }
+        let msize = msize.min(MAX_MSIZE);
+        // A Tversion starts a new session: every fid of the old one goes.
+        lock_ignoring_poison(&self.fids).clear();
+        if !version.starts_with(VERSION) {
+            return Ok(Reply::Version {
+                msize,
+                version: "unknown".into(),
+            });
+        }
+        self.msize.store(msize, Ordering::Relaxed);
+        self.versioned.store(true, Ordering::Release);
+        Ok(Reply::Version {
+            msize,
+            version: VERSION.into(),
+        })
+    }
+
+    fn attach(&self, fid: u32, uname: &str, aname: &str, n_uname: u32) -> Result<Reply> {
+        // One share per export: the aname only names it for humans (diod's tools send
+        // "ctl" unless told otherwise), so any is accepted.
+        tracing::debug!("attach fid {fid} uname {uname:?} n_uname {n_uname} aname {aname:?}");
+        let fd = open_path(self.export.root.fd(), Path::new(""))?;
+        let qid = qid_of(&confined::stat(fd.as_fd())?);
+        self.insert(
+            fid,
+            Fid {
+                fd: Arc::new(fd),
+                qid,
+                path: PathBuf::new(),
+                uid: n_uname,
+                open: Open::None,
+            },
+            false,
+        )?;
+        Ok(Reply::Attach(qid))
+    }
+
+    fn flush(&self, oldtag: u16) {
+        if oldtag == NOTAG {
+            return;
+        }
+        let deadline = Instant::now() + FLUSH_WAIT;
+        let mut in_flight = lock_ignoring_poison(&self.in_flight);
+        while in_flight.contains_key(&oldtag) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("Tflush: tag {oldtag} still running after {FLUSH_WAIT:?}");
+                return;
+            }
+            in_flight = self
+                .finished
+                .wait_timeout(in_flight, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn walk(&self, fid: u32, newfid: u32, names: &[Vec<u8>]) -> Result<Reply> {
+        if names.len() > MAXWELEM {
+            return err(libc::EINVAL);
+        }
+        for name in names {
+            check_walk_name(name)?;
+        }
+        let (fd, qid, path, uid) = self.node(fid)?;
+        if newfid != fid && lock_ignoring_poison(&self.fids).contains_key(&newfid) {
+            return err(libc::EBADF);
+        }
+        if !names.is_empty() && !qid.is_dir() {
+            return err(libc::ENOTDIR);
+        }
+        let root = self.export.root.fd();
+        let mut current = (fd, qid, path);
+        let mut qids = Vec::with_capacity(names.len());
+        for name in names {
+            match self.walk_one(root, &current, name) {
+                Ok(next) => {
+                    qids.push(next.1);
+                    current = next;
+                }
+                Err(e) if qids.is_empty() => return Err(e),
+                // A partial walk: the qids so far, and newfid is not created.
+                Err(_) => return Ok(Reply::Walk(qids)),
+            }
+        }
+        let (fd, qid, path) = current;
+        let fd = if names.is_empty() {
+            // A clone gets its own descriptor, independent of the original's lifetime.
+            Arc::new(fd.try_clone()?)
+        } else {
+            fd
+        };
+        self.insert(
+            newfid,
+            Fid {
+                fd,
+                qid,
+                path,
+                uid,
+                open: Open::None,
+            },
+            newfid == fid,
+        )?;
+        Ok(Reply::Walk(qids))
+    }
+
+    fn walk_one(
+        &self,
+        root: BorrowedFd<'_>,
+        (fd, qid, path): &(Arc<OwnedFd>, Qid, PathBuf),
+        name: &[u8],
+    ) -> Result<(Arc<OwnedFd>, Qid, PathBuf)> {
+        if !qid.is_dir() {
+            return err(libc::ENOTDIR);
+        }
+        let (next_fd, next_path) = match name {
+            b"." => (fd.try_clone()?, path.clone()),
+            b".." => {
+                // `..` of the root is the root; elsewhere the parent is looked up from
+                // the root again (openat2 would refuse `..` from the directory itself).
+                let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                (open_path(root, &parent)?, parent)
+            }
+            _ => {
+                let next = open_beneath(fd.as_fd(), &cstring(name)?, libc::O_PATH, 0)?;
+                (next, path.join(name_path(name)))
+            }
+        };
+        let qid = qid_of(&confined::stat(next_fd.as_fd())?);
+        Ok((Arc::new(next_fd), qid, next_path))
+    }
+
+    fn read(&self, fid: u32, offset: u64, count: u32) -> Result<Reply> {
+        let count = count.min(self.io_limit()) as usize;
+        match self.open_of(fid)? {
+            Open::File(file) => {
+                let mut buf = vec![0u8; count];
+                let n = read_at(&file, &mut buf, offset)?;
+                buf.truncate(n);
+                Ok(Reply::Read(buf))
+            }
+            Open::XattrRead(value) => {
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(value.len());
+                let end = start.saturating_add(count).min(value.len());
+                Ok(Reply::Read(value[start..end].to_vec()))
+            }
+            Open::Dir(_) => err(libc::EISDIR),
+            Open::None | Open::XattrWrite(_) => err(libc::EBADF),
+        }
+    }
+
+    fn write(&self, fid: u32, offset: u64, data: &[u8]) -> Result<Reply> {
+        match self.open_of(fid)? {
+            Open::File(file) => {
+                let n = file.write_at(data, offset)?;
+                Ok(Reply::Write(n as u32))
+            }
+            Open::XattrWrite(pending) => {
+                let mut pending = lock_ignoring_poison(&pending);
+                if offset != pending.value.len() as u64 {
+                    return err(libc::EINVAL);
+                }
+                if pending.value.len() as u64 + data.len() as u64 > pending.size {
+                    return err(libc::ENOSPC);
+                }
+                pending.value.extend_from_slice(data);
+                Ok(Reply::Write(data.len() as u32))
+            }
+            Open::Dir(_) => err(libc::EISDIR),
+            Open::None | Open::XattrRead(_) => err(libc::EBADF),
+        }
+    }
+
+    fn clunk(&self, fid: u32) -> Result<()> {
+        let removed = lock_ignoring_poison(&self.fids)
+            .remove(&fid)
+            .ok_or(Errno(libc::EBADF))?;
+        let open = lock_ignoring_poison(&removed).open.clone();
+        if let Open::XattrWrite(pending) = open {
+            let pending = lock_ignoring_poison(&pending);
+            if pending.value.len() as u64 != pending.size {
+                return err(libc::EINVAL);
+            }
+            if pending.size == 0 && pending.flags == 0 {
+                confined::remove_xattr(&pending.file, &pending.name)?;
+            } else {
+                confined::set_xattr(&pending.file, &pending.name, &pending.value, pending.flags)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, fid: u32) -> Result<()> {
+        // Tremove clunks the fid whether or not the removal succeeds.
+        let node = self.node(fid);
+        let _ = self.clunk(fid);
+        let (_, qid, path, _) = node?;
+        self.export.writable()?;
+        let (parent, name) = self.parent_of(&path)?;
+        let flags = if qid.is_dir() { libc::AT_REMOVEDIR } else { 0 };
+        confined::unlinkat(parent.as_fd(), &name, flags)?;
+        Ok(())
+    }
+
+    /// The parent directory of `path` (opened beneath the root) and its last name.
+    fn parent_of(&self, path: &Path) -> Result<(OwnedFd, CString)> {
+        let name = path.file_name().ok_or(Errno(libc::EBUSY))?;
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let fd = open_path(self.export.root.fd(), parent)?;
+        Ok((fd, cstring(name.as_bytes())?))
+    }
+
+    fn statfs(&self, fid: u32) -> Result<Reply> {
+        let (fd, ..) = self.node(fid)?;
+        let s = confined::statfs(fd.as_fd())?;
+        // SAFETY: fsid_t is two plain ints; reading them through a same-sized array is
+        // what the libc accessor would do.
+        let fsid: [i32; 2] = unsafe { std::mem::transmute(s.f_fsid) };
+        Ok(Reply::Statfs(StatFs {
+            kind: s.f_type as u32,
+            bsize: s.f_bsize as u32,
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            fsid: u64::from(fsid[0] as u32) | (u64::from(fsid[1] as u32) << 32),
+            namelen: s.f_namelen as u32,
+        }))
+    }
+
+    fn lopen(&self, fid: u32, flags: u32) -> Result<Reply> {
+        let fid_ref = self.fid(fid)?;
+        let (fd, qid, path) = {
+            let fid = lock_ignoring_poison(&fid_ref);
+            if !matches!(fid.open, Open::None) {
+                return err(libc::EBADF);
+            }
+            (fid.fd.clone(), fid.qid, fid.path.clone())
+        };
+        let st = confined::stat(fd.as_fd())?;
+        let file_type = st.st_mode & libc::S_IFMT;
+        let writes = flags & dotl::ACCMODE != 0 || flags & dotl::TRUNC != 0;
+        if writes {
+            self.export.writable()?;
+        }
+        let open = match file_type {
+            libc::S_IFDIR => {
+                if flags & dotl::ACCMODE != 0 {
+                    return err(libc::EISDIR);
+                }
+                let file = self.reopen(&path, &st, libc::O_RDONLY | libc::O_DIRECTORY)?;
+                Open::Dir(Arc::new(Mutex::new(file)))
+            }
+            libc::S_IFREG => {
+                if flags & dotl::DIRECTORY != 0 {
+                    return err(libc::ENOTDIR);
+                }
+                Open::File(Arc::new(self.reopen(&path, &st, open_flags(flags))?))
+            }
+            libc::S_IFLNK => return err(libc::ELOOP),
+            // Devices, FIFOs and sockets are the client's to handle (the Linux client
+            // never opens them here); opening a device node on the host would hand the
+            // guest that host device.
+            _ => return err(libc::EOPNOTSUPP),
+        };
+        let mut fid = lock_ignoring_poison(&fid_ref);
+        if !matches!(fid.open, Open::None) {
+            return err(libc::EBADF);
+        }
+        fid.open = open;
+        Ok(Reply::Lopen { qid, iounit: 0 })
+    }
+
+    /// Opens `path` again for I/O beneath the root, and checks it is still the file the
+    /// fid named (a rename on the host since would otherwise switch files under it).
+    fn reopen(&self, path: &Path, expected: &libc::stat, flags: i32) -> Result<File> {
+        let path = if path.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            path
+        };
+        let fd = open_beneath(
+            self.export.root.fd(),
+            &cstring(path.as_os_str().as_bytes())?,
+            flags,
+            0,
+        )?;
+        let st = confined::stat(fd.as_fd())?;
+        if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino) {
+            return err(libc::ESTALE);
+        }
+        Ok(File::from(fd))
+    }
+
+    fn lcreate(&self, fid: u32, name: &[u8], flags: u32, mode: u32, gid: u32) -> Result<Reply> {
+        self.export.writable()?;
+        let name = check_name(name)?;
+        let fid_ref = self.fid(fid)?;
+        let (dir, path, uid) = {
+            let fid = lock_ignoring_poison(&fid_ref);
+            if !fid.qid.is_dir() {
+                return err(libc::ENOTDIR);
+            }
+            if !matches!(fid.open, Open::None) {
+                return err(libc::EBADF);
+            }
+            (fid.fd.clone(), fid.path.clone(), fid.uid)
+        };
+        let flags = (open_flags(flags) | libc::O_CREAT) & !libc::O_DIRECTORY;
+        let fd = open_beneath(dir.as_fd(), &name, flags, mode & 0o7777)?;
+        if self.export.as_root {
+            confined::chown(fd.as_fd(), Some(uid), Some(gid))?;
+        }
+        let qid = qid_of(&confined::stat(fd.as_fd())?);
+        let file = File::from(fd);
+        let node = file.try_clone()?;
+        let mut fid = lock_ignoring_poison(&fid_ref);
+        fid.fd = Arc::new(OwnedFd::from(node));
+        fid.qid = qid;
+        fid.path = path.join(name_path(name.as_bytes()));
+        fid.open = Open::File(Arc::new(file));
+        Ok(Reply::Lcreate { qid, iounit: 0 })
+    }
+
+    /// After creating `name` in `dir`: its owner when running as root, and its qid.
+    fn created(&self, dir: &OwnedFd, name: &CString, uid: u32, gid: u32) -> Result<Qid> {
+        let fd = open_beneath(dir.as_fd(), name, libc::O_PATH, 0)?;
+        if self.export.as_root {
+            confined::chown(fd.as_fd(), Some(uid), Some(gid))?;
+        }
+        Ok(qid_of(&confined::stat(fd.as_fd())?))
+    }
+
+    fn symlink(&self, fid: u32, name: &[u8], target: &[u8], gid: u32) -> Result<Reply> {
+        self.export.writable()?;
+        let name = check_name(name)?;
+        if target.is_empty() {
+            return err(libc::ENOENT);
+        }
+        let (dir, _, uid) = self.dir_node(fid)?;
+        confined::symlinkat(&cstring(target)?, dir.as_fd(), &name)?;
+        Ok(Reply::Symlink(self.created(&dir, &name, uid, gid)?))
+    }
+
+    fn mknod(
+        &self,
+        dfid: u32,
+        name: &[u8],
+        mode: u32,
+        major: u32,
+        minor: u32,
+        gid: u32,
+    ) -> Result<Reply> {
+        self.export.writable()?;
+        let name = check_name(name)?;
+        let (dir, _, uid) = self.dir_node(dfid)?;
+        match mode & libc::S_IFMT {
+            libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
+            libc::S_IFCHR | libc::S_IFBLK if self.export.as_root => {}
+            libc::S_IFCHR | libc::S_IFBLK => return err(libc::EPERM),
+            _ => return err(libc::EINVAL),
+        }
+        let dev = libc::makedev(major, minor);
+        confined::mknodat(dir.as_fd(), &name, mode & (libc::S_IFMT | 0o7777), dev)?;
+        Ok(Reply::Mknod(self.created(&dir, &name, uid, gid)?))
+    }
+
+    fn mkdir(&self, dfid: u32, name: &[u8], mode: u32, gid: u32) -> Result<Reply> {
+        self.export.writable()?;
+        let name = check_name(name)?;
+        let (dir, _, uid) = self.dir_node(dfid)?;
+        confined::mkdirat(dir.as_fd(), &name, mode & 0o7777)?;
+        Ok(Reply::Mkdir(self.created(&dir, &name, uid, gid)?))
+    }
+
+    fn link(&self, dfid: u32, fid: u32, name: &[u8]) -> Result<Reply> {
+        self.export.writable()?;
+        let name = check_name(name)?;
+        let (dir, ..) = self.dir_node(dfid)?;
+        let (_, qid, path, _) = self.node(fid)?;
+        if qid.is_dir() {
+            return err(libc::EPERM);
+        }
+        let (old_dir, old_name) = self.parent_of(&path)?;
+        confined::linkat(old_dir.as_fd(), &old_name, dir.as_fd(), &name)?;
+        Ok(Reply::Link)
+    }
+
+    fn rename(&self, fid: u32, dfid: u32, name: &[u8]) -> Result<()> {
+        self.export.writable()?;
+        let name = check_name(name)?;
+        let (_, _, path, _) = self.node(fid)?;
+        let (new_dir, new_dir_path, _) = self.dir_node(dfid)?;
+        let (old_dir, old_name) = self.parent_of(&path)?;
+        confined::renameat(old_dir.as_fd(), &old_name, new_dir.as_fd(), &name)?;
+        self.renamed(&path, &new_dir_path.join(name_path(name.as_bytes())));
+        Ok(())
+    }
+
+    fn renameat(
+        &self,
+        olddirfid: u32,
+        oldname: &[u8],
+        newdirfid: u32,
+        newname: &[u8],
+    ) -> Result<()> {
+        self.export.writable()?;
+        let oldname = check_name(oldname)?;
+        let newname = check_name(newname)?;
+        let (old_dir, old_dir_path, _) = self.dir_node(olddirfid)?;
+        let (new_dir, new_dir_path, _) = self.dir_node(newdirfid)?;
+        confined::renameat(old_dir.as_fd(), &oldname, new_dir.as_fd(), &newname)?;
+        self.renamed(
+            &old_dir_path.join(name_path(oldname.as_bytes())),
+            &new_dir_path.join(name_path(newname.as_bytes())),
+        );
+        Ok(())
+    }
+
+    /// Moves every fid at or below `from` to the same place below `to`, so that later
+    /// reopens and `..` walks find the renamed files.
+    fn renamed(&self, from: &Path, to: &Path) {
+        let fids: Vec<FidRef> = lock_ignoring_poison(&self.fids).values().cloned().collect();
+        for fid in fids {
+            let mut fid = lock_ignoring_poison(&fid);
+            if let Ok(rest) = fid.path.strip_prefix(from) {
+                fid.path = if rest.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rest)
+                };
+            }
+        }
+    }
+
+    fn unlinkat(&self, dirfid: u32, name: &[u8], flags: u32) -> Result<Reply> {
+        self.export.writable()?;
+        let name = check_name(name)?;
+        let (dir, ..) = self.dir_node(dirfid)?;
+        let flags = if flags & libc::AT_REMOVEDIR as u32 != 0 {
+            libc::AT_REMOVEDIR
+        } else {
+            0
+        };
+        confined::unlinkat(dir.as_fd(), &name, flags)?;
+        Ok(Reply::Unlinkat)
+    }
+
+    fn readlink(&self, fid: u32) -> Result<Reply> {
+        let (fd, qid, ..) = self.node(fid)?;
+        if !qid.is_symlink() {
+            return err(libc::EINVAL);
+        }
+        Ok(Reply::Readlink(confined::readlink(fd.as_fd())?))
+    }
+
+    fn getattr(&self, fid: u32) -> Result<Reply> {
+        let (fd, ..) = self.node(fid)?;
+        let st = confined::stat(fd.as_fd())?;
+        Ok(Reply::Getattr(Attr {
+            valid: GETATTR_BASIC,
+            qid: qid_of(&st),
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            nlink: st.st_nlink,
+            rdev: st.st_rdev,
+            size: st.st_size as u64,
+            blksize: st.st_blksize as u64,
+            blocks: st.st_blocks as u64,
+            atime: (st.st_atime as u64, st.st_atime_nsec as u64),
+            mtime: (st.st_mtime as u64, st.st_mtime_nsec as u64),
+            ctime: (st.st_ctime as u64, st.st_ctime_nsec as u64),
+        }))
+    }
+
+    fn setattr(&self, fid: u32, attr: &SetAttr) -> Result<()> {
+        self.export.writable()?;
+        let (fd, qid, path, _) = self.node(fid)?;
+        let open = self.open_of(fid)?;
+        let valid = attr.valid;
+        if valid & setattr::MODE != 0 && !qid.is_symlink() {
+            self.chmod(&fd, &path, &open, attr.mode & 0o7777)?;
+        }
+        if valid & (setattr::UID | setattr::GID) != 0 && self.export.as_root {
+            let uid = (valid & setattr::UID != 0).then_some(attr.uid);
+            let gid = (valid & setattr::GID != 0).then_some(attr.gid);
+            confined::chown(fd.as_fd(), uid, gid)?;
+        }
+        if valid & setattr::SIZE != 0 {
+            let size = i64::try_from(attr.size).map_err(|_| Errno(libc::EFBIG))?;
+            if qid.is_dir() {
+                return err(libc::EISDIR);
+            }
+            let file = match open {
+                Open::File(ref file) => file.clone(),
+                _ => {
+                    let st = confined::stat(fd.as_fd())?;
+                    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                        return err(libc::EINVAL);
+                    }
+                    Arc::new(self.reopen(&path, &st, libc::O_WRONLY)?)
+                }
+            };
+            // SAFETY: no memory is passed.
+            if unsafe { libc::ftruncate64(std::os::fd::AsRawFd::as_raw_fd(&*file), size) } < 0 {
+                return Err(io::Error::last_os_error().into());
+            }
+        }
+        if valid & (setattr::ATIME | setattr::MTIME | setattr::CTIME) != 0 {
+            let time = |set: u32, explicit: u32, (sec, nsec): (u64, u64)| {
+                if valid & set == 0 {
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    }
+                } else if valid & explicit != 0 {
+                    libc::timespec {
+                        tv_sec: sec as libc::time_t,
+                        tv_nsec: (nsec % 1_000_000_000) as libc::c_long,
+                    }
+                } else {
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_NOW,
+                    }
+                }
+            };
+            let atime = time(setattr::ATIME, setattr::ATIME_SET, attr.atime);
+            let mtime = time(setattr::MTIME, setattr::MTIME_SET, attr.mtime);
+            // CTIME alone: both times omitted still updates ctime, as the client asked.
+            confined::set_times(fd.as_fd(), atime, mtime)?;
+        }
+        Ok(())
+    }
+
+    /// chmod of the fid's file: fchmodat2 on its `O_PATH` descriptor where the kernel
+    /// has it (6.6), otherwise through an open descriptor.
+    fn chmod(&self, fd: &OwnedFd, path: &Path, open: &Open, mode: u32) -> Result<()> {
+        match confined::chmod_path_fd(fd.as_fd(), mode) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+                ) =>
+            {
+                return Err(e.into())
+            }
+            Err(_) => {}
+        }
+        if let Open::File(file) = open {
+            return Ok(confined::fchmod(file, mode)?);
+        }
+        let st = confined::stat(fd.as_fd())?;
+        let flags = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => libc::O_RDONLY | libc::O_DIRECTORY,
+            libc::S_IFREG => libc::O_RDONLY | libc::O_NONBLOCK,
+            _ => return err(libc::EOPNOTSUPP),
+        };
+        let file = match self.reopen(path, &st, flags) {
+            Err(Errno(libc::EACCES)) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                self.reopen(path, &st, libc::O_WRONLY | libc::O_NONBLOCK)?
+            }
+            other => other?,
+        };
+        Ok(confined::fchmod(&file, mode)?)
+    }
+
+    fn readdir(&self, fid: u32, offset: u64, count: u32) -> Result<Reply> {
+        let Open::Dir(dir) = self.open_of(fid)? else {
+            return err(libc::EBADF);
+        };
+        let limit = count.min(self.io_limit()) as usize;
+        let dir = lock_ignoring_poison(&dir);
+        confined::seek(&dir, offset)?;
+        let mut buf = vec![0u8; limit.clamp(512, 64 * 1024)];
+        let mut out = Vec::with_capacity(limit);
+        'batches: loop {
+            let entries = confined::read_dir_batch(&dir, &mut buf)?;
+            if entries.is_empty() {
+                break;
+            }
+            for entry in entries {
+                let qid_kind = match entry.kind {
+                    libc::DT_DIR => QT_DIR,
+                    libc::DT_LNK => QT_SYMLINK,
+                    _ => QT_FILE,
+                };
+                let qid = Qid {
+                    kind: qid_kind,
+                    version: 0,
+                    path: entry.ino,
+                };
+                if !push_dirent(&mut out, limit, &qid, entry.next, entry.kind, &entry.name) {
+                    if out.is_empty() {
+                        // Not even one entry fits the client's count.
+                        return err(libc::EINVAL);
+                    }
+                    break 'batches;
+                }
+            }
+        }
+        Ok(Reply::Readdir(out))
+    }
+
+    fn fsync(&self, fid: u32, datasync: bool) -> Result<Reply> {
+        match self.open_of(fid)? {
+            Open::File(file) => confined::fsync(&file, datasync)?,
+            Open::Dir(dir) => confined::fsync(&lock_ignoring_poison(&dir), datasync)?,
+            _ => return err(libc::EBADF),
+        }
+        Ok(Reply::Fsync)
+    }
+
+    fn lock(&self, fid: u32, request: &Lock) -> Result<Reply> {
+        let Open::File(file) = self.open_of(fid)? else {
+            return err(libc::EBADF);
+        };
+        let mut fl = flock_of(request)?;
+        match confined::ofd_lock(&file, libc::F_OFD_SETLK, &mut fl) {
+            Ok(()) => Ok(Reply::Lock(lock::SUCCESS)),
+            // Never block a server thread: the client polls again (as Linux does).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                Ok(Reply::Lock(lock::BLOCKED))
+            }
+            Err(e) => {
+                tracing::debug!("Tlock: {e}");
+                Ok(Reply::Lock(lock::ERROR))
+            }
+        }
+    }
+
+    fn getlock(&self, fid: u32, mut request: Lock) -> Result<Reply> {
+        let Open::File(file) = self.open_of(fid)? else {
+            return err(libc::EBADF);
+        };
+        let mut fl = flock_of(&request)?;
+        confined::ofd_lock(&file, libc::F_OFD_GETLK, &mut fl)?;
+        request.kind = match i32::from(fl.l_type) {
+            libc::F_RDLCK => lock::RDLCK,
+            libc::F_WRLCK => lock::WRLCK,
+            _ => lock::UNLCK,
+        };
+        if request.kind != lock::UNLCK {
+            request.start = fl.l_start as u64;
+            request.length = fl.l_len as u64;
+        }
+        Ok(Reply::GetLock(request))
+    }
+
+    fn xattr_walk(&self, fid: u32, newfid: u32, name: &[u8]) -> Result<Reply> {
+        let (fd, qid, path, uid) = self.node(fid)?;
+        if newfid != fid && lock_ignoring_poison(&self.fids).contains_key(&newfid) {
+            return err(libc::EBADF);
+        }
+        let file = self.xattr_file(&fd, qid, &path, &self.open_of(fid)?)?;
+        let value = if name.is_empty() {
+            confined::get_xattr(&file, None)?
+        } else {
+            confined::get_xattr(&file, Some(&cstring(name)?))?
+        };
+        let size = value.len() as u64;
+        self.insert(
+            newfid,
+            Fid {
+                fd: Arc::new(fd.try_clone()?),
+                qid,
+                path,
+                uid,
+                open: Open::XattrRead(Arc::new(value)),
+            },
+            newfid == fid,
+        )?;
+        Ok(Reply::XattrWalk(size))
+    }
+
+    /// An open descriptor of the fid's file for the f*xattr calls (which refuse `O_PATH`).
+    fn xattr_file(&self, fd: &OwnedFd, qid: Qid, path: &Path, open: &Open) -> Result<File> {
+        match open {
+            Open::File(file) => return Ok(file.try_clone()?),
+            Open::Dir(dir) => return Ok(lock_ignoring_poison(dir).try_clone()?),
+            _ => {}
+        }
+        if qid.is_symlink() {
+            return err(libc::EOPNOTSUPP);
+        }
+        let st = confined::stat(fd.as_fd())?;
+        let flags = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => libc::O_RDONLY | libc::O_DIRECTORY,
+            libc::S_IFREG => libc::O_RDONLY | libc::O_NONBLOCK,
+            _ => return err(libc::EOPNOTSUPP),
+        };
+        self.reopen(path, &st, flags)
+    }
+
+    fn xattr_create(&self, fid: u32, name: &[u8], size: u64, flags: u32) -> Result<Reply> {
+        self.export.writable()?;
+        // Only the user namespace: trusted.* and security.* (capabilities, SELinux labels)
+        // set by a guest would mean something to the host.
+        if !name.starts_with(b"user.") || name.len() == b"user.".len() {
+            return err(libc::EOPNOTSUPP);
+        }
+        if size > XATTR_MAX {
+            return err(libc::E2BIG);
+        }
+        let flags = match flags {
+            0 => 0,
+            1 => libc::XATTR_CREATE,
+            2 => libc::XATTR_REPLACE,
+            _ => return err(libc::EINVAL),
+        };
+        let fid_ref = self.fid(fid)?;
+        let (fd, qid, path, open) = {
+            let fid = lock_ignoring_poison(&fid_ref);
+            (fid.fd.clone(), fid.qid, fid.path.clone(), fid.open.clone())
+        };
+        let file = self.xattr_file(&fd, qid, &path, &open)?;
+        let pending = XattrWrite {
+            file,
+            name: cstring(name)?,
+            size,
+            flags,
+            value: Vec::new(),
+        };
+        lock_ignoring_poison(&fid_ref).open = Open::XattrWrite(Arc::new(Mutex::new(pending)));
+        Ok(Reply::XattrCreate)
+    }
+}
+
+/// pread that fills as much of `buf` as the file has (short reads are retried).
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if done > 0 => {
+                tracing::debug!("short read: {e}");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+fn flock_of(request: &Lock) -> Result<libc::flock> {
+    let l_type = match request.kind {
+        lock::RDLCK => libc::F_RDLCK,
+        lock::WRLCK => libc::F_WRLCK,
+        lock::UNLCK => libc::F_UNLCK,
+        _ => return err(libc::EINVAL),
+    };
+    let start = i64::try_from(request.start).map_err(|_| Errno(libc::EINVAL))?;
+    let len = i64::try_from(request.length).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = len;
+    Ok(fl)
+}
+
+/// Host open flags for 9P2000.L `flags`: access mode and the flags that make sense for a
+/// server-side descriptor. O_CREAT/O_EXCL only come with Tlcreate; O_NOFOLLOW and
+/// O_CLOEXEC the server always adds; O_DIRECT, O_ASYNC and O_NOCTTY are dropped.
+fn open_flags(flags: u32) -> i32 {
+    let mut out = match flags & dotl::ACCMODE {
+        0 => libc::O_RDONLY,
+        1 => libc::O_WRONLY,
+        _ => libc::O_RDWR,
+    };
+    for (bit, host) in [
+        (dotl::TRUNC, libc::O_TRUNC),
+        (dotl::APPEND, libc::O_APPEND),
+        (dotl::NONBLOCK, libc::O_NONBLOCK),
+        (dotl::DSYNC, libc::O_DSYNC),
+        (dotl::DIRECTORY, libc::O_DIRECTORY),
+        (dotl::NOATIME, libc::O_NOATIME),
+        (dotl::SYNC, libc::O_SYNC),
+        (dotl::EXCL, libc::O_EXCL),
+        (dotl::CREATE, 0),
+    ] {
+        if flags & bit != 0 {
+            out |= host;
+        }
+    }
+    // O_SYNC includes O_DSYNC's bit; O_EXCL only means anything with O_CREAT (Tlcreate).
+    out
+}
+
+fn qid_of(st: &libc::stat) -> Qid {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => QT_DIR,
+        libc::S_IFLNK => QT_SYMLINK,
+        _ => QT_FILE,
+    };
+    Qid {
+        kind,
+        version: 0,
+        path: st.st_ino,
+    }
+}
+
+/// A name for a new or existing entry of a directory: one component, nothing special.
+fn check_name(name: &[u8]) -> Result<CString> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return err(libc::EINVAL);
+    }
+    if name.len() > 255 {
+        return err(libc::ENAMETOOLONG);
+    }
+    cstring(name).map_err(Errno::from)
+}
+
+/// A Twalk element: like [`check_name`] but `.` and `..` are allowed.
+fn check_walk_name(name: &[u8]) -> Result<()> {
+    if name == b"." || name == b".." {
+        return Ok(());
+    }
+    check_name(name).map(drop)
+}
