@@ -94,6 +94,7 @@ fn serve_p9_debug(args: &P9Args) -> anyhow::Result<()> {
     // change what the client asked for.
     // SAFETY: umask only sets this process's file mode creation mask.
     unsafe { libc::umask(0) };
+    raise_fd_limit();
     let listener = bind(&args.listen)?;
     tracing::info!(
         "serving {} over 9P on {}{}",
@@ -136,6 +137,28 @@ where
         Frontend::Listening(listener) => {
             serve_listener(&listener, new_device)?;
             Ok(())
+        }
+    }
+}
+
+/// Every fid a 9p client holds is a descriptor here, and the Linux client keeps one per
+/// cached dentry: the soft limit (often 1024) goes up to the hard one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "cannot raise the descriptor limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
 }

@@ -38,6 +38,9 @@ pub const VERSION: &str = "9P2000.L";
 const XATTR_MAX: u64 = 64 * 1024;
 /// Longest a Tflush waits for the request it names before replying anyway.
 const FLUSH_WAIT: Duration = Duration::from_secs(10);
+/// Most fids one session may hold: each holds a descriptor, and one client must not take
+/// them all.
+const MAX_FIDS: usize = 64 * 1024;
 /// Rgetattr's valid mask: the basic fields (mode through blocks and the three times).
 const GETATTR_BASIC: u64 = 0x7ff;
 
@@ -174,6 +177,12 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// True for a Tflush: answering it waits until the request it names is answered, so
+    /// a transport must not let it hold up the handling of the requests before it.
+    pub fn waits_for_others(&self) -> bool {
+        messages::parse_header(&self.frame).is_ok_and(|h| h.kind == messages::kind::TFLUSH)
+    }
+
     /// Handles the request and returns the reply frame, or an error when the frame is not
     /// 9P at all (the transport should then drop the connection).
     pub fn handle(mut self) -> std::result::Result<Vec<u8>, FrameError> {
@@ -305,6 +314,9 @@ impl Session {
         let mut fids = lock_ignoring_poison(&self.fids);
         if !replace && fids.contains_key(&number) {
             return err(libc::EBADF);
+        }
+        if fids.len() >= MAX_FIDS && !fids.contains_key(&number) {
+            return err(libc::EMFILE);
         }
         fids.insert(number, Arc::new(Mutex::new(fid)));
         Ok(())
@@ -1172,8 +1184,9 @@ fn flock_of(request: &Lock) -> Result<libc::flock> {
 }
 
 /// Host open flags for 9P2000.L `flags`: access mode and the flags that make sense for a
-/// server-side descriptor. O_CREAT/O_EXCL only come with Tlcreate; O_NOFOLLOW and
-/// O_CLOEXEC the server always adds; O_DIRECT, O_ASYNC and O_NOCTTY are dropped.
+/// server-side descriptor. O_CREAT is Tlcreate's to add (O_EXCL means nothing without
+/// it); O_NOFOLLOW and O_CLOEXEC the server always adds; O_DIRECT (alignment the client
+/// cannot know), O_ASYNC, O_NOCTTY and O_LARGEFILE (always on here) are dropped.
 fn open_flags(flags: u32) -> i32 {
     let mut out = match flags & dotl::ACCMODE {
         0 => libc::O_RDONLY,
@@ -1189,13 +1202,13 @@ fn open_flags(flags: u32) -> i32 {
         (dotl::NOATIME, libc::O_NOATIME),
         (dotl::SYNC, libc::O_SYNC),
         (dotl::EXCL, libc::O_EXCL),
+        // Tlcreate adds O_CREAT itself; from Tlopen it is ignored.
         (dotl::CREATE, 0),
     ] {
         if flags & bit != 0 {
             out |= host;
         }
     }
-    // O_SYNC includes O_DSYNC's bit; O_EXCL only means anything with O_CREAT (Tlcreate).
     out
 }
 
@@ -1229,4 +1242,141 @@ fn check_walk_name(name: &[u8]) -> Result<()> {
         return Ok(());
     }
     check_name(name).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::p9::messages::kind;
+    use crate::p9::wire::{Reader, Writer, HEADER_LEN};
+
+    /// A directory under the system's temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("p9-unit-{tag}-{}-{n}", std::process::id()));
+            std::fs::create_dir(&path).unwrap();
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn session(dir: &Path, read_only: bool) -> Arc<Session> {
+        Session::new(Arc::new(Export::new(Root::open(dir).unwrap(), read_only)))
+    }
+
+    /// Sends one request and returns (reply type, body).
+    fn call(session: &Arc<Session>, kind: u8, build: impl FnOnce(&mut Writer)) -> (u8, Vec<u8>) {
+        let mut w = Writer::new(kind, 1);
+        build(&mut w);
+        let reply = session.handle(&w.finish()).unwrap();
+        (reply[4], reply[HEADER_LEN..].to_vec())
+    }
+
+    fn errno_of((kind, body): (u8, Vec<u8>)) -> Option<u32> {
+        (kind == kind::RLERROR).then(|| Reader::new(&body).u32().unwrap())
+    }
+
+    fn mount(session: &Arc<Session>) {
+        let (kind, _) = call(session, kind::TVERSION, |w| {
+            w.u32(MAX_MSIZE * 2).str_bytes(VERSION.as_bytes());
+        });
+        assert_eq!(kind, kind::TVERSION + 1);
+        assert_eq!(session.msize(), MAX_MSIZE);
+        let (kind, _) = call(session, kind::TATTACH, |w| {
+            w.u32(0)
+                .u32(messages::NOFID)
+                .str_bytes(b"")
+                .str_bytes(b"")
+                .u32(0);
+        });
+        assert_eq!(kind, kind::TATTACH + 1);
+    }
+
+    #[test]
+    fn a_request_frame_in_a_reply_frame_out() {
+        let dir = TempDir::new("io");
+        std::fs::write(dir.0.join("f"), b"hello").unwrap();
+        let s = session(&dir.0, false);
+        mount(&s);
+        let (kind, body) = call(&s, kind::TWALK, |w| {
+            w.u32(0).u32(1).u16(1).str_bytes(b"f");
+        });
+        assert_eq!(kind, kind::TWALK + 1);
+        assert_eq!(Reader::new(&body).u16(), Ok(1));
+        call(&s, kind::TLOPEN, |w| {
+            w.u32(1).u32(2); // O_RDWR
+        });
+        let (kind, body) = call(&s, kind::TREAD, |w| {
+            w.u32(1).u64(1).u32(u32::MAX);
+        });
+        assert_eq!(kind, kind::TREAD + 1);
+        assert_eq!(&body[4..], b"ello");
+        call(&s, kind::TWRITE, |w| {
+            w.u32(1).u64(5).u32(6).bytes(b" world");
+        });
+        assert_eq!(std::fs::read(dir.0.join("f")).unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn bad_frames_and_fids() {
+        let dir = TempDir::new("bad");
+        let s = session(&dir.0, false);
+        // Before Tversion, nothing else.
+        assert_eq!(
+            errno_of(call(&s, kind::TCLUNK, |w| {
+                w.u32(0);
+            })),
+            Some(libc::EPROTO as u32)
+        );
+        mount(&s);
+        assert!(matches!(s.handle(&[1, 2, 3]), Err(FrameError::Garbage(_))));
+        assert_eq!(
+            errno_of(call(&s, kind::TCLUNK, |w| {
+                w.u32(77);
+            })),
+            Some(libc::EBADF as u32)
+        );
+        assert_eq!(
+            errno_of(call(&s, kind::TWALK, |w| {
+                w.u32(0).u32(1).u16(1).str_bytes(b"a/b");
+            })),
+            Some(libc::EINVAL as u32)
+        );
+        assert_eq!(
+            errno_of(call(&s, 99, |_| {})),
+            Some(libc::EOPNOTSUPP as u32)
+        );
+    }
+
+    #[test]
+    fn read_only_export_refuses_changes() {
+        let dir = TempDir::new("ro");
+        let s = session(&dir.0, true);
+        mount(&s);
+        assert_eq!(
+            errno_of(call(&s, kind::TMKDIR, |w| {
+                w.u32(0).str_bytes(b"d").u32(0o755).u32(0);
+            })),
+            Some(libc::EROFS as u32)
+        );
+        assert!(!dir.0.join("d").exists());
+    }
+
+    #[test]
+    fn open_flags_translate() {
+        assert_eq!(open_flags(0), libc::O_RDONLY);
+        assert_eq!(open_flags(2 | dotl::TRUNC), libc::O_RDWR | libc::O_TRUNC);
+        // O_CREAT never comes from Tlopen's flags; O_LARGEFILE (0o100000) is dropped.
+        assert_eq!(open_flags(1 | dotl::CREATE | 0o100000), libc::O_WRONLY);
+    }
 }

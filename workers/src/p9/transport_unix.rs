@@ -21,6 +21,9 @@ use super::wire::HEADER_LEN;
 
 /// Requests of one connection handled at the same time.
 const HANDLERS_PER_CONNECTION: usize = 4;
+/// Requests read ahead of the handlers; past this the reader stops reading, so a client
+/// that pipelines without end holds at most this many frames of server memory.
+const QUEUE_DEPTH: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum TransportError {
@@ -73,7 +76,7 @@ pub fn serve_listener(listener: &UnixListener, export: Arc<Export>) -> Result<()
 pub fn serve_connection(stream: UnixStream, export: Arc<Export>) -> io::Result<()> {
     let session = Session::new(export);
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
-    let (queue, requests) = mpsc::channel::<Pending>();
+    let (queue, requests) = mpsc::sync_channel::<Pending>(QUEUE_DEPTH);
     let requests = Arc::new(Mutex::new(requests));
     let mut handlers = Vec::with_capacity(HANDLERS_PER_CONNECTION);
     for _ in 0..HANDLERS_PER_CONNECTION {
@@ -85,7 +88,7 @@ pub fn serve_connection(stream: UnixStream, export: Arc<Export>) -> io::Result<(
                 .spawn(move || handle_requests(&requests, &writer))?,
         );
     }
-    let result = read_requests(&stream, &session, &queue);
+    let result = read_requests(&stream, &session, &queue, &writer);
     drop(queue);
     for handler in handlers {
         let _ = handler.join();
@@ -100,19 +103,24 @@ fn handle_requests(requests: &Mutex<mpsc::Receiver<Pending>>, writer: &Mutex<Uni
             .unwrap_or_else(PoisonError::into_inner)
             .recv();
         let Ok(pending) = next else { return };
-        let reply = pending.handle();
-        let mut stream = writer.lock().unwrap_or_else(PoisonError::into_inner);
-        match reply {
-            Ok(reply) => {
-                if let Err(e) = stream.write_all(&reply) {
-                    tracing::debug!("9p client went away: {e}");
-                    let _ = stream.shutdown(Shutdown::Both);
-                }
-            }
-            Err(e) => {
-                tracing::warn!("closing a 9p connection: {e}");
+        answer(pending, writer);
+    }
+}
+
+/// Handles one request and sends its reply; a frame that is not 9P closes the connection.
+fn answer(pending: Pending, writer: &Mutex<UnixStream>) {
+    let reply = pending.handle();
+    let mut stream = writer.lock().unwrap_or_else(PoisonError::into_inner);
+    match reply {
+        Ok(reply) => {
+            if let Err(e) = stream.write_all(&reply) {
+                tracing::debug!("9p client went away: {e}");
                 let _ = stream.shutdown(Shutdown::Both);
             }
+        }
+        Err(e) => {
+            tracing::warn!("closing a 9p connection: {e}");
+            let _ = stream.shutdown(Shutdown::Both);
         }
     }
 }
@@ -122,7 +130,8 @@ fn handle_requests(requests: &Mutex<mpsc::Receiver<Pending>>, writer: &Mutex<Uni
 fn read_requests(
     mut stream: &UnixStream,
     session: &Arc<Session>,
-    queue: &mpsc::Sender<Pending>,
+    queue: &mpsc::SyncSender<Pending>,
+    writer: &Mutex<UnixStream>,
 ) -> io::Result<()> {
     loop {
         let mut size = [0u8; 4];
@@ -149,7 +158,13 @@ fn read_requests(
             tracing::debug!("9p client closed mid-message");
             return Ok(());
         }
-        if queue.send(session.receive(frame)).is_err() {
+        let pending = session.receive(frame);
+        if pending.waits_for_others() {
+            // A Tflush waits for the request it names, which may still be queued: here
+            // the handlers keep draining the queue meanwhile, so it cannot wait forever
+            // for a handler that is itself waiting.
+            answer(pending, writer);
+        } else if queue.send(pending).is_err() {
             return Ok(());
         }
     }
