@@ -5,13 +5,15 @@
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use thiserror::Error;
 
 use crate::micro::ScratchDir;
-use crate::vhost::worker_process::{WorkerError, WorkerProcess};
+use crate::vhost::worker_process::{worker_bin, WorkerError, WorkerProcess};
 
 /// How long a test waits for any one reply before calling the server hung.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -700,6 +702,35 @@ impl P9Server {
         let share = scratch.path().join("share");
         std::fs::create_dir(&share).map_err(WorkerError::Setup)?;
         Self::serve(scratch, share, read_only)
+    }
+
+    /// A server running as `uid`:`gid` (the caller must be root), its scratch directory
+    /// and share owned by that user.
+    pub fn start_as(uid: u32, gid: u32) -> std::result::Result<Self, WorkerError> {
+        let scratch = ScratchDir::new("p9user").map_err(WorkerError::Setup)?;
+        let share = scratch.path().join("share");
+        std::fs::create_dir(&share).map_err(WorkerError::Setup)?;
+        for dir in [scratch.path(), share.as_path()] {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(WorkerError::Setup)?;
+        }
+        let socket = scratch.path().join("p9.sock");
+        let mut command = Command::new(worker_bin());
+        command
+            .arg("p9")
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--dir")
+            .arg(&share)
+            .uid(uid)
+            // std drops root's supplementary groups along with the uid.
+            .gid(gid);
+        let worker = WorkerProcess::listening_command(command, socket.clone())?;
+        Ok(P9Server {
+            worker,
+            share,
+            socket,
+            scratch,
+        })
     }
 
     /// Serves `share` of an existing scratch directory (set up before the server starts).

@@ -798,6 +798,65 @@ fn many_requests_in_flight_on_one_connection_all_get_answers() -> Result<()> {
     assert_alive(&server)
 }
 
+#[test]
+fn as_an_ordinary_user_files_belong_to_it_and_chown_is_accepted() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot start the server as another user; skipped");
+        return Ok(());
+    }
+    const NOBODY: u32 = 65534;
+    let server =
+        P9Server::start_as(NOBODY, NOBODY).context("starting bulkhead-worker p9 as nobody")?;
+    let share = server.share.clone();
+    fs::write(share.join("roots"), "root's secret")?;
+    fs::set_permissions(share.join("roots"), fs::Permissions::from_mode(0o600))?;
+    let mut c = Client::connect(&server.socket)?;
+    c.version(MSIZE, "9P2000.L")?;
+    // The client says it is uid 1234 and asks for gid 4321: the files are nobody's anyway.
+    c.attach(ROOT_FID, 1234)?;
+    c.walk(ROOT_FID, 1, &[] as &[&str])?;
+    c.lcreate(1, "f", flags::RDWR | flags::CREATE, 0o640, 4321)?;
+    c.write(1, 0, b"data")?;
+    c.mkdir(ROOT_FID, "d", 0o700)?;
+    c.symlink(ROOT_FID, "s", "f")?;
+    for name in ["f", "d", "s"] {
+        let meta = fs::symlink_metadata(share.join(name))?;
+        ensure!(
+            (meta.uid(), meta.gid()) == (NOBODY, NOBODY),
+            "{name} is {}:{}",
+            meta.uid(),
+            meta.gid()
+        );
+    }
+    // chown is accepted and changes nothing.
+    c.setattr(1, setattr::UID | setattr::GID, 0, 0, 0, 0, (0, 0), (0, 0))?;
+    let meta = fs::metadata(share.join("f"))?;
+    ensure!((meta.uid(), meta.gid()) == (NOBODY, NOBODY));
+    // chmod of its own file works; the host's permissions still apply to others' files.
+    c.setattr(1, setattr::MODE, 0o600, 0, 0, 0, (0, 0), (0, 0))?;
+    ensure!(fs::metadata(share.join("f"))?.mode() & 0o7777 == 0o600);
+    c.walk(ROOT_FID, 2, &["roots"])?;
+    expect_errno(
+        c.lopen(2, flags::RDONLY),
+        libc::EACCES,
+        "opening root's 0600 file",
+    )?;
+    expect_errno(
+        c.setattr(2, setattr::MODE, 0o666, 0, 0, 0, (0, 0), (0, 0)),
+        libc::EPERM,
+        "chmod of root's file",
+    )?;
+    // Device nodes only as root; a FIFO is fine.
+    expect_errno(
+        c.mknod(ROOT_FID, "null", libc::S_IFCHR | 0o666, 1, 3),
+        libc::EPERM,
+        "mknod of a device",
+    )?;
+    c.mknod(ROOT_FID, "fifo", libc::S_IFIFO | 0o600, 0, 0)?;
+    assert_alive(&server)
+}
+
 // ---------------------------------------------------------------- confinement
 
 #[test]

@@ -83,6 +83,12 @@ impl WorkerProcess {
     pub fn listening(args: &[&OsStr], socket: PathBuf) -> Result<Self, WorkerError> {
         let mut command = Command::new(worker_bin());
         command.args(args);
+        Self::listening_command(command, socket)
+    }
+
+    /// Like [`WorkerProcess::listening`] for a command the caller prepared (to run it as
+    /// another user, say).
+    pub fn listening_command(command: Command, socket: PathBuf) -> Result<Self, WorkerError> {
         let mut worker = Self::spawn(command)?;
         worker.socket = Some(socket);
         worker.wait_until_listening()?;

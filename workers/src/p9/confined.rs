@@ -270,7 +270,8 @@ pub fn fchmod(file: &File, mode: u32) -> io::Result<()> {
     cvt(unsafe { libc::fchmod(file.as_raw_fd(), mode) }).map(drop)
 }
 
-/// Sets the times of exactly the file `fd` refers to; `None` leaves one unchanged.
+/// Sets the times of exactly the file `fd` refers to (an `O_PATH` descriptor is fine);
+/// UTIME_OMIT leaves one unchanged.
 pub fn set_times(
     fd: BorrowedFd<'_>,
     atime: libc::timespec,
@@ -287,6 +288,13 @@ pub fn set_times(
         )
     })
     .map(drop)
+}
+
+/// Sets the times of an open file (futimens).
+pub fn futimens(file: &File, atime: libc::timespec, mtime: libc::timespec) -> io::Result<()> {
+    let times = [atime, mtime];
+    // SAFETY: `times` are two valid timespecs the kernel only reads.
+    cvt(unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) }).map(drop)
 }
 
 pub fn fsync(file: &File, datasync: bool) -> io::Result<()> {

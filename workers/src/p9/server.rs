@@ -948,7 +948,7 @@ impl Session {
             let atime = time(setattr::ATIME, setattr::ATIME_SET, attr.atime);
             let mtime = time(setattr::MTIME, setattr::MTIME_SET, attr.mtime);
             // CTIME alone: both times omitted still updates ctime, as the client asked.
-            confined::set_times(fd.as_fd(), atime, mtime)?;
+            self.set_times(&fd, &path, &open, atime, mtime)?;
         }
         Ok(())
     }
@@ -957,19 +957,41 @@ impl Session {
     /// has it (6.6), otherwise through an open descriptor.
     fn chmod(&self, fd: &OwnedFd, path: &Path, open: &Open, mode: u32) -> Result<()> {
         match confined::chmod_path_fd(fd.as_fd(), mode) {
-            Ok(()) => return Ok(()),
-            Err(e)
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
-                ) =>
-            {
-                return Err(e.into())
-            }
-            Err(_) => {}
+            Err(e) if lacks_empty_path(&e) => Ok(confined::fchmod(
+                &self.open_for_attr(fd, path, open)?,
+                mode,
+            )?),
+            other => Ok(other?),
         }
-        if let Open::File(file) = open {
-            return Ok(confined::fchmod(file, mode)?);
+    }
+
+    /// Sets times on the fid's file: utimensat's AT_EMPTY_PATH on its `O_PATH`
+    /// descriptor, otherwise through an open descriptor.
+    fn set_times(
+        &self,
+        fd: &OwnedFd,
+        path: &Path,
+        open: &Open,
+        atime: libc::timespec,
+        mtime: libc::timespec,
+    ) -> Result<()> {
+        match confined::set_times(fd.as_fd(), atime, mtime) {
+            Err(e) if lacks_empty_path(&e) => {
+                let file = self.open_for_attr(fd, path, open)?;
+                Ok(confined::futimens(&file, atime, mtime)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// An open descriptor of the fid's file for calls that refuse `O_PATH`: the fid's own
+    /// when it is open, otherwise the file reopened (read-only, or write-only when only
+    /// that is allowed). Symlinks and special files have none.
+    fn open_for_attr(&self, fd: &OwnedFd, path: &Path, open: &Open) -> Result<File> {
+        match open {
+            Open::File(file) => return Ok(file.try_clone()?),
+            Open::Dir(dir) => return Ok(lock_ignoring_poison(dir).try_clone()?),
+            _ => {}
         }
         let st = confined::stat(fd.as_fd())?;
         let flags = match st.st_mode & libc::S_IFMT {
@@ -977,13 +999,12 @@ impl Session {
             libc::S_IFREG => libc::O_RDONLY | libc::O_NONBLOCK,
             _ => return err(libc::EOPNOTSUPP),
         };
-        let file = match self.reopen(path, &st, flags) {
+        match self.reopen(path, &st, flags) {
             Err(Errno(libc::EACCES)) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
-                self.reopen(path, &st, libc::O_WRONLY | libc::O_NONBLOCK)?
+                self.reopen(path, &st, libc::O_WRONLY | libc::O_NONBLOCK)
             }
-            other => other?,
-        };
-        Ok(confined::fchmod(&file, mode)?)
+            other => other,
+        }
     }
 
     fn readdir(&self, fid: u32, offset: u64, count: u32) -> Result<Reply> {
@@ -1073,7 +1094,7 @@ impl Session {
         if newfid != fid && lock_ignoring_poison(&self.fids).contains_key(&newfid) {
             return err(libc::EBADF);
         }
-        let file = self.xattr_file(&fd, qid, &path, &self.open_of(fid)?)?;
+        let file = self.open_for_attr(&fd, &path, &self.open_of(fid)?)?;
         let value = if name.is_empty() {
             confined::get_xattr(&file, None)?
         } else {
@@ -1094,25 +1115,6 @@ impl Session {
         Ok(Reply::XattrWalk(size))
     }
 
-    /// An open descriptor of the fid's file for the f*xattr calls (which refuse `O_PATH`).
-    fn xattr_file(&self, fd: &OwnedFd, qid: Qid, path: &Path, open: &Open) -> Result<File> {
-        match open {
-            Open::File(file) => return Ok(file.try_clone()?),
-            Open::Dir(dir) => return Ok(lock_ignoring_poison(dir).try_clone()?),
-            _ => {}
-        }
-        if qid.is_symlink() {
-            return err(libc::EOPNOTSUPP);
-        }
-        let st = confined::stat(fd.as_fd())?;
-        let flags = match st.st_mode & libc::S_IFMT {
-            libc::S_IFDIR => libc::O_RDONLY | libc::O_DIRECTORY,
-            libc::S_IFREG => libc::O_RDONLY | libc::O_NONBLOCK,
-            _ => return err(libc::EOPNOTSUPP),
-        };
-        self.reopen(path, &st, flags)
-    }
-
     fn xattr_create(&self, fid: u32, name: &[u8], size: u64, flags: u32) -> Result<Reply> {
         self.export.writable()?;
         // Only the user namespace: trusted.* and security.* (capabilities, SELinux labels)
@@ -1130,11 +1132,11 @@ impl Session {
             _ => return err(libc::EINVAL),
         };
         let fid_ref = self.fid(fid)?;
-        let (fd, qid, path, open) = {
+        let (fd, path, open) = {
             let fid = lock_ignoring_poison(&fid_ref);
-            (fid.fd.clone(), fid.qid, fid.path.clone(), fid.open.clone())
+            (fid.fd.clone(), fid.path.clone(), fid.open.clone())
         };
-        let file = self.xattr_file(&fd, qid, &path, &open)?;
+        let file = self.open_for_attr(&fd, &path, &open)?;
         let pending = XattrWrite {
             file,
             name: cstring(name)?,
@@ -1145,6 +1147,14 @@ impl Session {
         lock_ignoring_poison(&fid_ref).open = Open::XattrWrite(Arc::new(Mutex::new(pending)));
         Ok(Reply::XattrCreate)
     }
+}
+
+/// The error of an AT_EMPTY_PATH call on a kernel that does not take it there.
+fn lacks_empty_path(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+    )
 }
 
 /// pread that fills as much of `buf` as the file has (short reads are retried).
@@ -1370,6 +1380,40 @@ mod tests {
             Some(libc::EROFS as u32)
         );
         assert!(!dir.0.join("d").exists());
+    }
+
+    /// The fallbacks for kernels without AT_EMPTY_PATH in fchmodat2 (before 6.6) or
+    /// utimensat: through a reopened descriptor, for an unopened fid.
+    #[test]
+    fn attributes_through_a_reopened_descriptor() {
+        let dir = TempDir::new("attr");
+        std::fs::create_dir(dir.0.join("sub")).unwrap();
+        std::fs::write(dir.0.join("sub/f"), b"x").unwrap();
+        let s = session(&dir.0, false);
+        mount(&s);
+        call(&s, kind::TWALK, |w| {
+            w.u32(0).u32(1).u16(2).str_bytes(b"sub").str_bytes(b"f");
+        });
+        let (fd, _, path, _) = s.node(1).unwrap();
+        assert_eq!(path, Path::new("sub/f"));
+        let file = s.open_for_attr(&fd, &path, &Open::None).unwrap();
+        confined::fchmod(&file, 0o604).unwrap();
+        let t = |sec| libc::timespec {
+            tv_sec: sec,
+            tv_nsec: 0,
+        };
+        confined::futimens(&file, t(1000), t(2000)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.0.join("sub/f")).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o604);
+        assert_eq!((meta.atime(), meta.mtime()), (1000, 2000));
+        // A file replaced on the host since the walk is not reopened in its place.
+        std::fs::remove_file(dir.0.join("sub/f")).unwrap();
+        std::fs::write(dir.0.join("sub/f"), b"new").unwrap();
+        assert_eq!(
+            s.open_for_attr(&fd, &path, &Open::None).unwrap_err(),
+            Errno(libc::ESTALE)
+        );
     }
 
     #[test]
