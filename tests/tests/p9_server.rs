@@ -692,21 +692,44 @@ fn statfs_fsync_and_flush() -> Result<()> {
     // A flush of a tag not in flight, and of NOTAG, answer at once.
     c.flush(1234)?;
     c.flush(NOTAG)?;
-    // A request and a flush for it sent together: the request's reply (if any) comes
-    // before Rflush.
-    let tag = c.tag();
-    let flush_tag = c.tag();
-    let mut both = frame(t::GETATTR, tag, &Body::new().u32(ROOT_FID).u64(0x7ff).0);
-    both.extend(frame(t::FLUSH, flush_tag, &Body::new().u16(tag).0));
-    c.send_raw(&both)?;
-    let first = c.recv()?.context("reply")?;
-    let second = c.recv()?.context("reply")?;
-    ensure!(
-        (first.tag, second.tag) == (tag, flush_tag) && second.kind == t::FLUSH + 1,
-        "got tags {} then {}",
-        first.tag,
-        second.tag
-    );
+    // Requests with a flush for one of them right behind: the flushed request's reply
+    // (it is answered here: nothing takes long) always comes before Rflush.
+    fs::write(server.share.join("big"), pattern(512 * 1024, 8))?;
+    c.walk(ROOT_FID, 2, &["big"])?;
+    c.lopen(2, flags::RDONLY)?;
+    for round in 0..200 {
+        let tags: Vec<u16> = (0..4).map(|_| c.tag()).collect();
+        let flush_tag = c.tag();
+        let flushed = tags[round % 4];
+        let mut batch = Vec::new();
+        for &tag in &tags {
+            batch.extend(frame(
+                t::READ,
+                tag,
+                &Body::new().u32(2).u64(0).u32(60_000).0,
+            ));
+        }
+        batch.extend(frame(t::FLUSH, flush_tag, &Body::new().u16(flushed).0));
+        c.send_raw(&batch)?;
+        let mut seen_flushed = false;
+        for _ in 0..5 {
+            let reply = c.recv()?.context("the server closed the connection")?;
+            if reply.tag == flushed {
+                seen_flushed = true;
+            }
+            if reply.tag == flush_tag {
+                ensure!(
+                    reply.kind == t::FLUSH + 1,
+                    "Tflush answered with type {}",
+                    reply.kind
+                );
+                ensure!(
+                    seen_flushed,
+                    "round {round}: Rflush overtook the reply to tag {flushed}"
+                );
+            }
+        }
+    }
     assert_alive(&server)
 }
 

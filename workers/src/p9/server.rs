@@ -167,7 +167,7 @@ pub struct Session {
     finished: Condvar,
 }
 
-/// A request accepted by a session, its tag counted in flight until it is answered (so
+/// A request accepted by a session, its tag counted in flight until this is dropped (so
 /// a Tflush for it waits for the reply instead of overtaking it).
 #[derive(Debug)]
 pub struct Pending {
@@ -184,11 +184,11 @@ impl Pending {
     }
 
     /// Handles the request and returns the reply frame, or an error when the frame is not
-    /// 9P at all (the transport should then drop the connection).
-    pub fn handle(mut self) -> std::result::Result<Vec<u8>, FrameError> {
-        let reply = self.session.dispatch(&self.frame);
-        self.complete();
-        reply
+    /// 9P at all (the transport should then drop the connection). The request stays in
+    /// flight until this `Pending` is dropped: drop it once the reply is on its way, so
+    /// that a Tflush for it cannot overtake the reply.
+    pub fn handle(&self) -> std::result::Result<Vec<u8>, FrameError> {
+        self.session.dispatch(&self.frame)
     }
 
     fn complete(&mut self) {
@@ -249,6 +249,7 @@ impl Session {
     /// Handles one request frame now and returns its reply frame.
     pub fn handle(self: &Arc<Self>, frame: &[u8]) -> std::result::Result<Vec<u8>, FrameError> {
         self.receive(frame.to_vec()).handle()
+        // The Pending is dropped here, after the reply exists; the caller sends it.
     }
 
     fn dispatch(&self, frame: &[u8]) -> std::result::Result<Vec<u8>, FrameError> {

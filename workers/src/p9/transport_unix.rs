@@ -108,6 +108,8 @@ fn handle_requests(requests: &Mutex<mpsc::Receiver<Pending>>, writer: &Mutex<Uni
 }
 
 /// Handles one request and sends its reply; a frame that is not 9P closes the connection.
+/// `pending` is dropped only after the reply is written, which is what lets a Tflush for
+/// it go out.
 fn answer(pending: Pending, writer: &Mutex<UnixStream>) {
     let reply = pending.handle();
     let mut stream = writer.lock().unwrap_or_else(PoisonError::into_inner);
@@ -123,6 +125,8 @@ fn answer(pending: Pending, writer: &Mutex<UnixStream>) {
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
+    drop(stream);
+    drop(pending);
 }
 
 /// Reads frames until EOF or bad framing and queues them; a size below the header's or
