@@ -376,6 +376,20 @@ fn create_write_read_back_and_getattr() -> Result<()> {
             meta.uid(),
             meta.gid()
         );
+        // Opening an existing file through Tlcreate (no O_EXCL) leaves its owner alone.
+        other.attach(1, 1234)?;
+        other.lcreate(1, "file", flags::RDONLY | flags::CREATE, 0o600, 4321)?;
+        let meta = fs::metadata(server.share.join("file"))?;
+        ensure!(
+            (meta.uid(), meta.gid()) == (0, 0),
+            "an existing file became {}:{}",
+            meta.uid(),
+            meta.gid()
+        );
+        ensure!(
+            meta.mode() & 0o7777 == 0o640,
+            "an existing file's mode changed"
+        );
     }
     assert_alive(&server)
 }
@@ -621,6 +635,15 @@ fn xattrs_in_the_user_namespace() -> Result<()> {
         c.xattrwalk(2, 5, "user.missing"),
         libc::ENODATA,
         "missing xattr",
+    )?;
+    // An empty value removes the attribute (as the Linux client's removexattr does).
+    c.walk(ROOT_FID, 7, &["f"])?;
+    c.xattrcreate(7, "user.test", 0, 2)?;
+    c.clunk(7)?;
+    expect_errno(
+        c.xattrwalk(2, 5, "user.test"),
+        libc::ENODATA,
+        "removed xattr",
     )?;
     // Only user.*; a size beyond the kernel's maximum; a short value fails at clunk.
     expect_errno(

@@ -419,6 +419,7 @@ impl Session {
         // A Tversion starts a new session: every fid of the old one goes.
         lock_ignoring_poison(&self.fids).clear();
         if !version.starts_with(VERSION) {
+            self.versioned.store(false, Ordering::Release);
             return Ok(Reply::Version {
                 msize,
                 version: "unknown".into(),
@@ -600,7 +601,8 @@ impl Session {
             if pending.value.len() as u64 != pending.size {
                 return err(libc::EINVAL);
             }
-            if pending.size == 0 && pending.flags == 0 {
+            // An empty value is how the Linux client removes an attribute.
+            if pending.size == 0 {
                 confined::remove_xattr(&pending.file, &pending.name)?;
             } else {
                 confined::set_xattr(&pending.file, &pending.name, &pending.value, pending.flags)?;
@@ -699,10 +701,13 @@ impl Session {
         } else {
             path
         };
+        // O_NONBLOCK: should a FIFO have taken the file's place on the host, opening it
+        // must not block (it is then refused as another file); regular files and
+        // directories ignore the flag.
         let fd = open_beneath(
             self.export.root.fd(),
             &cstring(path.as_os_str().as_bytes())?,
-            flags,
+            flags | libc::O_NONBLOCK,
             0,
         )?;
         let st = confined::stat(fd.as_fd())?;
@@ -726,11 +731,33 @@ impl Session {
             }
             (fid.fd.clone(), fid.path.clone(), fid.uid)
         };
-        let flags = (open_flags(flags) | libc::O_CREAT) & !libc::O_DIRECTORY;
-        let fd = open_beneath(dir.as_fd(), &name, flags, mode & 0o7777)?;
-        if self.export.as_root {
-            confined::chown(fd.as_fd(), Some(uid), Some(gid))?;
-        }
+        let flags = open_flags(flags) & !libc::O_DIRECTORY;
+        // Created here (O_EXCL), or, unless the client asked for O_EXCL, the file that
+        // already has that name opened as it is: only a new file gets the client's owner.
+        let created = open_beneath(
+            dir.as_fd(),
+            &name,
+            flags | libc::O_CREAT | libc::O_EXCL,
+            mode & 0o7777,
+        );
+        let fd = match created {
+            Ok(fd) => {
+                if self.export.as_root {
+                    confined::chown(fd.as_fd(), Some(uid), Some(gid))?;
+                }
+                fd
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                // O_NONBLOCK: a FIFO by that name must not block the open (it is
+                // refused below); regular files ignore the flag.
+                let fd = open_beneath(dir.as_fd(), &name, flags | libc::O_NONBLOCK, 0)?;
+                if confined::stat(fd.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return err(libc::EEXIST);
+                }
+                fd
+            }
+            Err(e) => return Err(e.into()),
+        };
         let qid = qid_of(&confined::stat(fd.as_fd())?);
         let file = File::from(fd);
         let node = file.try_clone()?;
@@ -997,12 +1024,12 @@ impl Session {
         let st = confined::stat(fd.as_fd())?;
         let flags = match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => libc::O_RDONLY | libc::O_DIRECTORY,
-            libc::S_IFREG => libc::O_RDONLY | libc::O_NONBLOCK,
+            libc::S_IFREG => libc::O_RDONLY,
             _ => return err(libc::EOPNOTSUPP),
         };
         match self.reopen(path, &st, flags) {
             Err(Errno(libc::EACCES)) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
-                self.reopen(path, &st, libc::O_WRONLY | libc::O_NONBLOCK)
+                self.reopen(path, &st, libc::O_WRONLY)
             }
             other => other,
         }
