@@ -1294,6 +1294,14 @@ fn frame_sizes_out_of_range_close_only_that_connection() -> Result<()> {
             .0,
     ))?;
     ensure!(c.is_closed(), "a 9 KiB first message was accepted");
+    // A client that stops in the middle of a message and stays connected holds up
+    // no one else.
+    let mut stalled = server.mount()?;
+    let whole = frame(t::GETATTR, 1, &Body::new().u32(0).u64(0).0);
+    stalled.send_raw(&whole[..9])?;
+    bystander.getattr(ROOT_FID)?;
+    server.mount()?.getattr(ROOT_FID)?;
+    drop(stalled);
     // Half a message, then the client goes away.
     let mut c = server.mount()?;
     let whole = frame(t::GETATTR, 1, &Body::new().u32(0).u64(0).0);
@@ -1304,6 +1312,52 @@ fn frame_sizes_out_of_range_close_only_that_connection() -> Result<()> {
     let _ = c.send_raw(&pattern(100_000, 9));
     drop(c);
     bystander.getattr(ROOT_FID)?;
+    assert_alive(&server)
+}
+
+#[test]
+fn running_out_of_fids_or_descriptors_is_an_error_not_a_crash() -> Result<()> {
+    let server = start()?;
+    let mut c = server.mount()?;
+    // Clone the root until the server refuses: its own fid cap (64 Ki) or the
+    // descriptor limit, whichever comes first.
+    let mut next_fid = 1u32;
+    let errno = 'fill: loop {
+        let mut batch = Vec::new();
+        let first = next_fid;
+        for fid in first..first + 1000 {
+            let tag = c.tag();
+            batch.extend(frame(
+                t::WALK,
+                tag,
+                &Body::new().u32(ROOT_FID).u32(fid).u16(0).0,
+            ));
+        }
+        c.send_raw(&batch)?;
+        let mut refused = None;
+        for _ in 0..1000 {
+            let reply = c.recv()?.context("the server closed the connection")?;
+            if reply.kind == t::RLERROR && refused.is_none() {
+                refused = Some(u32::from_le_bytes(reply.body[..4].try_into()?) as i32);
+            }
+        }
+        next_fid += 1000;
+        if let Some(errno) = refused {
+            break 'fill errno;
+        }
+        ensure!(next_fid < 200_000, "the server never refused a fid");
+    };
+    ensure!(
+        errno == libc::EMFILE || errno == libc::ENFILE,
+        "refused with errno {errno}"
+    );
+    // Let them go again: the server recovers.
+    for fid in 1..next_fid {
+        let tag = c.tag();
+        c.send_raw(&frame(t::CLUNK, tag, &Body::new().u32(fid).0))?;
+        c.recv()?.context("the server closed the connection")?;
+    }
+    c.walk(ROOT_FID, 1, &[] as &[&str])?;
     assert_alive(&server)
 }
 
