@@ -29,8 +29,6 @@ const QUEUE_DEPTH: usize = 64;
 pub enum TransportError {
     #[error("accepting a connection: {0}")]
     Accept(io::Error),
-    #[error("starting a connection thread: {0}")]
-    Spawn(io::Error),
 }
 
 /// Serves every connection to `listener`, each on its own threads, until accepting fails
@@ -40,14 +38,18 @@ pub fn serve_listener(listener: &UnixListener, export: Arc<Export>) -> Result<()
         match listener.accept() {
             Ok((stream, _)) => {
                 let export = export.clone();
-                thread::Builder::new()
+                let spawned = thread::Builder::new()
                     .name("p9-conn".into())
                     .spawn(move || {
                         if let Err(e) = serve_connection(stream, export) {
                             tracing::warn!("9p connection: {e}");
                         }
-                    })
-                    .map_err(TransportError::Spawn)?;
+                    });
+                // Out of threads: this client is turned away (its socket closes with
+                // the closure), the others keep being served.
+                if let Err(e) = spawned {
+                    tracing::warn!("refusing a 9p connection: cannot start its thread: {e}");
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // Out of descriptors or memory: the next accept may succeed once a client
