@@ -1444,6 +1444,174 @@ mod tests {
         );
     }
 
+    /// Random requests shaped like real ones - plausible fids, names good and bad,
+    /// random flags, modes and counts, now and then cut short or padded - against a
+    /// scratch directory: every one gets a reply, none panics or hangs, and nothing
+    /// appears outside the directory.
+    #[test]
+    fn random_requests_get_replies() {
+        let outer = TempDir::new("fuzz");
+        let dir = outer.0.join("share");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::create_dir(dir.join("d")).unwrap();
+        std::fs::write(dir.join("d/f"), b"data").unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("etc")).unwrap();
+        let s = session(&dir, false);
+        let names: [&[u8]; 12] = [
+            b"d",
+            b"f",
+            b"..",
+            b".",
+            b"etc",
+            b"new",
+            b"x/y",
+            b"",
+            b"a\0b",
+            b"passwd",
+            b"user.a",
+            b"trusted.x",
+        ];
+        // Field shapes: F fid, S name, N u32, Q u64, B u8, H u16, D count and data.
+        let shapes: [(u8, &str); 26] = [
+            (kind::TWALK, "FFH"),
+            (kind::TLOPEN, "FN"),
+            (kind::TLCREATE, "FSNNN"),
+            (kind::TREAD, "FQN"),
+            (kind::TWRITE, "FQD"),
+            (kind::TCLUNK, "F"),
+            (kind::TREMOVE, "F"),
+            (kind::TGETATTR, "FQ"),
+            (kind::TSETATTR, "FNNNNQQQQQ"),
+            (kind::TREADDIR, "FQN"),
+            (kind::TMKDIR, "FSNN"),
+            (kind::TSYMLINK, "FSSN"),
+            (kind::TMKNOD, "FSNNNN"),
+            (kind::TLINK, "FFS"),
+            (kind::TRENAME, "FFS"),
+            (kind::TRENAMEAT, "FSFS"),
+            (kind::TUNLINKAT, "FSN"),
+            (kind::TREADLINK, "F"),
+            (kind::TSTATFS, "F"),
+            (kind::TFSYNC, "FN"),
+            (kind::TLOCK, "FBNQQNS"),
+            (kind::TGETLOCK, "FBQQNS"),
+            (kind::TXATTRWALK, "FFS"),
+            (kind::TXATTRCREATE, "FSQN"),
+            (kind::TFLUSH, "H"),
+            (kind::TATTACH, "FFSSN"),
+        ];
+        let numbers = [
+            0u32, 1, 2, 3, 0o100, 0o200, 0o1000, 0o200000, 0x200, 0o100644, 0o40755, 0o10644,
+            0o20644, 0x1ff,
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut answered, mut errors) = (0, std::collections::BTreeMap::new());
+        for round in 0..30_000u32 {
+            if round % 300 == 0 {
+                mount_fresh(&s);
+            }
+            let (kind, shape) = shapes[(next() % shapes.len() as u64) as usize];
+            let mut w = Writer::new(kind, (round % 60_000) as u16);
+            for field in shape.chars() {
+                let pick = next();
+                match field {
+                    'F' => {
+                        w.u32(if pick % 20 == 0 {
+                            pick as u32
+                        } else {
+                            (pick % 6) as u32
+                        });
+                    }
+                    'S' => {
+                        w.str_bytes(names[(pick % names.len() as u64) as usize]);
+                    }
+                    'N' => {
+                        w.u32(if pick % 5 == 0 {
+                            (pick >> 8) as u32
+                        } else {
+                            numbers[(pick % numbers.len() as u64) as usize]
+                        });
+                    }
+                    'Q' => {
+                        w.u64(if pick % 5 == 0 { pick } else { pick % 5000 });
+                    }
+                    'B' => {
+                        w.u8((pick % 4) as u8);
+                    }
+                    'H' => {
+                        let count = (pick % 4) as u16;
+                        w.u16(count);
+                        if kind == kind::TWALK {
+                            for _ in 0..count {
+                                w.str_bytes(names[(next() % names.len() as u64) as usize]);
+                            }
+                        }
+                    }
+                    _ => {
+                        let len = (pick % 100) as usize;
+                        w.u32(len as u32).bytes(&vec![b'z'; len]);
+                    }
+                }
+            }
+            let mut frame = w.finish();
+            match next() % 20 {
+                // Cut short or padded: the size field is fixed up, the body is wrong.
+                0 => frame.truncate(
+                    HEADER_LEN
+                        + (next() as usize % frame.len().max(1)).min(frame.len() - HEADER_LEN),
+                ),
+                1 => frame.extend_from_slice(&[7, 7, 7]),
+                _ => {}
+            }
+            let size = frame.len() as u32;
+            frame[..4].copy_from_slice(&size.to_le_bytes());
+            let reply = s.handle(&frame).unwrap();
+            assert!(reply.len() >= HEADER_LEN && reply.len() <= MAX_MSIZE as usize);
+            if reply[4] == kind::RLERROR {
+                *errors
+                    .entry(Reader::new(&reply[HEADER_LEN..]).u32().unwrap())
+                    .or_insert(0u32) += 1;
+            } else {
+                answered += 1;
+            }
+        }
+        eprintln!("{answered} answered; Rlerrors by errno: {errors:?}");
+        assert!(
+            answered > 3000,
+            "too few requests got past the checks to mean much"
+        );
+        let outside: Vec<_> = std::fs::read_dir(&outer.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(outside, vec![std::ffi::OsString::from("share")]);
+    }
+
+    fn mount_fresh(session: &Arc<Session>) {
+        call(session, kind::TVERSION, |w| {
+            w.u32(65536).str_bytes(VERSION.as_bytes());
+        });
+        call(session, kind::TATTACH, |w| {
+            w.u32(0)
+                .u32(messages::NOFID)
+                .str_bytes(b"")
+                .str_bytes(b"")
+                .u32(0);
+        });
+        call(session, kind::TWALK, |w| {
+            w.u32(0).u32(1).u16(1).str_bytes(b"d");
+        });
+        call(session, kind::TWALK, |w| {
+            w.u32(1).u32(2).u16(1).str_bytes(b"f");
+        });
+    }
+
     #[test]
     fn open_flags_translate() {
         assert_eq!(open_flags(0), libc::O_RDONLY);
