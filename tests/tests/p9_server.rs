@@ -1094,31 +1094,36 @@ fn symlink_swapped_in_during_walks_never_reaches_outside() -> Result<()> {
     fs::create_dir(share.join("d"))?;
     fs::write(share.join("d/secret"), "inside")?;
     std::os::unix::fs::symlink(&outside_dir, share.join("l"))?;
+    // And a directory `r` holding etc/passwd, swapped with a symlink to `/`.
+    fs::create_dir_all(share.join("r/etc"))?;
+    fs::write(share.join("r/etc/passwd"), "inside passwd")?;
+    std::os::unix::fs::symlink("/", share.join("rl"))?;
 
-    // Swap `d` and `l` (a directory and a symlink to outside) as fast as possible.
+    // Swap each directory with its symlink as fast as possible.
     let stop = Arc::new(AtomicBool::new(false));
     let swapper = {
         let stop = stop.clone();
-        let (d, l) = (
-            std::ffi::CString::new(share.join("d").as_os_str().as_encoded_bytes())?,
-            std::ffi::CString::new(share.join("l").as_os_str().as_encoded_bytes())?,
-        );
+        let c =
+            |name: &str| std::ffi::CString::new(share.join(name).as_os_str().as_encoded_bytes());
+        let pairs = [(c("d")?, c("l")?), (c("r")?, c("rl")?)];
         thread::spawn(move || {
             let mut swaps = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                // SAFETY: two NUL-terminated paths; no memory is written.
-                let ret = unsafe {
-                    libc::syscall(
-                        libc::SYS_renameat2,
-                        libc::AT_FDCWD,
-                        d.as_ptr(),
-                        libc::AT_FDCWD,
-                        l.as_ptr(),
-                        libc::RENAME_EXCHANGE,
-                    )
-                };
-                if ret == 0 {
-                    swaps += 1;
+                for (a, b) in &pairs {
+                    // SAFETY: two NUL-terminated paths; no memory is written.
+                    let ret = unsafe {
+                        libc::syscall(
+                            libc::SYS_renameat2,
+                            libc::AT_FDCWD,
+                            a.as_ptr(),
+                            libc::AT_FDCWD,
+                            b.as_ptr(),
+                            libc::RENAME_EXCHANGE,
+                        )
+                    };
+                    if ret == 0 {
+                        swaps += 1;
+                    }
                 }
             }
             swaps
@@ -1150,6 +1155,49 @@ fn symlink_swapped_in_during_walks_never_reaches_outside() -> Result<()> {
                 _ => failures += 1,
             }
             let _ = c.clunk(fid);
+            // r/etc/passwd, one name per walk from the fid before: each step may land
+            // on the symlink to `/`, and must then stop there.
+            fid += 1;
+            let (start, mid, end) = (fid, fid + 1, fid + 2);
+            fid += 2;
+            let walked = c.walk(ROOT_FID, start, &["r"]).is_ok()
+                && c.walk(start, mid, &["etc"]).is_ok()
+                && c.walk(mid, end, &["passwd"]).is_ok();
+            if walked {
+                match c
+                    .lopen(end, flags::RDONLY)
+                    .and_then(|_| c.read(end, 0, 100))
+                {
+                    Ok(data) => {
+                        ensure!(
+                            data == b"inside passwd",
+                            "read {:?} through a symlink to /",
+                            String::from_utf8_lossy(&data)
+                        );
+                        inside_reads += 1;
+                    }
+                    Err(_) => failures += 1,
+                }
+            } else {
+                failures += 1;
+            }
+            for f in [start, mid, end] {
+                let _ = c.clunk(f);
+            }
+            fid += 1;
+            if c.walk(ROOT_FID, fid, &["r"]).is_ok() {
+                if c.lopen(fid, flags::RDONLY | flags::DIRECTORY).is_ok() {
+                    if let Ok(entries) = c.readdir_all(fid, 4096) {
+                        ensure!(
+                            entries
+                                .iter()
+                                .all(|e| e.name != b"usr" && e.name != b"proc"),
+                            "listed the host's /"
+                        );
+                    }
+                }
+                let _ = c.clunk(fid);
+            }
             fid += 1;
             if c.walk(ROOT_FID, fid, &["d"]).is_ok() {
                 if c.lopen(fid, flags::RDONLY | flags::DIRECTORY).is_ok() {
