@@ -259,11 +259,19 @@ fn diodcat_never_reads_through_a_symlink_out_of_the_share() -> Result<()> {
     }
     let listing = diod_tool("diodls", &["-s", &socket, "-t", "30", "etc"])?;
     ensure!(
-        !listing.status.success()
-            || listing.stdout.is_empty()
-            || String::from_utf8_lossy(&listing.stdout).trim() == "etc",
+        !listing.status.success() && listing.stdout.is_empty(),
         "diodls etc listed the host's /etc: {}",
         String::from_utf8_lossy(&listing.stdout)
+    );
+    // `diodls -l` stats each entry through a walk: `etc` is the link itself, not /etc.
+    let long = stdout_of(
+        &diod_tool("diodls", &["-s", &socket, "-t", "30", "-l"])?,
+        "diodls -l",
+    )?;
+    ensure!(
+        long.lines()
+            .any(|l| l.ends_with(" etc") && l.starts_with('-')),
+        "diodls -l:\n{long}"
     );
     assert_alive(&server)
 }
