@@ -276,6 +276,56 @@ fn diodcat_never_reads_through_a_symlink_out_of_the_share() -> Result<()> {
     assert_alive(&server)
 }
 
+#[test]
+fn bad_arguments_are_one_clear_error() -> Result<()> {
+    let scratch = bulkhead_tests::micro::ScratchDir::new("p9args")?;
+    let file = scratch.write("file", b"not a directory")?;
+    let socket = format!("unix:{}", scratch.path().join("s.sock").display());
+    let missing = scratch.path().join("missing");
+    for (args, status, mentions) in [
+        (
+            vec![
+                "p9",
+                "--listen",
+                &socket,
+                "--dir",
+                missing.to_str().context("path")?,
+            ],
+            1,
+            "--dir",
+        ),
+        (
+            vec![
+                "p9",
+                "--listen",
+                &socket,
+                "--dir",
+                file.to_str().context("path")?,
+            ],
+            1,
+            "--dir",
+        ),
+        (
+            vec!["p9", "--listen", "/no/scheme.sock", "--dir", "/"],
+            2,
+            "unix:PATH",
+        ),
+        (vec!["p9", "--dir", "/"], 2, "--listen"),
+    ] {
+        let output = Command::new(bulkhead_tests::vhost::worker_process::worker_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            output.status.code() == Some(status) && stderr.contains(mentions),
+            "{args:?}: {} with {stderr}",
+            output.status
+        );
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- operations
 
 #[test]
