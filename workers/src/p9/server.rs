@@ -86,6 +86,7 @@ pub enum FrameError {
 #[derive(Debug)]
 pub struct Export {
     root: Root,
+    root_dev: libc::dev_t,
     read_only: bool,
     /// Running as root: pass the client's uid, gid and modes through. Otherwise every
     /// file belongs to the running user and ownership changes are accepted and ignored.
@@ -96,10 +97,37 @@ impl Export {
     pub fn new(root: Root, read_only: bool) -> Self {
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
+        // A root that cannot be stat'ed fails every request anyway; 0 only disables the
+        // mixing of device numbers into qids.
+        let root_dev = confined::stat(root.fd()).map_or(0, |st| st.st_dev);
         Export {
             root,
+            root_dev,
             read_only,
             as_root,
+        }
+    }
+
+    /// The qid of a file: its inode number, made distinct for files on other file
+    /// systems mounted inside the share (their numbers would otherwise collide with the
+    /// share's own, and the client takes qid paths for inode identity).
+    fn qid(&self, st: &libc::stat) -> Qid {
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => QT_DIR,
+            libc::S_IFLNK => QT_SYMLINK,
+            _ => QT_FILE,
+        };
+        let path = if st.st_dev == self.root_dev {
+            st.st_ino
+        } else {
+            // The top bit keeps these apart from the share's own inode numbers (which
+            // real file systems keep far below it); the device spreads the rest.
+            (st.st_ino ^ st.st_dev.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | (1 << 63)
+        };
+        Qid {
+            kind,
+            version: 0,
+            path,
         }
     }
 
@@ -438,7 +466,7 @@ impl Session {
         // "ctl" unless told otherwise), so any is accepted.
         tracing::debug!("attach fid {fid} uname {uname:?} n_uname {n_uname} aname {aname:?}");
         let fd = open_path(self.export.root.fd(), Path::new(""))?;
-        let qid = qid_of(&confined::stat(fd.as_fd())?);
+        let qid = self.export.qid(&confined::stat(fd.as_fd())?);
         self.insert(
             fid,
             Fid {
@@ -544,7 +572,7 @@ impl Session {
                 (next, path.join(name_path(name)))
             }
         };
-        let qid = qid_of(&confined::stat(next_fd.as_fd())?);
+        let qid = self.export.qid(&confined::stat(next_fd.as_fd())?);
         Ok((Arc::new(next_fd), qid, next_path))
     }
 
@@ -758,7 +786,7 @@ impl Session {
             }
             Err(e) => return Err(e.into()),
         };
-        let qid = qid_of(&confined::stat(fd.as_fd())?);
+        let qid = self.export.qid(&confined::stat(fd.as_fd())?);
         let file = File::from(fd);
         let node = file.try_clone()?;
         let mut fid = lock_ignoring_poison(&fid_ref);
@@ -775,7 +803,7 @@ impl Session {
         if self.export.as_root {
             confined::chown(fd.as_fd(), Some(uid), Some(gid))?;
         }
-        Ok(qid_of(&confined::stat(fd.as_fd())?))
+        Ok(self.export.qid(&confined::stat(fd.as_fd())?))
     }
 
     fn symlink(&self, fid: u32, name: &[u8], target: &[u8], gid: u32) -> Result<Reply> {
@@ -906,7 +934,7 @@ impl Session {
         let st = confined::stat(fd.as_fd())?;
         Ok(Reply::Getattr(Attr {
             valid: GETATTR_BASIC,
-            qid: qid_of(&st),
+            qid: self.export.qid(&st),
             mode: st.st_mode,
             uid: st.st_uid,
             gid: st.st_gid,
@@ -1248,19 +1276,6 @@ fn open_flags(flags: u32) -> i32 {
         }
     }
     out
-}
-
-fn qid_of(st: &libc::stat) -> Qid {
-    let kind = match st.st_mode & libc::S_IFMT {
-        libc::S_IFDIR => QT_DIR,
-        libc::S_IFLNK => QT_SYMLINK,
-        _ => QT_FILE,
-    };
-    Qid {
-        kind,
-        version: 0,
-        path: st.st_ino,
-    }
 }
 
 /// A name for a new or existing entry of a directory: one component, nothing special.
@@ -1610,6 +1625,20 @@ mod tests {
         call(session, kind::TWALK, |w| {
             w.u32(1).u32(2).u16(1).str_bytes(b"f");
         });
+    }
+
+    #[test]
+    fn qids_of_other_file_systems_stay_apart() {
+        let dir = TempDir::new("qid");
+        let export = Export::new(Root::open(&dir.0).unwrap(), false);
+        let mut st = confined::stat(export.root.fd()).unwrap();
+        let own = export.qid(&st);
+        assert_eq!(own.path, st.st_ino);
+        assert!(own.is_dir());
+        st.st_dev ^= 1;
+        let other = export.qid(&st);
+        assert_ne!(other.path, own.path);
+        assert!(other.path >= 1 << 63);
     }
 
     #[test]
