@@ -150,7 +150,7 @@ impl Body {
     }
 }
 
-/// A frame: size[4] type[1] tag[2] body.
+/// A frame: `size[4] type[1] tag[2]` and the body.
 pub fn frame(kind: u8, tag: u16, body: &[u8]) -> Vec<u8> {
     let size = (7 + body.len()) as u32;
     let mut out = size.to_le_bytes().to_vec();

@@ -42,7 +42,7 @@ pub const NOTAG: u16 = 0xffff;
 pub const NOFID: u32 = 0xffff_ffff;
 /// Most names one Twalk may carry.
 pub const MAXWELEM: usize = 16;
-/// Bytes of a Rread or Rreaddir before its data: header + count[4].
+/// Bytes of a Rread or Rreaddir before its data: the header and a 4-byte count.
 pub const IO_HEADER_LEN: u32 = (HEADER_LEN + 4) as u32;
 
 /// A name as the client sent it: bytes, checked by the server before any use.

@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 
-/// Size of the header every message starts with: size[4] type[1] tag[2].
+/// Size of the header every message starts with: `size[4] type[1] tag[2]`.
 pub const HEADER_LEN: usize = 7;
 /// Size of an encoded qid.
 pub const QID_LEN: usize = 13;
