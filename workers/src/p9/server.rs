@@ -1627,6 +1627,39 @@ mod tests {
         });
     }
 
+    /// Rflush waits until the request it names is dropped (its reply sent), and only
+    /// that long.
+    #[test]
+    fn flush_waits_for_the_pending_request() {
+        let dir = TempDir::new("flush");
+        let s = session(&dir.0, false);
+        mount(&s);
+        let mut w = Writer::new(kind::TGETATTR, 5);
+        w.u32(0).u64(0x7ff);
+        let pending = s.receive(w.finish());
+        assert!(!pending.waits_for_others());
+        let reply = pending.handle().unwrap();
+        assert_eq!(reply[4], kind::TGETATTR + 1);
+
+        let mut w = Writer::new(kind::TFLUSH, 6);
+        w.u16(5);
+        let flush = s.receive(w.finish());
+        assert!(flush.waits_for_others());
+        let (done, finished) = std::sync::mpsc::channel();
+        let flusher = std::thread::spawn(move || {
+            let reply = flush.handle().unwrap();
+            done.send(reply).unwrap();
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_millis(200)).is_err(),
+            "Rflush before the reply was sent"
+        );
+        drop(pending);
+        let reply = finished.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((reply[4], reply[5]), (kind::TFLUSH + 1, 6));
+        flusher.join().unwrap();
+    }
+
     #[test]
     fn qids_of_other_file_systems_stay_apart() {
         let dir = TempDir::new("qid");
