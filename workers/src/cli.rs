@@ -3,6 +3,7 @@
 //! ```text
 //! bulkhead-worker rng --socket PATH [--rate-limit BYTES/MS]   standalone vhost-user backend
 //! bulkhead-worker rng --launch-fd N                           started by the bulkhead VMM
+//! bulkhead-worker p9 --listen unix:PATH --dir DIR [--ro]      9P over a socket, for debugging
 //! ```
 
 use std::os::fd::RawFd;
@@ -28,6 +29,8 @@ pub struct Cli {
 pub enum WorkerCommand {
     /// virtio-rng: random bytes from the host's getrandom(2).
     Rng(RngArgs),
+    /// 9P2000.L file server sharing one directory (debug transport: 9P over a Unix socket).
+    P9(P9Args),
 }
 
 /// Where the frontend is: every worker kind takes exactly one of these.
@@ -52,6 +55,28 @@ pub struct RngArgs {
     /// worker takes its limit from the launch config).
     #[arg(long, value_name = "BYTES/MS", value_parser = parse_rate_limit, conflicts_with = "launch_fd")]
     pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Args)]
+pub struct P9Args {
+    /// Serve 9P itself (no vhost-user) on this socket, one session per connection, so that
+    /// ordinary 9P clients such as diod's tools can test the server without a VM.
+    #[arg(long, value_name = "unix:PATH", value_parser = parse_listen)]
+    pub listen: PathBuf,
+    /// The directory to share; nothing outside it is reachable.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Share read-only: every change is refused with EROFS.
+    #[arg(long)]
+    pub ro: bool,
+}
+
+/// Parses `unix:PATH`, the only listening address there is.
+pub fn parse_listen(text: &str) -> Result<PathBuf, String> {
+    match text.strip_prefix("unix:") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(format!("{text:?} is not unix:PATH")),
+    }
 }
 
 /// Parses `BYTES/MS`, e.g. `4096/1000`.
@@ -98,7 +123,9 @@ mod tests {
             "4096/1000",
         ])
         .unwrap();
-        let WorkerCommand::Rng(args) = cli.worker;
+        let WorkerCommand::Rng(args) = cli.worker else {
+            panic!("not rng")
+        };
         assert_eq!(args.endpoint.socket, Some(PathBuf::from("/tmp/rng.sock")));
         assert_eq!(
             args.rate_limit,
@@ -107,7 +134,9 @@ mod tests {
                 period_ms: 1000
             })
         );
-        let WorkerCommand::Rng(args) = parse(&["rng", "--launch-fd", "3"]).unwrap().worker;
+        let WorkerCommand::Rng(args) = parse(&["rng", "--launch-fd", "3"]).unwrap().worker else {
+            panic!("not rng")
+        };
         assert_eq!(args.endpoint.launch_fd, Some(3));
     }
 
@@ -116,6 +145,28 @@ mod tests {
         assert!(parse(&["rng"]).is_err());
         assert!(parse(&["rng", "--socket", "a", "--launch-fd", "3"]).is_err());
         assert!(parse(&["rng", "--launch-fd", "3", "--rate-limit", "1/1"]).is_err());
+    }
+
+    #[test]
+    fn p9_takes_a_unix_address_and_a_directory() {
+        let cli = parse(&[
+            "p9",
+            "--listen",
+            "unix:/tmp/p9.sock",
+            "--dir",
+            "/srv",
+            "--ro",
+        ])
+        .unwrap();
+        let WorkerCommand::P9(args) = cli.worker else {
+            panic!("not p9")
+        };
+        assert_eq!(args.listen, PathBuf::from("/tmp/p9.sock"));
+        assert_eq!(args.dir, PathBuf::from("/srv"));
+        assert!(args.ro);
+        assert!(parse(&["p9", "--listen", "/tmp/p9.sock", "--dir", "/srv"]).is_err());
+        assert!(parse(&["p9", "--listen", "unix:", "--dir", "/srv"]).is_err());
+        assert!(parse(&["p9", "--listen", "unix:/a"]).is_err());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!   works on a socket it accepted as well as on one it inherited already connected.
 //! - [`virtio`]: guest-facing helpers shared by devices (descriptor chain checks, requests
 //!   walked from their head index).
+//! - [`p9`]: a 9P2000.L file server confined to one host directory, and its Unix socket
+//!   debug transport.
 //! - [`rng`]: virtio-rng, entropy from the host's getrandom(2), optionally rate limited.
 //! - [`launch`]: how a worker started by the VMM finds its configuration and socket.
 //! - [`sandbox`]: the one place a worker confines itself before serving.
@@ -15,6 +17,7 @@
 pub mod cli;
 mod fd;
 pub mod launch;
+pub mod p9;
 pub mod rng;
 pub mod sandbox;
 pub mod vhost_user;

@@ -12,8 +12,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use bulkhead_protocol::{DeviceConfig, RngConfig, WorkerKind};
-use bulkhead_workers::cli::{Cli, Endpoint, WorkerCommand};
+use bulkhead_workers::cli::{Cli, Endpoint, P9Args, WorkerCommand};
 use bulkhead_workers::launch::read_launch;
+use bulkhead_workers::p9::{transport_unix, Export, Root};
 use bulkhead_workers::rng::RngDevice;
 use bulkhead_workers::sandbox::enter_sandbox;
 use bulkhead_workers::vhost_user::{serve_connection, serve_listener, DeviceBackend, GuestRam};
@@ -80,7 +81,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 RngDevice::new(&config).map(RngDevice::into_backend)
             })
         }
+        WorkerCommand::P9(args) => serve_p9_debug(&args),
     }
+}
+
+/// The 9p server over its debug transport. Not sandboxed: the worker's seccomp and
+/// Landlock policy belongs to the vhost-user form; confinement to the directory is the
+/// server's own (every lookup beneath the directory's descriptor).
+fn serve_p9_debug(args: &P9Args) -> anyhow::Result<()> {
+    let root = Root::open(&args.dir).with_context(|| format!("--dir {}", args.dir.display()))?;
+    // Modes arrive with the client's umask already applied; a second one here would
+    // change what the client asked for.
+    // SAFETY: umask only sets this process's file mode creation mask.
+    unsafe { libc::umask(0) };
+    raise_fd_limit();
+    let listener = bind(&args.listen)?;
+    tracing::info!(
+        "serving {} over 9P on {}{}",
+        args.dir.display(),
+        args.listen.display(),
+        if args.ro { " (read-only)" } else { "" }
+    );
+    let export = std::sync::Arc::new(Export::new(root, args.ro));
+    transport_unix::serve_listener(&listener, export)?;
+    Ok(())
 }
 
 /// Confines the worker, then serves its frontend(s) with a fresh device each. Every
@@ -113,6 +137,28 @@ where
         Frontend::Listening(listener) => {
             serve_listener(&listener, new_device)?;
             Ok(())
+        }
+    }
+}
+
+/// Every fid a 9p client holds is a descriptor here, and the Linux client keeps one per
+/// cached dentry: the soft limit (often 1024) goes up to the hard one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "cannot raise the descriptor limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 //! way the VMM launches it (launch memfd + socketpair), its stderr captured, and killed by
 //! a watchdog if a test overruns - so that a hung worker fails a test instead of hanging it.
 
+use std::ffi::OsStr;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -73,6 +74,23 @@ impl WorkerProcess {
         let mut worker = Self::spawn(command)?;
         worker.socket = Some(socket);
         worker._scratch = Some(scratch);
+        worker.wait_until_listening()?;
+        Ok(worker)
+    }
+
+    /// `bulkhead-worker <args>`, where `args` make it listen on `socket` in their own way
+    /// (`p9 --listen unix:PATH`), once it accepts connections.
+    pub fn listening(args: &[&OsStr], socket: PathBuf) -> Result<Self, WorkerError> {
+        let mut command = Command::new(worker_bin());
+        command.args(args);
+        Self::listening_command(command, socket)
+    }
+
+    /// Like [`WorkerProcess::listening`] for a command the caller prepared (to run it as
+    /// another user, say).
+    pub fn listening_command(command: Command, socket: PathBuf) -> Result<Self, WorkerError> {
+        let mut worker = Self::spawn(command)?;
+        worker.socket = Some(socket);
         worker.wait_until_listening()?;
         Ok(worker)
     }
