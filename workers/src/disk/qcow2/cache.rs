@@ -44,10 +44,9 @@ impl MetaCache {
     pub fn get(&mut self, off: u64) -> Option<&mut Table> {
         self.clock += 1;
         let clock = self.clock;
-        self.map.get_mut(&off).map(|t| {
-            t.used = clock;
-            t
-        })
+        let t = self.map.get_mut(&off)?;
+        t.used = clock;
+        Some(t)
     }
 
     /// The table to evict before inserting another, if the cache is full.

@@ -132,7 +132,7 @@ impl Header {
             if h.header_length < 104
                 || u64::from(h.header_length) > cluster_size
                 || h.header_length as usize > first.len()
-                || h.header_length % 8 != 0
+                || !h.header_length.is_multiple_of(8)
             {
                 return Err(corrupt(format!("header_length {}", h.header_length)));
             }

@@ -111,7 +111,7 @@ impl Refcounts {
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs() != 0 {
+        if !off.is_multiple_of(self.cs()) {
             return Err(corrupt(format!(
                 "refcount block at {off:#x} is not cluster aligned"
             )));
@@ -461,7 +461,7 @@ mod tests {
                 end: 0,
                 reserved: vec![],
             };
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             let mut data = vec![0u8; 512];
             let max = rc.max_refcount();
             for i in 0..n {

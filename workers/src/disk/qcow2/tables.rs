@@ -71,7 +71,7 @@ pub fn l1_target(
         return Ok(None);
     }
     let cs = 1u64 << cluster_bits;
-    if off % cs != 0 {
+    if !off.is_multiple_of(cs) {
         return Err(corrupt(format!(
             "L2 table at {off:#x} is not cluster aligned"
         )));
@@ -115,7 +115,7 @@ pub fn decode_l2(e: u64, bitmap: Option<u64>, cluster_bits: u32, end: u64) -> Re
     }
     let host = e & OFFSET_MASK;
     if host != 0 {
-        if host % cs != 0 {
+        if !host.is_multiple_of(cs) {
             return Err(corrupt(format!(
                 "data cluster at {host:#x} is not cluster aligned"
             )));
