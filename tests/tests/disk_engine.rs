@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
-use bulkhead_workers::disk::{self, DiskError, DiskImage, Format, Mode};
+use bulkhead_workers::disk::{self, DiskError, DiskImage, DiskOptions, Format, Mode};
 
 struct TempDir(PathBuf);
 
@@ -152,12 +152,22 @@ fn resolver(dir: &Path) -> impl Fn(&str) -> std::io::Result<File> + Send + Sync 
 }
 
 fn open(path: &Path, mode: Mode) -> Result<Arc<dyn DiskImage>> {
+    open_opts(path, mode, &DiskOptions::default())
+}
+
+/// Caches of two tables each: every few writes evict a dirty L2 table or refcount block.
+const TINY_CACHES: DiskOptions = DiskOptions {
+    l2_cache_bytes: 0,
+    refcount_cache_bytes: 0,
+};
+
+fn open_opts(path: &Path, mode: Mode, options: &DiskOptions) -> Result<Arc<dyn DiskImage>> {
     let file = OpenOptions::new()
         .read(true)
         .write(mode == Mode::ReadWrite)
         .open(path)?;
     let dir = path.parent().context("image has a directory")?;
-    Ok(disk::open(file, None, mode, &resolver(dir))?)
+    Ok(disk::open_with(file, None, mode, &resolver(dir), options)?)
 }
 
 fn read_all(img: &dyn DiskImage) -> Result<Vec<u8>> {
@@ -366,6 +376,7 @@ fn random_writes(
 }
 
 fn write_and_verify(
+    options: &DiskOptions,
     name: &str,
     img: &Path,
     reference: &Path,
@@ -374,7 +385,7 @@ fn write_and_verify(
     zeroes: bool,
 ) -> Result<()> {
     {
-        let disk = open(img, Mode::ReadWrite)?;
+        let disk = open_opts(img, Mode::ReadWrite, options)?;
         let r = OpenOptions::new().write(true).open(reference)?;
         random_writes(&*disk, &r, 99, count, cluster, zeroes)
             .with_context(|| format!("{name}: writing"))?;
@@ -415,7 +426,15 @@ fn random_writes_keep_images_clean() -> Result<()> {
         let reference = dir.path(&format!("{name}.ref"));
         std::fs::copy(&src, &reference)?;
         let count = if *cluster >= 2 << 20 { 40 } else { 300 };
-        write_and_verify(name, &img, &reference, *cluster, count, true)?;
+        write_and_verify(
+            &DiskOptions::default(),
+            name,
+            &img,
+            &reference,
+            *cluster,
+            count,
+            true,
+        )?;
     }
     Ok(())
 }
@@ -433,7 +452,15 @@ fn fresh_images_and_chains_take_writes() -> Result<()> {
         qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&img), "8M"])?;
         let reference = dir.path(&format!("{name}.ref"));
         File::create(&reference)?.set_len(8 * MIB as u64)?;
-        write_and_verify(name, &img, &reference, 32768, 400, true)?;
+        write_and_verify(
+            &DiskOptions::default(),
+            name,
+            &img,
+            &reference,
+            32768,
+            400,
+            true,
+        )?;
         let clusters = u32::from_be_bytes(std::fs::read(&img)?[56..60].try_into()?);
         ensure!(
             name != "fresh-512" || clusters > 1,
@@ -443,7 +470,58 @@ fn fresh_images_and_chains_take_writes() -> Result<()> {
     for top_opts in ["", "extended_l2=on", "compat=0.10,cluster_size=512"] {
         let dir = TempDir::new("chainw");
         let (top, flat) = make_chain(&dir, 3 * MIB, top_opts)?;
-        write_and_verify(&format!("chain {top_opts}"), &top, &flat, 4096, 300, true)?;
+        write_and_verify(
+            &DiskOptions::default(),
+            &format!("chain {top_opts}"),
+            &top,
+            &flat,
+            4096,
+            300,
+            true,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn tiny_caches_evict_safely() -> Result<()> {
+    let dir = TempDir::new("tiny");
+    let img = dir.path("fresh.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        p(&img),
+        "32M",
+    ])?;
+    let reference = dir.path("fresh.ref");
+    File::create(&reference)?.set_len(32 * MIB as u64)?;
+    write_and_verify(&TINY_CACHES, "fresh", &img, &reference, 4096, 400, true)?;
+    let src = dir.path("src.raw");
+    make_source(&src, 4 * MIB, 10)?;
+    for (name, opts) in [
+        ("v2-512", "compat=0.10,cluster_size=512"),
+        ("extl2", "extended_l2=on,cluster_size=16384"),
+    ] {
+        let img = convert(&dir, &src, name, &["-o", opts])?;
+        qemu_img(&["snapshot", "-c", "s", p(&img)])?;
+        let reference = dir.path(&format!("{name}.ref"));
+        std::fs::copy(&src, &reference)?;
+        write_and_verify(&TINY_CACHES, name, &img, &reference, 4096, 300, true)?;
+        let snap = dir.path(&format!("{name}.snap.raw"));
+        qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            "-l",
+            "snapshot.name=s",
+            p(&img),
+            p(&snap),
+        ])?;
+        compare(&snap, &src).context("snapshot content changed")?;
     }
     Ok(())
 }
@@ -461,7 +539,15 @@ fn internal_snapshot_survives_writes() -> Result<()> {
         qemu_img(&["snapshot", "-c", "before", p(&img)])?;
         let reference = dir.path(&format!("{name}.ref"));
         std::fs::copy(&src, &reference)?;
-        write_and_verify(name, &img, &reference, 4096, 300, true)?;
+        write_and_verify(
+            &DiskOptions::default(),
+            name,
+            &img,
+            &reference,
+            4096,
+            300,
+            true,
+        )?;
         let snap = dir.path(&format!("{name}.snap.raw"));
         qemu_img(&[
             "convert",
@@ -600,7 +686,13 @@ fn crash_child() -> Result<()> {
     let (img, rest) = spec.split_once(':').context("spec")?;
     let (seed, log) = rest.split_once(':').context("spec")?;
     let seed: u64 = seed.parse()?;
-    let disk = open(Path::new(img), Mode::ReadWrite)?;
+    // Even rounds evict dirty metadata all the time, so a kill lands mid-eviction too.
+    let options = if seed % 2 == 0 {
+        TINY_CACHES
+    } else {
+        DiskOptions::default()
+    };
+    let disk = open_opts(Path::new(img), Mode::ReadWrite, &options)?;
     let log = OpenOptions::new().append(true).create(true).open(log)?;
     for i in 0..CRASH_WRITES {
         let (off, len) = crash_write(seed, i);

@@ -24,6 +24,13 @@ pub(crate) fn read_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> std::i
     Ok(())
 }
 
+/// Whether `file` was opened for writing.
+pub(crate) fn is_writable(file: &File) -> bool {
+    // SAFETY: F_GETFL reads the descriptor's flags and touches no memory of ours.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && (flags & libc::O_ACCMODE) != libc::O_RDONLY
+}
+
 pub(crate) fn write_all(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     file.write_all_at(buf, offset)
 }

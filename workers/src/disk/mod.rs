@@ -135,7 +135,26 @@ pub enum Mode {
     Cow,
 }
 
-/// Opens `file` as a disk. `format` None probes it. `file` must be opened for writing when
+/// Tunables; the defaults suit a guest disk.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskOptions {
+    /// Bytes of QCOW2 L2 tables cached per image (at least two tables are kept).
+    pub l2_cache_bytes: u64,
+    /// Bytes of QCOW2 refcount blocks cached per image (at least two blocks are kept).
+    pub refcount_cache_bytes: u64,
+}
+
+impl Default for DiskOptions {
+    fn default() -> DiskOptions {
+        DiskOptions {
+            // 32 MiB of 64 KiB-cluster L2 tables map 256 GiB of disk.
+            l2_cache_bytes: 32 << 20,
+            refcount_cache_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Opens `file` as a disk with default [`DiskOptions`]. `format` None probes it. `file` must be opened for writing when
 /// `mode` is [`Mode::ReadWrite`]; backing files are only ever read.
 pub fn open(
     file: File,
@@ -143,8 +162,24 @@ pub fn open(
     mode: Mode,
     resolver: &dyn BackingResolver,
 ) -> Result<Arc<dyn DiskImage>> {
+    open_with(file, format, mode, resolver, &DiskOptions::default())
+}
+
+/// [`open`] with explicit options.
+pub fn open_with(
+    file: File,
+    format: Option<Format>,
+    mode: Mode,
+    resolver: &dyn BackingResolver,
+    options: &DiskOptions,
+) -> Result<Arc<dyn DiskImage>> {
     let writable = mode == Mode::ReadWrite;
-    let base = open_inner(file, format, writable, resolver, 0)?;
+    if writable && !io::is_writable(&file) {
+        return Err(DiskError::Unsupported(
+            "read-write mode needs an image file opened for writing".into(),
+        ));
+    }
+    let base = open_inner(file, format, writable, resolver, options, 0)?;
     Ok(match mode {
         Mode::Cow => Arc::new(CowOverlay::new(base)),
         _ => Arc::from(base),
@@ -156,6 +191,7 @@ pub(crate) fn open_inner(
     format: Option<Format>,
     writable: bool,
     resolver: &dyn BackingResolver,
+    options: &DiskOptions,
     depth: usize,
 ) -> Result<Box<dyn DiskImage>> {
     if depth > MAX_BACKING_DEPTH {
@@ -167,7 +203,9 @@ pub(crate) fn open_inner(
     };
     Ok(match format {
         Format::Raw => Box::new(Raw::open(file, writable)?),
-        Format::Qcow2 => Box::new(Qcow2::open_with_depth(file, writable, resolver, depth)?),
+        Format::Qcow2 => Box::new(Qcow2::open_with_depth(
+            file, writable, resolver, options, depth,
+        )?),
     })
 }
 

@@ -19,14 +19,13 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::sync::Mutex;
 
-use super::{check_range, io, open_inner, BackingResolver, DiskError, DiskImage, Format, Result};
+use super::{
+    check_range, io, open_inner, BackingResolver, DiskError, DiskImage, DiskOptions, Format, Result,
+};
 use cache::MetaCache;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use refcount::Refcounts;
 use tables::{decode_l2, l1_target, Mapping, ALL_ALLOCATED, COPIED, ZERO};
-
-/// Bytes of L2 tables kept in memory per image.
-const L2_CACHE_BYTES: u64 = 32 << 20;
 
 pub struct Qcow2 {
     file: File,
@@ -65,14 +64,20 @@ struct Piece {
 
 impl Qcow2 {
     /// Opens a QCOW2 image; backing files come from `resolver`.
-    pub fn open(file: File, writable: bool, resolver: &dyn BackingResolver) -> Result<Qcow2> {
-        Self::open_with_depth(file, writable, resolver, 0)
+    pub fn open(
+        file: File,
+        writable: bool,
+        resolver: &dyn BackingResolver,
+        options: &DiskOptions,
+    ) -> Result<Qcow2> {
+        Self::open_with_depth(file, writable, resolver, options, 0)
     }
 
     pub(crate) fn open_with_depth(
         file: File,
         writable: bool,
         resolver: &dyn BackingResolver,
+        options: &DiskOptions,
         depth: usize,
     ) -> Result<Qcow2> {
         let file_len = io::file_len(&file).map_err(DiskError::io("size of qcow2 image"))?;
@@ -131,6 +136,7 @@ impl Qcow2 {
             h.refcount_table_clusters,
             file_len,
             reserved.clone(),
+            (options.refcount_cache_bytes / cs).clamp(2, 1024) as usize,
         )?;
         let backing = match &h.backing_file {
             None => None,
@@ -153,10 +159,10 @@ impl Qcow2 {
                         return Err(DiskError::Unsupported(format!("backing format {other:?}")))
                     }
                 };
-                Some(open_inner(bf, format, false, resolver, depth + 1)?)
+                Some(open_inner(bf, format, false, resolver, options, depth + 1)?)
             }
         };
-        let l2_cap = (L2_CACHE_BYTES / cs).clamp(4, 4096) as usize;
+        let l2_cap = (options.l2_cache_bytes / cs).clamp(2, 4096) as usize;
         let q = Qcow2 {
             file,
             cluster_bits: h.cluster_bits,

@@ -47,6 +47,7 @@ impl Refcounts {
         table_clusters: u32,
         file_len: u64,
         reserved: Vec<(u64, u64)>,
+        cache_blocks: usize,
     ) -> Result<Refcounts> {
         let cs = 1u64 << cluster_bits;
         let bytes = u64::from(table_clusters) * cs;
@@ -71,8 +72,7 @@ impl Refcounts {
             table_offset,
             table_clusters,
             table_dirty: BTreeSet::new(),
-            // 64 blocks of 64 KiB with 16-bit refcounts describe 128 GiB of clusters.
-            blocks: MetaCache::new(64),
+            blocks: MetaCache::new(cache_blocks),
             pending: Vec::new(),
             free_hint: 0,
             end: file_len.div_ceil(cs),
