@@ -159,6 +159,7 @@ fn open(path: &Path, mode: Mode) -> Result<Arc<dyn DiskImage>> {
 const TINY_CACHES: DiskOptions = DiskOptions {
     l2_cache_bytes: 0,
     refcount_cache_bytes: 0,
+    fail_writes_after: None,
 };
 
 fn open_opts(path: &Path, mode: Mode, options: &DiskOptions) -> Result<Arc<dyn DiskImage>> {
@@ -658,14 +659,14 @@ const CRASH_SIZE: u64 = 16 << 20;
 const CRASH_WRITES: u64 = 100_000;
 const SECTOR: u64 = 512;
 
-/// Write `i` of the crash child's sequence, `seed` per round: whole sectors, each sector's
-/// bytes a function of (round, write, sector), so any sector says which write left it.
-fn crash_write(seed: u64, i: u64) -> (u64, u64) {
+/// Write `i` of the crash workload, `seed` per round: whole sectors, each sector's bytes a
+/// function of (round, write, sector), so any sector says which write left it.
+fn crash_write(seed: u64, i: u64, size: u64) -> (u64, u64) {
     let mut rng = Rng((seed << 32 | i) * 2 + 1);
     rng.next();
     let max = if rng.below(4) == 0 { 300 } else { 16 };
     let sectors = 1 + rng.below(max);
-    let off = rng.below(CRASH_SIZE / SECTOR - sectors) * SECTOR;
+    let off = rng.below(size / SECTOR - sectors) * SECTOR;
     (off, sectors * SECTOR)
 }
 
@@ -676,8 +677,75 @@ fn sector_pattern(seed: u64, i: u64, sector: u64) -> [u8; SECTOR as usize] {
     s
 }
 
-/// The child: random writes, flushing every few, appending the index of each flushed
-/// write to a log only after flush returns. Runs until killed.
+/// Random writes, a flush every 8 (`flushed(i)` once writes 0..=i are durable), and every
+/// 97th write's range zeroed and written again.
+fn crash_workload(
+    disk: &dyn DiskImage,
+    seed: u64,
+    count: u64,
+    mut flushed: impl FnMut(u64) -> Result<()>,
+) -> Result<()> {
+    let size = disk.len();
+    for i in 0..count {
+        let (off, len) = crash_write(seed, i, size);
+        let mut buf = Vec::with_capacity(len as usize);
+        for s in 0..len / SECTOR {
+            buf.extend_from_slice(&sector_pattern(seed, i, off / SECTOR + s));
+        }
+        disk.write_at(&buf, off)?;
+        if i % 8 == 7 {
+            disk.flush()?;
+            flushed(i)?;
+        }
+        if i % 97 == 0 {
+            disk.write_zeroes(off, len)?;
+            disk.write_at(&buf, off)?;
+        }
+    }
+    Ok(())
+}
+
+/// After a crash in round `seed` with writes 0..n_flushed durable: every sector holds what
+/// the last durable write to it left (or `before`, the round's starting content), or what
+/// a later write that may have reached the disk left. `later` bounds how far the writer
+/// can have got.
+fn verify_crashed(seed: u64, got: &[u8], before: &[u8], n_flushed: u64, later: u64) -> Result<()> {
+    let size = got.len() as u64;
+    let sectors = (size / SECTOR) as usize;
+    let mut last: Vec<Option<u64>> = vec![None; sectors];
+    for i in 0..n_flushed {
+        let (off, len) = crash_write(seed, i, size);
+        for s in off / SECTOR..(off + len) / SECTOR {
+            last[s as usize] = Some(i);
+        }
+    }
+    let mut maybe: Vec<Vec<u64>> = vec![Vec::new(); sectors];
+    for i in n_flushed..n_flushed + later {
+        let (off, len) = crash_write(seed, i, size);
+        for s in off / SECTOR..(off + len) / SECTOR {
+            maybe[s as usize].push(i);
+        }
+    }
+    for s in 0..sectors {
+        let range = s * SECTOR as usize..(s + 1) * SECTOR as usize;
+        let have = &got[range.clone()];
+        let ok = match last[s] {
+            Some(i) => have == sector_pattern(seed, i, s as u64),
+            None => have == &before[range.clone()],
+        } || maybe[s].iter().any(|&i| have == sector_pattern(seed, i, s as u64))
+            // A 97th write zeroes its range before writing it again.
+            || (have.iter().all(|&b| b == 0)
+                && (maybe[s].iter().any(|&i| i % 97 == 0) || last[s].is_some_and(|i| i % 97 == 0)));
+        ensure!(
+            ok,
+            "sector {s} lost a flushed write (writes 0..{n_flushed} were flushed)"
+        );
+    }
+    Ok(())
+}
+
+/// The child: runs the workload until killed, logging each flushed write's index after
+/// the flush returns.
 #[test]
 fn crash_child() -> Result<()> {
     let Ok(spec) = std::env::var(CRASH_ENV) else {
@@ -687,31 +755,18 @@ fn crash_child() -> Result<()> {
     let (seed, log) = rest.split_once(':').context("spec")?;
     let seed: u64 = seed.parse()?;
     // Even rounds evict dirty metadata all the time, so a kill lands mid-eviction too.
-    let options = if seed % 2 == 0 {
+    let options = if seed.is_multiple_of(2) {
         TINY_CACHES
     } else {
         DiskOptions::default()
     };
     let disk = open_opts(Path::new(img), Mode::ReadWrite, &options)?;
     let log = OpenOptions::new().append(true).create(true).open(log)?;
-    for i in 0..CRASH_WRITES {
-        let (off, len) = crash_write(seed, i);
-        let mut buf = Vec::with_capacity(len as usize);
-        for s in 0..len / SECTOR {
-            buf.extend_from_slice(&sector_pattern(seed, i, off / SECTOR + s));
-        }
-        disk.write_at(&buf, off)?;
-        if i % 8 == 7 {
-            disk.flush()?;
-            use std::io::Write;
-            (&log).write_all(format!("{i}\n").as_bytes())?;
-        }
-        if i % 97 == 0 {
-            disk.write_zeroes(off, len)?;
-            disk.write_at(&buf, off)?;
-        }
-    }
-    Ok(())
+    crash_workload(&*disk, seed, CRASH_WRITES, |i| {
+        use std::io::Write;
+        (&log).write_all(format!("{i}\n").as_bytes())?;
+        Ok(())
+    })
 }
 
 #[test]
@@ -756,54 +811,78 @@ fn killed_writer_leaves_consistent_image() -> Result<()> {
             .lines()
             .filter_map(|l| l.parse().ok())
             .next_back();
-        let disk = open(&img, Mode::ReadOnly)?;
-        let got = read_all(&*disk)?;
-        drop(disk);
-        // Per sector: the last flushed write to it (or the round's start state) must be
-        // there, or a later write that may or may not have reached the disk.
         let n_flushed = flushed.map_or(0, |f| f + 1);
         eprintln!("round {round}: {n_flushed} writes flushed before the kill");
         ensure!(
             n_flushed > 0,
             "round {round}: the child flushed nothing before it was killed"
         );
-        let sectors = (CRASH_SIZE / SECTOR) as usize;
-        let mut last: Vec<Option<u64>> = vec![None; sectors];
-        for i in 0..n_flushed {
-            let (off, len) = crash_write(round, i);
-            for s in off / SECTOR..(off + len) / SECTOR {
-                last[s as usize] = Some(i);
-            }
-        }
-        let mut later: Vec<Vec<u64>> = vec![Vec::new(); sectors];
-        // The child cannot have got further than a few thousand writes past its last flush.
-        for i in n_flushed..n_flushed + 5000 {
-            let (off, len) = crash_write(round, i);
-            for s in off / SECTOR..(off + len) / SECTOR {
-                later[s as usize].push(i);
-            }
-        }
-        for s in 0..sectors {
-            let range = s * SECTOR as usize..(s + 1) * SECTOR as usize;
-            let have = &got[range.clone()];
-            let expected: Vec<u8> = match last[s] {
-                Some(i) => sector_pattern(round, i, s as u64).to_vec(),
-                None => state[range.clone()].to_vec(),
-            };
-            let zero = have.iter().all(|&b| b == 0);
-            let ok = have == &expected[..]
-                || later[s]
-                    .iter()
-                    .any(|&i| have == sector_pattern(round, i, s as u64))
-                // Writes with index % 97 == 0 zero their range first.
-                || (zero && later[s].iter().any(|&i| i % 97 == 0))
-                || (zero && last[s].is_some_and(|i| i % 97 == 0));
-            ensure!(
-                ok,
-                "round {round}: sector {s} lost a flushed write (flushed up to {flushed:?})"
-            );
-        }
+        let disk = open(&img, Mode::ReadOnly)?;
+        let got = read_all(&*disk)?;
+        drop(disk);
+        // The child cannot have got more than a few thousand writes past its last flush.
+        verify_crashed(round, &got, &state, n_flushed, 5000)
+            .with_context(|| format!("round {round}"))?;
         state = got;
+    }
+    Ok(())
+}
+
+/// A kill at every point of a write sequence, deterministically: the engine's writes are
+/// cut off after N of them, for every N, and each image left behind must pass `qemu-img
+/// check` and hold every flushed write.
+#[test]
+fn writes_cut_off_at_every_point_leave_consistent_images() -> Result<()> {
+    let dir = TempDir::new("cutoff");
+    const SIZE: u64 = 2 << 20;
+    let base = dir.path("base.raw");
+    let before = make_source(&base, SIZE as usize, 12)?;
+    let pristine = dir.path("pristine.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&pristine),
+    ])?;
+    let img = dir.path("cut.qcow2");
+    const WRITES: u64 = 60;
+    for tiny in [false, true] {
+        let mut cut = 0u64;
+        loop {
+            std::fs::copy(&pristine, &img)?;
+            let mut options = if tiny {
+                TINY_CACHES
+            } else {
+                DiskOptions::default()
+            };
+            options.fail_writes_after = Some(cut);
+            let mut n_flushed = 0;
+            let done = {
+                let disk = open_opts(&img, Mode::ReadWrite, &options)?;
+                crash_workload(&*disk, 77, WRITES, |i| {
+                    n_flushed = i + 1;
+                    Ok(())
+                })
+                .is_ok()
+            };
+            check(&img, true)
+                .with_context(|| format!("cut after {cut} writes (tiny caches: {tiny})"))?;
+            let got = read_all(&*open(&img, Mode::ReadOnly)?)?;
+            verify_crashed(77, &got, &before, n_flushed, WRITES)
+                .with_context(|| format!("cut after {cut} writes (tiny caches: {tiny})"))?;
+            if done {
+                ensure!(cut > 0, "the workload wrote nothing");
+                break;
+            }
+            cut += 1;
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Reads `buf.len()` bytes at `offset`; what lies past the end of the file reads as zeros
 /// (a file's tail may be sparse or not yet written).
@@ -87,4 +88,51 @@ pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<
         done += n as u64;
     }
     Ok(())
+}
+
+/// An image file as the format code sees it. `fail_writes_after` is fault injection for
+/// tests: after that many writes every write fails, as if the process had died there.
+pub(crate) struct HostFile {
+    file: File,
+    write_budget: Option<AtomicU64>,
+}
+
+impl HostFile {
+    pub fn new(file: File, fail_writes_after: Option<u64>) -> HostFile {
+        HostFile {
+            file,
+            write_budget: fail_writes_after.map(AtomicU64::new),
+        }
+    }
+
+    pub fn read_zero_fill(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        read_zero_fill(&self.file, buf, offset)
+    }
+
+    pub fn write_all(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if let Some(budget) = &self.write_budget {
+            if budget
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+                .is_err()
+            {
+                return Err(std::io::Error::other("injected failure: writes cut off"));
+            }
+        }
+        write_all(&self.file, buf, offset)
+    }
+
+    pub fn sync_data(&self) -> std::io::Result<()> {
+        if self
+            .write_budget
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::SeqCst) == 0)
+        {
+            return Err(std::io::Error::other("injected failure: writes cut off"));
+        }
+        sync_data(&self.file)
+    }
+
+    pub fn len(&self) -> std::io::Result<u64> {
+        file_len(&self.file)
+    }
 }

@@ -142,6 +142,9 @@ pub struct DiskOptions {
     pub l2_cache_bytes: u64,
     /// Bytes of QCOW2 refcount blocks cached per image (at least two blocks are kept).
     pub refcount_cache_bytes: u64,
+    /// Fault injection for crash tests: after this many writes to a QCOW2 image file every
+    /// write fails, as if the process had been killed right there. None in real use.
+    pub fail_writes_after: Option<u64>,
 }
 
 impl Default for DiskOptions {
@@ -150,6 +153,7 @@ impl Default for DiskOptions {
             // 32 MiB of 64 KiB-cluster L2 tables map 256 GiB of disk.
             l2_cache_bytes: 32 << 20,
             refcount_cache_bytes: 8 << 20,
+            fail_writes_after: None,
         }
     }
 }

@@ -19,8 +19,9 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::sync::Mutex;
 
+use super::io::HostFile;
 use super::{
-    check_range, io, open_inner, BackingResolver, DiskError, DiskImage, DiskOptions, Format, Result,
+    check_range, open_inner, BackingResolver, DiskError, DiskImage, DiskOptions, Format, Result,
 };
 use cache::MetaCache;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -28,7 +29,7 @@ use refcount::Refcounts;
 use tables::{decode_l2, l1_target, Mapping, ALL_ALLOCATED, COPIED, ZERO};
 
 pub struct Qcow2 {
-    file: File,
+    file: HostFile,
     cluster_bits: u32,
     size: u64,
     l2_entries: u64,
@@ -80,15 +81,18 @@ impl Qcow2 {
         options: &DiskOptions,
         depth: usize,
     ) -> Result<Qcow2> {
-        let file_len = io::file_len(&file).map_err(DiskError::io("size of qcow2 image"))?;
+        let file = HostFile::new(file, options.fail_writes_after);
+        let file_len = file.len().map_err(DiskError::io("size of qcow2 image"))?;
         let mut start = [0u8; 24];
-        io::read_zero_fill(&file, &mut start, 0).map_err(DiskError::io("read qcow2 header"))?;
+        file.read_zero_fill(&mut start, 0)
+            .map_err(DiskError::io("read qcow2 header"))?;
         let bits = u32::from_be_bytes([start[20], start[21], start[22], start[23]]);
         if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
             return Err(corrupt(format!("cluster_bits {bits} is out of range")));
         }
         let mut first = vec![0u8; 1 << bits];
-        io::read_zero_fill(&file, &mut first, 0).map_err(DiskError::io("read qcow2 header"))?;
+        file.read_zero_fill(&mut first, 0)
+            .map_err(DiskError::io("read qcow2 header"))?;
         let h = Header::parse(&first, file_len)?;
         if writable {
             if h.incompatible_features & INCOMPAT_DIRTY != 0 {
@@ -107,7 +111,7 @@ impl Qcow2 {
         let cs = h.cluster_size();
         let l1_bytes = u64::from(h.l1_size) * 8;
         let mut raw = vec![0u8; l1_bytes as usize];
-        io::read_zero_fill(&file, &mut raw, h.l1_table_offset)
+        file.read_zero_fill(&mut raw, h.l1_table_offset)
             .map_err(DiskError::io("read L1 table"))?;
         let l1 = raw
             .chunks_exact(8)
@@ -130,10 +134,7 @@ impl Qcow2 {
         ];
         let rc = Refcounts::load(
             &file,
-            h.cluster_bits,
-            h.refcount_order,
-            h.refcount_table_offset,
-            h.refcount_table_clusters,
+            &h,
             file_len,
             reserved.clone(),
             (options.refcount_cache_bytes / cs).clamp(2, 1024) as usize,
@@ -185,8 +186,9 @@ impl Qcow2 {
         if writable && h.version == 3 && h.autoclear_features != 0 {
             // Autoclear features (bitmaps and the like) go stale once anyone who does not
             // maintain them writes: the spec says to clear them.
-            io::write_all(&q.file, &0u64.to_be_bytes(), 88)
-                .and_then(|_| io::sync_data(&q.file))
+            q.file
+                .write_all(&0u64.to_be_bytes(), 88)
+                .and_then(|_| q.file.sync_data())
                 .map_err(DiskError::io("clear autoclear features"))?;
         }
         Ok(q)
@@ -239,7 +241,9 @@ impl Qcow2 {
             m.l2.remove(victim);
         }
         let mut data = vec![0u8; self.cs() as usize];
-        io::read_zero_fill(&self.file, &mut data, off).map_err(DiskError::io("read L2 table"))?;
+        self.file
+            .read_zero_fill(&mut data, off)
+            .map_err(DiskError::io("read L2 table"))?;
         m.l2.insert(off, data, false);
         Ok(())
     }
@@ -293,7 +297,8 @@ impl Qcow2 {
 
     fn read_compressed(&self, host: u64, len: u64) -> Result<Vec<u8>> {
         let mut input = vec![0u8; len as usize];
-        io::read_zero_fill(&self.file, &mut input, host)
+        self.file
+            .read_zero_fill(&mut input, host)
             .map_err(DiskError::io("read compressed cluster"))?;
         let mut out = vec![0u8; self.cs() as usize];
         compressed::decompress(self.compression, &input, &mut out)
@@ -309,7 +314,9 @@ impl Qcow2 {
                 buf.fill(0);
                 Ok(())
             }
-            Mapping::Data { host } => io::read_zero_fill(&self.file, buf, host + in_cluster)
+            Mapping::Data { host } => self
+                .file
+                .read_zero_fill(buf, host + in_cluster)
                 .map_err(DiskError::io("qcow2 read")),
             Mapping::Compressed { host, len } => {
                 let data = self.read_compressed(host, len)?;
@@ -326,7 +333,8 @@ impl Qcow2 {
                     let n = ((sub - pos % sub) as usize).min(buf.len() - done);
                     let out = &mut buf[done..done + n];
                     if alloc & (1 << k) != 0 {
-                        io::read_zero_fill(&self.file, out, host + pos)
+                        self.file
+                            .read_zero_fill(out, host + pos)
                             .map_err(DiskError::io("qcow2 read"))?;
                     } else if zero & (1 << k) != 0 {
                         out.fill(0);
@@ -448,7 +456,9 @@ impl Qcow2 {
         let full = self.merged_cluster(map, p.cluster, p.in_cluster, data, p.len)?;
         let c = m.rc.alloc(&self.file)?;
         let host = c << self.cluster_bits;
-        io::write_all(&self.file, &full, host).map_err(DiskError::io("qcow2 write"))?;
+        self.file
+            .write_all(&full, host)
+            .map_err(DiskError::io("qcow2 write"))?;
         let bitmap = if self.extended {
             u64::from(ALL_ALLOCATED)
         } else {
@@ -509,7 +519,9 @@ impl Qcow2 {
 
     fn write_piece(&self, m: &mut Meta, map: Mapping, p: &Piece, data: &[u8]) -> Result<()> {
         if let Some(host) = self.in_place(m, map, p)? {
-            return io::write_all(&self.file, data, host + p.in_cluster)
+            return self
+                .file
+                .write_all(data, host + p.in_cluster)
                 .map_err(DiskError::io("qcow2 write"));
         }
         self.write_allocating(m, map, p, Some(data))
@@ -517,7 +529,7 @@ impl Qcow2 {
 
     /// Writes back all dirty metadata in crash-safe order and makes it durable.
     fn flush_metadata(&self, m: &mut Meta) -> Result<()> {
-        let sync = || io::sync_data(&self.file).map_err(DiskError::io("sync"));
+        let sync = || self.file.sync_data().map_err(DiskError::io("sync"));
         if m.rc.is_dirty() {
             m.rc.write_back(&self.file)?;
         }
@@ -527,7 +539,8 @@ impl Qcow2 {
         if !dirty.is_empty() || !m.l1_dirty.is_empty() {
             for off in dirty {
                 if let Some(t) = m.l2.get(off) {
-                    io::write_all(&self.file, &t.data, off)
+                    self.file
+                        .write_all(&t.data, off)
                         .map_err(DiskError::io("write L2 table"))?;
                     t.dirty = false;
                 }
@@ -535,12 +548,9 @@ impl Qcow2 {
             if !m.l1_dirty.is_empty() {
                 sync()?;
                 for i in std::mem::take(&mut m.l1_dirty) {
-                    io::write_all(
-                        &self.file,
-                        &m.l1[i].to_be_bytes(),
-                        self.l1_offset + i as u64 * 8,
-                    )
-                    .map_err(DiskError::io("write L1 entry"))?;
+                    self.file
+                        .write_all(&m.l1[i].to_be_bytes(), self.l1_offset + i as u64 * 8)
+                        .map_err(DiskError::io("write L1 entry"))?;
                 }
             }
             sync()?;
@@ -587,7 +597,8 @@ impl DiskImage for Qcow2 {
                     len += pieces[j].len;
                     j += 1;
                 }
-                io::read_zero_fill(&self.file, &mut buf[p.at..p.at + len], start)
+                self.file
+                    .read_zero_fill(&mut buf[p.at..p.at + len], start)
                     .map_err(DiskError::io("qcow2 read"))?;
                 i = j;
                 continue;
@@ -614,7 +625,9 @@ impl DiskImage for Qcow2 {
             }
         }
         for (host, data) in direct {
-            io::write_all(&self.file, data, host).map_err(DiskError::io("qcow2 write"))?;
+            self.file
+                .write_all(data, host)
+                .map_err(DiskError::io("qcow2 write"))?;
         }
         Ok(())
     }

@@ -8,11 +8,11 @@
 //! than the number of references, and a crash can at worst leak clusters.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 
-use super::super::{io, DiskError, Result};
+use super::super::io::HostFile;
+use super::super::{DiskError, Result};
 use super::cache::MetaCache;
-use super::header::{MAX_REFTABLE_BYTES, OFF_REFTABLE};
+use super::header::{Header, MAX_REFTABLE_BYTES, OFF_REFTABLE};
 
 const ENTRY_OFFSET_MASK: u64 = !0x1ff;
 
@@ -40,22 +40,21 @@ fn corrupt(s: impl Into<String>) -> DiskError {
 
 impl Refcounts {
     pub fn load(
-        file: &File,
-        cluster_bits: u32,
-        order: u32,
-        table_offset: u64,
-        table_clusters: u32,
+        file: &HostFile,
+        h: &Header,
         file_len: u64,
         reserved: Vec<(u64, u64)>,
         cache_blocks: usize,
     ) -> Result<Refcounts> {
+        let (cluster_bits, order) = (h.cluster_bits, h.refcount_order);
+        let (table_offset, table_clusters) = (h.refcount_table_offset, h.refcount_table_clusters);
         let cs = 1u64 << cluster_bits;
         let bytes = u64::from(table_clusters) * cs;
         if bytes > MAX_REFTABLE_BYTES {
             return Err(corrupt("refcount table too large"));
         }
         let mut raw = vec![0u8; bytes as usize];
-        io::read_zero_fill(file, &mut raw, table_offset)
+        file.read_zero_fill(&mut raw, table_offset)
             .map_err(DiskError::io("read refcount table"))?;
         let table = raw
             .chunks_exact(8)
@@ -133,7 +132,7 @@ impl Refcounts {
         Ok(Some(off))
     }
 
-    fn load_block(&mut self, file: &File, off: u64) -> Result<()> {
+    fn load_block(&mut self, file: &HostFile, off: u64) -> Result<()> {
         if self.blocks.contains(off) {
             return Ok(());
         }
@@ -142,13 +141,14 @@ impl Refcounts {
                 if dirty {
                     // Writing a block early is always safe: it holds no decrement whose
                     // reference removal is not already durable.
-                    io::write_all(file, &t.data, victim)
+                    file.write_all(&t.data, victim)
                         .map_err(DiskError::io("write refcount block"))?;
                 }
             }
         }
         let mut data = vec![0u8; self.cs() as usize];
-        io::read_zero_fill(file, &mut data, off).map_err(DiskError::io("read refcount block"))?;
+        file.read_zero_fill(&mut data, off)
+            .map_err(DiskError::io("read refcount block"))?;
         self.blocks.insert(off, data, false);
         Ok(())
     }
@@ -193,7 +193,7 @@ impl Refcounts {
         }
     }
 
-    pub fn get(&mut self, file: &File, c: u64) -> Result<u64> {
+    pub fn get(&mut self, file: &HostFile, c: u64) -> Result<u64> {
         let Some(off) = self.block_of(c)? else {
             return Ok(0);
         };
@@ -207,7 +207,7 @@ impl Refcounts {
     }
 
     /// Sets an existing block's entry; the block must exist ([`Self::ensure_block`]).
-    fn set(&mut self, file: &File, c: u64, v: u64) -> Result<()> {
+    fn set(&mut self, file: &HostFile, c: u64, v: u64) -> Result<()> {
         if v > self.max_refcount() {
             return Err(DiskError::RefcountOverflow {
                 offset: c << self.cluster_bits,
@@ -228,7 +228,7 @@ impl Refcounts {
     }
 
     /// Adds `delta` to cluster `c`'s refcount.
-    pub fn add(&mut self, file: &File, c: u64, delta: i64) -> Result<u64> {
+    pub fn add(&mut self, file: &HostFile, c: u64, delta: i64) -> Result<u64> {
         let cur = self.get(file, c)?;
         let new = if delta >= 0 {
             cur.checked_add(delta as u64)
@@ -248,7 +248,7 @@ impl Refcounts {
     }
 
     /// Allocates one cluster (refcount 1, in memory) and returns its index.
-    pub fn alloc(&mut self, file: &File) -> Result<u64> {
+    pub fn alloc(&mut self, file: &HostFile) -> Result<u64> {
         loop {
             let mut c = self.free_hint;
             while c < self.end && (self.is_reserved(c) || self.get(file, c)? != 0) {
@@ -267,7 +267,7 @@ impl Refcounts {
     }
 
     /// Makes sure cluster `c` has a refcount block; true if that allocated metadata.
-    fn ensure_block(&mut self, file: &File, c: u64) -> Result<bool> {
+    fn ensure_block(&mut self, file: &HostFile, c: u64) -> Result<bool> {
         if self.block_of(c)?.is_some() {
             return Ok(false);
         }
@@ -289,11 +289,11 @@ impl Refcounts {
         Ok(true)
     }
 
-    fn insert_block(&mut self, file: &File, off: u64, data: Vec<u8>) -> Result<()> {
+    fn insert_block(&mut self, file: &HostFile, off: u64, data: Vec<u8>) -> Result<()> {
         if let Some((victim, dirty)) = self.blocks.victim() {
             if let Some(t) = self.blocks.remove(victim) {
                 if dirty {
-                    io::write_all(file, &t.data, victim)
+                    file.write_all(&t.data, victim)
                         .map_err(DiskError::io("write refcount block"))?;
                 }
             }
@@ -304,7 +304,7 @@ impl Refcounts {
 
     /// Moves the refcount table to a larger one at the end of the file, with blocks for the
     /// new table itself; the header switch is the commit point.
-    fn grow_table(&mut self, file: &File, needed: u64) -> Result<()> {
+    fn grow_table(&mut self, file: &HostFile, needed: u64) -> Result<()> {
         let cs = self.cs();
         let per_cluster = cs / 8;
         let start = self.end;
@@ -355,13 +355,15 @@ impl Refcounts {
         for e in &self.table {
             raw.extend_from_slice(&e.to_be_bytes());
         }
-        io::write_all(file, &raw, table_off).map_err(DiskError::io("write refcount table"))?;
-        io::sync_data(file).map_err(DiskError::io("sync"))?;
+        file.write_all(&raw, table_off)
+            .map_err(DiskError::io("write refcount table"))?;
+        file.sync_data().map_err(DiskError::io("sync"))?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-        io::write_all(file, &hdr, OFF_REFTABLE).map_err(DiskError::io("write header"))?;
-        io::sync_data(file).map_err(DiskError::io("sync"))?;
+        file.write_all(&hdr, OFF_REFTABLE)
+            .map_err(DiskError::io("write header"))?;
+        file.sync_data().map_err(DiskError::io("sync"))?;
         let old_off = self.table_offset;
         let old_clusters = u64::from(self.table_clusters);
         self.table_offset = table_off;
@@ -396,7 +398,7 @@ impl Refcounts {
         !self.pending.is_empty()
     }
 
-    pub fn apply_frees(&mut self, file: &File) -> Result<()> {
+    pub fn apply_frees(&mut self, file: &HostFile) -> Result<()> {
         let pending = std::mem::take(&mut self.pending);
         for c in pending {
             if self.get(file, c)? == 0 {
@@ -415,10 +417,11 @@ impl Refcounts {
     }
 
     /// Writes every dirty block (no sync).
-    pub fn write_blocks(&mut self, file: &File) -> Result<()> {
+    pub fn write_blocks(&mut self, file: &HostFile) -> Result<()> {
         for off in self.blocks.dirty_offsets() {
             if let Some(t) = self.blocks.get(off) {
-                io::write_all(file, &t.data, off).map_err(DiskError::io("write refcount block"))?;
+                file.write_all(&t.data, off)
+                    .map_err(DiskError::io("write refcount block"))?;
                 t.dirty = false;
             }
         }
@@ -427,13 +430,13 @@ impl Refcounts {
 
     /// Writes dirty blocks, then (after a sync) the table entries that point to new ones.
     /// The caller syncs afterwards.
-    pub fn write_back(&mut self, file: &File) -> Result<()> {
+    pub fn write_back(&mut self, file: &HostFile) -> Result<()> {
         self.write_blocks(file)?;
         if !self.table_dirty.is_empty() {
-            io::sync_data(file).map_err(DiskError::io("sync"))?;
+            file.sync_data().map_err(DiskError::io("sync"))?;
             for t in std::mem::take(&mut self.table_dirty) {
                 let e = self.table[t];
-                io::write_all(file, &e.to_be_bytes(), self.table_offset + t as u64 * 8)
+                file.write_all(&e.to_be_bytes(), self.table_offset + t as u64 * 8)
                     .map_err(DiskError::io("write refcount table entry"))?;
             }
         }
