@@ -95,13 +95,18 @@ pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<
 pub(crate) struct HostFile {
     file: File,
     write_budget: Option<AtomicU64>,
+    /// Past everything written through this handle or in the file at open: beyond it the
+    /// file reads as zeros.
+    written_end: AtomicU64,
 }
 
 impl HostFile {
     pub fn new(file: File, fail_writes_after: Option<u64>) -> HostFile {
+        let end = file_len(&file).unwrap_or(u64::MAX);
         HostFile {
             file,
             write_budget: fail_writes_after.map(AtomicU64::new),
+            written_end: AtomicU64::new(end),
         }
     }
 
@@ -118,7 +123,14 @@ impl HostFile {
                 return Err(std::io::Error::other("injected failure: writes cut off"));
             }
         }
-        write_all(&self.file, buf, offset)
+        write_all(&self.file, buf, offset)?;
+        self.written_end
+            .fetch_max(offset + buf.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn written_end(&self) -> u64 {
+        self.written_end.load(Ordering::SeqCst)
     }
 
     pub fn sync_data(&self) -> std::io::Result<()> {

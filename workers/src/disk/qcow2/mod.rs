@@ -17,7 +17,7 @@ mod tables;
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::io::HostFile;
 use super::{
@@ -40,6 +40,10 @@ pub struct Qcow2 {
     backing: Option<Box<dyn DiskImage>>,
     writable: bool,
     meta: Mutex<Meta>,
+    /// The last cluster decompressed, by host offset: sequential reads in pieces smaller
+    /// than a cluster would otherwise decompress it once per piece. The engine never writes
+    /// compressed clusters, so an offset keeps meaning the same stream.
+    last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
 struct Meta {
@@ -52,6 +56,23 @@ struct Meta {
 
 fn corrupt(s: impl Into<String>) -> DiskError {
     DiskError::Corrupt(s.into())
+}
+
+/// What goes into a newly allocated cluster.
+enum Content<'a> {
+    /// A whole cluster of the caller's buffer, from this offset.
+    Caller(usize),
+    /// The cluster as it must read, built in memory.
+    Owned(Vec<u8>),
+    /// Only this piece: the cluster lies past the end of the file, the rest reads zeros.
+    Tail(&'a [u8]),
+}
+
+struct Planned<'a> {
+    cluster: u64,
+    host: u64,
+    in_cluster: u64,
+    content: Content<'a>,
 }
 
 /// One cluster's share of a request.
@@ -175,6 +196,7 @@ impl Qcow2 {
             l1_offset: h.l1_table_offset,
             backing,
             writable,
+            last_compressed: Mutex::new(None),
             meta: Mutex::new(Meta {
                 l1,
                 l1_dirty: BTreeSet::new(),
@@ -295,7 +317,17 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn read_compressed(&self, host: u64, len: u64) -> Result<Vec<u8>> {
+    fn read_compressed(&self, host: u64, len: u64) -> Result<Arc<Vec<u8>>> {
+        let cached = || {
+            self.last_compressed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        if let Some((h, data)) = &*cached() {
+            if *h == host {
+                return Ok(data.clone());
+            }
+        }
         let mut input = vec![0u8; len as usize];
         self.file
             .read_zero_fill(&mut input, host)
@@ -303,6 +335,8 @@ impl Qcow2 {
         let mut out = vec![0u8; self.cs() as usize];
         compressed::decompress(self.compression, &input, &mut out)
             .map_err(|why| DiskError::Decompress { offset: host, why })?;
+        let out = Arc::new(out);
+        *cached() = Some((host, out.clone()));
         Ok(out)
     }
 
@@ -459,12 +493,89 @@ impl Qcow2 {
         self.file
             .write_all(&full, host)
             .map_err(DiskError::io("qcow2 write"))?;
-        let bitmap = if self.extended {
+        self.set_entry(m, p.cluster, host | COPIED, self.full_bitmap())
+    }
+
+    fn full_bitmap(&self) -> u64 {
+        if self.extended {
             u64::from(ALL_ALLOCATED)
         } else {
             0
+        }
+    }
+
+    /// Does the whole cluster read as zeros?
+    fn reads_zero(&self, map: Mapping) -> bool {
+        match map {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => self.backing.is_none(),
+            Mapping::Sub { host: 0, zero, .. } => zero == ALL_ALLOCATED || self.backing.is_none(),
+            _ => false,
+        }
+    }
+
+    /// Plans the data write for a piece that needs a new cluster, and allocates it.
+    fn plan_allocation<'a>(
+        &self,
+        m: &mut Meta,
+        map: Mapping,
+        p: &Piece,
+        data: &'a [u8],
+    ) -> Result<Planned<'a>> {
+        let whole = p.len as u64 == self.cs();
+        let content = if whole {
+            Content::Caller(p.at)
+        } else if self.reads_zero(map) {
+            // Decided after allocating: a cluster past the end of the file needs only the
+            // piece written, the rest reads as zeros anyway.
+            Content::Tail(data)
+        } else {
+            Content::Owned(self.merged_cluster(map, p.cluster, p.in_cluster, Some(data), p.len)?)
         };
-        self.set_entry(m, p.cluster, host | COPIED, bitmap)
+        let host = m.rc.alloc(&self.file)? << self.cluster_bits;
+        let content = match content {
+            Content::Tail(_) if host < self.file.written_end() => Content::Owned(
+                self.merged_cluster(map, p.cluster, p.in_cluster, Some(data), p.len)?,
+            ),
+            c => c,
+        };
+        Ok(Planned {
+            cluster: p.cluster,
+            host,
+            in_cluster: p.in_cluster,
+            content,
+        })
+    }
+
+    /// Writes the data of planned allocations, runs of whole clusters that are contiguous
+    /// both in `buf` and on the host as one write.
+    fn write_planned(&self, plans: &[Planned<'_>], buf: &[u8]) -> Result<()> {
+        let cs = self.cs() as usize;
+        let mut i = 0;
+        while i < plans.len() {
+            let p = &plans[i];
+            let io = DiskError::io("qcow2 write");
+            match &p.content {
+                Content::Owned(v) => self.file.write_all(v, p.host).map_err(io)?,
+                Content::Tail(d) => self.file.write_all(d, p.host + p.in_cluster).map_err(io)?,
+                Content::Caller(at) => {
+                    let mut j = i + 1;
+                    while j < plans.len()
+                        && plans[j].host == p.host + ((j - i) * cs) as u64
+                        && matches!(plans[j].content, Content::Caller(a) if a == at + (j - i) * cs)
+                    {
+                        j += 1;
+                    }
+                    self.file
+                        .write_all(&buf[*at..*at + (j - i) * cs], p.host)
+                        .map_err(io)?;
+                    i = j;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        Ok(())
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
@@ -492,15 +603,7 @@ impl Qcow2 {
                 }
                 continue;
             }
-            let reads_zero = match map {
-                Mapping::Zero { host: 0 } => true,
-                Mapping::Unallocated => self.backing.is_none(),
-                Mapping::Sub { host: 0, zero, .. } => {
-                    zero == ALL_ALLOCATED || self.backing.is_none()
-                }
-                _ => false,
-            };
-            if reads_zero {
+            if self.reads_zero(map) && map.owned().is_none() {
                 continue;
             }
             if self.extended {
@@ -615,13 +718,21 @@ impl DiskImage for Qcow2 {
         let mut direct = Vec::new();
         {
             let mut m = self.lock();
+            let mut plans = Vec::new();
             for p in self.pieces(offset, buf.len() as u64) {
                 let map = self.mapping(&mut m, p.cluster)?;
                 let data = &buf[p.at..p.at + p.len];
                 match self.in_place(&mut m, map, &p)? {
                     Some(host) => direct.push((host + p.in_cluster, data)),
-                    None => self.write_allocating(&mut m, map, &p, Some(data))?,
+                    None => plans.push(self.plan_allocation(&mut m, map, &p, data)?),
                 }
+            }
+            // Data first: only then may an L2 entry (written back at any later eviction or
+            // flush) point at it.
+            self.write_planned(&plans, buf)?;
+            let bitmap = self.full_bitmap();
+            for p in &plans {
+                self.set_entry(&mut m, p.cluster, p.host | COPIED, bitmap)?;
             }
         }
         for (host, data) in direct {

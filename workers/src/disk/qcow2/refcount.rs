@@ -448,6 +448,48 @@ impl Refcounts {
 mod tests {
     use super::*;
 
+    fn in_memory(order: u32) -> Refcounts {
+        let mut rc = Refcounts {
+            cluster_bits: 9,
+            order,
+            table: vec![512],
+            table_offset: 0,
+            table_clusters: 1,
+            table_dirty: BTreeSet::new(),
+            blocks: MetaCache::new(2),
+            pending: vec![],
+            free_hint: 0,
+            end: 4,
+            reserved: vec![],
+        };
+        rc.blocks.insert(512, vec![0u8; 512], false);
+        rc
+    }
+
+    #[test]
+    fn refcounts_never_overflow_or_underflow() {
+        let file = HostFile::new(std::fs::File::open("/dev/null").unwrap(), None);
+        for order in 0..=6u32 {
+            let mut rc = in_memory(order);
+            let max = rc.max_refcount();
+            rc.set(&file, 2, max).unwrap();
+            assert!(matches!(
+                rc.add(&file, 2, 1),
+                Err(DiskError::RefcountOverflow { offset: 1024, .. })
+            ));
+            assert_eq!(rc.get(&file, 2).unwrap(), max);
+            assert!(rc.set(&file, 2, max.wrapping_add(1)).is_err() || order == 6);
+            assert!(matches!(
+                rc.add(&file, 3, -1),
+                Err(DiskError::RefcountOverflow { .. })
+            ));
+            // A deferred free of a cluster already at zero is skipped, not wrapped.
+            rc.defer_free(3);
+            rc.apply_frees(&file).unwrap();
+            assert_eq!(rc.get(&file, 3).unwrap(), 0);
+        }
+    }
+
     #[test]
     fn every_width_round_trips() {
         for order in 0..=6u32 {
