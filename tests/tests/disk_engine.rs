@@ -948,11 +948,13 @@ fn is_corrupt(e: &DiskError, what: &str) -> bool {
 fn bad_l2_entries_fail_at_access() -> Result<()> {
     let dir = TempDir::new("badl2");
     let (img, l2, e) = small_image(&dir, "a", &[])?;
+    let l1 = be64_at(&std::fs::read(&img)?, 40);
     let copied = 1u64 << 63;
     for (what, entry) in [
         ("past the end", copied | (1u64 << 40)),
         ("not cluster aligned", (e & !(1u64 << 63)) + 512),
         ("reserved bits", e | 2),
+        ("overlaps other metadata", copied | l1),
     ] {
         patch(&img, l2, &entry.to_be_bytes())?;
         let err = read_err(&img);

@@ -51,7 +51,6 @@ struct Meta {
     l1_dirty: BTreeSet<usize>,
     l2: MetaCache,
     rc: Refcounts,
-    reserved: Vec<(u64, u64)>,
 }
 
 fn corrupt(s: impl Into<String>) -> DiskError {
@@ -157,7 +156,7 @@ impl Qcow2 {
             &file,
             &h,
             file_len,
-            reserved.clone(),
+            reserved,
             (options.refcount_cache_bytes / cs).clamp(2, 1024) as usize,
         )?;
         let backing = match &h.backing_file {
@@ -202,7 +201,6 @@ impl Qcow2 {
                 l1_dirty: BTreeSet::new(),
                 l2: MetaCache::new(l2_cap),
                 rc,
-                reserved,
             }),
         };
         if writable && h.version == 3 && h.autoclear_features != 0 {
@@ -280,7 +278,7 @@ impl Qcow2 {
             m.l1.get(idx)
                 .copied()
                 .ok_or_else(|| corrupt("L1 table too short"))?;
-        l1_target(e, self.cluster_bits, self.end(m), &m.reserved)
+        l1_target(e, self.cluster_bits, self.end(m), m.rc.reserved())
     }
 
     /// The raw L2 entry and bitmap for a guest cluster.
@@ -298,7 +296,7 @@ impl Qcow2 {
 
     fn mapping(&self, m: &mut Meta, cluster: u64) -> Result<Mapping> {
         let (e, b) = self.raw_entry(m, cluster)?;
-        decode_l2(e, b, self.cluster_bits, self.end(m))
+        decode_l2(e, b, self.cluster_bits, self.end(m), m.rc.reserved())
     }
 
     fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -243,6 +243,11 @@ impl Refcounts {
         Ok(new)
     }
 
+    /// Cluster ranges (start, end) of the header, L1 table and refcount table.
+    pub fn reserved(&self) -> &[(u64, u64)] {
+        &self.reserved
+    }
+
     fn is_reserved(&self, c: u64) -> bool {
         self.reserved.iter().any(|&(s, e)| c >= s && c < e)
     }

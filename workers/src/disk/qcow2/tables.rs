@@ -91,7 +91,13 @@ pub fn l1_target(
 }
 
 /// Decodes an L2 entry (and, for extended L2, its subcluster bitmap).
-pub fn decode_l2(e: u64, bitmap: Option<u64>, cluster_bits: u32, end: u64) -> Result<Mapping> {
+pub fn decode_l2(
+    e: u64,
+    bitmap: Option<u64>,
+    cluster_bits: u32,
+    end: u64,
+    reserved: &[(u64, u64)],
+) -> Result<Mapping> {
     let cs = 1u64 << cluster_bits;
     if e & COMPRESSED != 0 {
         let x = 62 - (cluster_bits - 8);
@@ -123,6 +129,14 @@ pub fn decode_l2(e: u64, bitmap: Option<u64>, cluster_bits: u32, end: u64) -> Re
         if host >= end {
             return Err(corrupt(format!(
                 "data cluster at {host:#x} is past the end of the file"
+            )));
+        }
+        // Guest writes go straight to a data cluster: one on top of metadata would let
+        // the guest rewrite the image's own tables.
+        let c = host / cs;
+        if reserved.iter().any(|&(s, e)| c >= s && c < e) {
+            return Err(corrupt(format!(
+                "data cluster at {host:#x} overlaps other metadata"
             )));
         }
     }
@@ -158,19 +172,22 @@ mod tests {
 
     #[test]
     fn l2_entries_decode() {
-        assert_eq!(decode_l2(0, None, 16, END).unwrap(), Mapping::Unallocated);
         assert_eq!(
-            decode_l2(1, None, 16, END).unwrap(),
+            decode_l2(0, None, 16, END, &[]).unwrap(),
+            Mapping::Unallocated
+        );
+        assert_eq!(
+            decode_l2(1, None, 16, END, &[]).unwrap(),
             Mapping::Zero { host: 0 }
         );
         assert_eq!(
-            decode_l2(COPIED | 0x30000, None, 16, END).unwrap(),
+            decode_l2(COPIED | 0x30000, None, 16, END, &[]).unwrap(),
             Mapping::Data { host: 0x30000 }
         );
         // 64 KiB clusters: offset in bits 0..54, additional sectors above.
         let e = COMPRESSED | (3u64 << 54) | 0x20123;
         assert_eq!(
-            decode_l2(e, None, 16, END).unwrap(),
+            decode_l2(e, None, 16, END, &[]).unwrap(),
             Mapping::Compressed {
                 host: 0x20123,
                 len: 4 * 512 - 0x123
@@ -188,12 +205,14 @@ mod tests {
             COMPRESSED | (END + 5), // compressed past EOF
         ] {
             assert!(
-                matches!(decode_l2(e, None, 16, END), Err(DiskError::Corrupt(_))),
+                matches!(decode_l2(e, None, 16, END, &[]), Err(DiskError::Corrupt(_))),
                 "{e:#x}"
             );
         }
-        assert!(decode_l2(0, Some(1), 16, END).is_err());
-        assert!(decode_l2(0x30000, Some(1 | (1 << 32)), 16, END).is_err());
+        assert!(decode_l2(0, Some(1), 16, END, &[]).is_err());
+        let on_metadata = decode_l2(COPIED | 0x30000, None, 16, END, &[(3, 4)]);
+        assert!(matches!(on_metadata, Err(DiskError::Corrupt(m)) if m.contains("overlaps")));
+        assert!(decode_l2(0x30000, Some(1 | (1 << 32)), 16, END, &[]).is_err());
     }
 
     #[test]
