@@ -216,6 +216,33 @@ fn convert(dir: &TempDir, src: &Path, name: &str, opts: &[&str]) -> Result<PathB
 }
 
 #[test]
+fn preopened_chain_opens_like_paths() -> Result<()> {
+    let dir = TempDir::new("preopen");
+    let (top, flat) = make_chain(&dir, 3 * MIB, "")?;
+    // The VMM's side: walk the chain, opening each file itself.
+    let mut files = Vec::new();
+    let mut cur = File::open(&top)?;
+    while let Some((name, _format)) = disk::backing_of(&cur)? {
+        let f = File::open(dir.path(&name))?;
+        files.push((name, f.try_clone()?));
+        cur = f;
+    }
+    ensure!(files.len() == 2, "chain of {} backing files", files.len());
+    // The worker's side: only the files passed.
+    let resolver = disk::PreopenedBacking::new(files);
+    let d = disk::open(File::open(&top)?, None, Mode::ReadOnly, &resolver)?;
+    ensure!(read_all(&*d)? == std::fs::read(&flat)?);
+    // The same files for another image's names are refused.
+    let (name, f) = ("other.qcow2".to_string(), File::open(&top)?);
+    let wrong = disk::PreopenedBacking::new(vec![(name, f)]);
+    ensure!(matches!(
+        disk::open(File::open(&top)?, None, Mode::ReadOnly, &wrong),
+        Err(DiskError::BackingRefused { .. })
+    ));
+    Ok(())
+}
+
+#[test]
 fn qemu_images_read_back_identical() -> Result<()> {
     let dir = TempDir::new("read");
     let src = dir.path("src.raw");

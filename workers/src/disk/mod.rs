@@ -10,6 +10,7 @@
 //! image gives a [`DiskError`] at open or at access, never a panic, an unbounded allocation or
 //! a write outside the image.
 
+pub mod backing;
 pub mod cow;
 mod io;
 pub mod probe;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+pub use backing::{backing_of, PreopenedBacking};
 pub use cow::CowOverlay;
 pub use probe::{probe, Format};
 pub use qcow2::Qcow2;
