@@ -642,6 +642,8 @@ fn raw_images_take_writes() -> Result<()> {
 fn concurrent_writers_on_one_image() -> Result<()> {
     let dir = TempDir::new("threads");
     let img = dir.path("t.qcow2");
+    let base = dir.path("base.raw");
+    let base_data = make_source(&base, 16 * MIB, 13)?;
     qemu_img(&[
         "create",
         "-q",
@@ -649,32 +651,75 @@ fn concurrent_writers_on_one_image() -> Result<()> {
         "qcow2",
         "-o",
         "cluster_size=4096",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
         p(&img),
-        "16M",
     ])?;
     let disk = open(&img, Mode::ReadWrite)?;
-    // Each thread owns a disjoint stripe, so the final content is known.
+    let stripe = 4 * MIB as u64;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A flusher racing the writers, so frees become reusable while I/O is in flight.
+    let flusher = {
+        let (disk, stop) = (disk.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                disk.flush()?;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Ok(())
+        })
+    };
+    // Each thread owns a disjoint stripe and keeps its own model of it.
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let disk = disk.clone();
-            std::thread::spawn(move || -> Result<()> {
+            let mut model = base_data[(t * stripe) as usize..((t + 1) * stripe) as usize].to_vec();
+            std::thread::spawn(move || -> Result<(u64, Vec<u8>)> {
                 let mut rng = Rng(t + 11);
-                for _ in 0..200 {
-                    let off = t * 4 * MIB as u64 + rng.below(4 * MIB as u64 - 20000);
+                for _ in 0..300 {
+                    let rel = rng.below(stripe - 20000);
                     let len = 1 + rng.below(20000);
-                    disk.write_at(&vec![t as u8 + 1; len as usize], off)?;
+                    let r = rel as usize..(rel + len) as usize;
+                    match rng.below(6) {
+                        0 => {
+                            disk.write_zeroes(t * stripe + rel, len)?;
+                            model[r.clone()].fill(0);
+                        }
+                        1 => {
+                            // Whole clusters: a v3 image reads discarded clusters as zeros.
+                            let (a, l) = (rel & !4095, (len + 4095) & !4095);
+                            disk.discard(t * stripe + a, l)?;
+                            model[a as usize..(a + l) as usize].fill(0);
+                        }
+                        _ => {
+                            let mut data = vec![0u8; len as usize];
+                            rng.fill(&mut data);
+                            disk.write_at(&data, t * stripe + rel)?;
+                            model[r.clone()].copy_from_slice(&data);
+                        }
+                    }
                     let mut back = vec![0u8; len as usize];
-                    disk.read_at(&mut back, off)?;
-                    ensure!(back.iter().all(|&b| b == t as u8 + 1));
+                    disk.read_at(&mut back, t * stripe + rel)?;
+                    ensure!(back == model[r], "thread {t} read back something else");
                 }
-                Ok(())
+                Ok((t, model))
             })
         })
         .collect();
-    for t in threads {
-        t.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let mut want = vec![0u8; 16 * MIB];
+    for th in threads {
+        let (t, model) = th
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        want[(t * stripe) as usize..((t + 1) * stripe) as usize].copy_from_slice(&model);
     }
-    disk.flush()?;
+    stop.store(true, Ordering::Relaxed);
+    flusher
+        .join()
+        .map_err(|_| anyhow::anyhow!("flusher panicked"))??;
+    ensure!(read_all(&*disk)? == want, "final content differs");
     drop(disk);
     check(&img, false)
 }

@@ -4,6 +4,9 @@
 //! Locking: one metadata mutex per image. Reads and writes to clusters the image already
 //! owns look their mapping up under it and then do the data I/O without it; writes that
 //! allocate hold it across the data write so no other writer can map the same cluster twice.
+//! Freed clusters become reusable only at a flush, after in-flight unlocked I/O has drained
+//! (the I/O gate), so a guest racing a discard against a write cannot land data in a
+//! cluster that already belongs elsewhere.
 //!
 //! Crash safety comes from write-back metadata with a fixed order at flush: data, refcount
 //! blocks, sync, L2 tables, sync, L1 entries, sync, then the deferred refcount decrements.
@@ -17,7 +20,7 @@ mod tables;
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::io::HostFile;
 use super::{
@@ -44,6 +47,8 @@ pub struct Qcow2 {
     /// than a cluster would otherwise decompress it once per piece. The engine never writes
     /// compressed clusters, so an offset keeps meaning the same stream.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Read-held by data I/O outside the metadata lock; see [`Qcow2::io_gate`].
+    io_gate: RwLock<()>,
 }
 
 struct Meta {
@@ -196,6 +201,7 @@ impl Qcow2 {
             backing,
             writable,
             last_compressed: Mutex::new(None),
+            io_gate: RwLock::new(()),
             meta: Mutex::new(Meta {
                 l1,
                 l1_dirty: BTreeSet::new(),
@@ -216,6 +222,12 @@ impl Qcow2 {
 
     fn cs(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Held across data I/O done outside the metadata lock; taken while that lock is held,
+    /// so the mapping it uses cannot be freed before the I/O ends.
+    fn io_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.io_gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Meta> {
@@ -657,7 +669,10 @@ impl Qcow2 {
             sync()?;
         }
         if m.rc.has_pending() {
-            // Only now is every dropped reference gone from the disk too.
+            // Only now is every dropped reference gone from the disk too. Data I/O that
+            // looked its mapping up earlier may still be using a freed cluster: wait for it,
+            // or the cluster could be handed out again under its feet.
+            drop(self.io_gate.write().unwrap_or_else(|e| e.into_inner()));
             m.rc.apply_frees(&self.file)?;
             m.rc.write_back(&self.file)?;
             sync()?;
@@ -674,12 +689,13 @@ impl DiskImage for Qcow2 {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         let pieces = self.pieces(offset, buf.len() as u64);
-        let maps = {
+        let (maps, _gate) = {
             let mut m = self.lock();
-            pieces
+            let maps = pieces
                 .iter()
                 .map(|p| self.mapping(&mut m, p.cluster))
-                .collect::<Result<Vec<_>>>()?
+                .collect::<Result<Vec<_>>>()?;
+            (maps, self.io_gate())
         };
         let mut i = 0;
         while i < pieces.len() {
@@ -714,7 +730,7 @@ impl DiskImage for Qcow2 {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
         let mut direct = Vec::new();
-        {
+        let _gate = {
             let mut m = self.lock();
             let mut plans = Vec::new();
             for p in self.pieces(offset, buf.len() as u64) {
@@ -732,7 +748,8 @@ impl DiskImage for Qcow2 {
             for p in &plans {
                 self.set_entry(&mut m, p.cluster, p.host | COPIED, bitmap)?;
             }
-        }
+            self.io_gate()
+        };
         for (host, data) in direct {
             self.file
                 .write_all(data, host)
