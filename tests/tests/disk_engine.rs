@@ -1032,6 +1032,21 @@ fn bad_l2_entries_fail_at_access() -> Result<()> {
         let err = read_err(&img);
         ensure!(is_corrupt(&err, what), "{what}: got {err}");
     }
+    // An entry of offset 0 (COPIED flag or not) is unallocated: a write allocates rather
+    // than landing on the header.
+    patch(&img, l2, &copied.to_be_bytes())?;
+    let disk = open(&img, Mode::ReadWrite)?;
+    let mut buf = vec![1u8; 4096];
+    disk.read_at(&mut buf, 0)?;
+    ensure!(
+        buf.iter().all(|&b| b == 0),
+        "offset-0 entry did not read as unallocated"
+    );
+    disk.write_at(&[9; 4096], 0)?;
+    drop(disk);
+    let head = std::fs::read(&img)?;
+    ensure!(head[..4] == *b"QFI\xfb", "the header was overwritten");
+    ensure!(open(&img, Mode::ReadOnly)?.read_at(&mut buf, 0).is_ok() && buf == [9; 4096]);
     // Writes over a bad entry fail the same way and leave the file alone.
     patch(&img, l2, &(copied | (1u64 << 40)).to_be_bytes())?;
     let len = std::fs::metadata(&img)?.len();
