@@ -1058,6 +1058,29 @@ fn bad_l2_entries_fail_at_access() -> Result<()> {
 }
 
 #[test]
+fn writes_never_land_on_snapshot_metadata() -> Result<()> {
+    let dir = TempDir::new("snapmeta");
+    let (img, l2, _) = small_image(&dir, "s", &[])?;
+    qemu_img(&["snapshot", "-c", "s1", p(&img)])?;
+    let bytes = std::fs::read(&img)?;
+    let table = be64_at(&bytes, 64);
+    let snap_l1 = be64_at(&bytes, table as usize);
+    for target in [table, snap_l1] {
+        patch(&img, l2, &((1u64 << 63) | target).to_be_bytes())?;
+        let disk = open(&img, Mode::ReadWrite)?;
+        let err = disk.write_at(&[1; 512], 0).unwrap_err();
+        ensure!(is_corrupt(&err, "overlaps"), "{target:#x}: {err}");
+    }
+    // A snapshot table that runs off the end of the file is refused for writing.
+    patch(&img, 64, &(bytes.len() as u64 + (1 << 16)).to_be_bytes())?;
+    ensure!(is_corrupt(
+        &open_err(&img, Mode::ReadWrite),
+        "snapshot table"
+    ));
+    Ok(())
+}
+
+#[test]
 fn bad_compressed_descriptors_fail_at_access() -> Result<()> {
     let dir = TempDir::new("badcomp");
     let (img, l2, e) = small_image(&dir, "c", &["-c"])?;

@@ -16,6 +16,7 @@ mod cache;
 mod compressed;
 pub mod header;
 mod refcount;
+mod snapshot;
 mod tables;
 
 use std::collections::BTreeSet;
@@ -146,7 +147,7 @@ impl Qcow2 {
                 u64::from_be_bytes(b)
             })
             .collect();
-        let reserved = vec![
+        let mut reserved = vec![
             (0, 1),
             (
                 h.l1_table_offset / cs,
@@ -157,6 +158,9 @@ impl Qcow2 {
                 h.refcount_table_offset / cs + u64::from(h.refcount_table_clusters),
             ),
         ];
+        if writable {
+            reserved.extend(snapshot::metadata_ranges(&file, &h, file_len)?);
+        }
         let rc = Refcounts::load(
             &file,
             &h,

@@ -13,6 +13,7 @@ use super::super::io::HostFile;
 use super::super::{DiskError, Result};
 use super::cache::MetaCache;
 use super::header::{Header, MAX_REFTABLE_BYTES, OFF_REFTABLE};
+use super::tables::{in_ranges, merge_ranges};
 
 const ENTRY_OFFSET_MASK: u64 = !0x1ff;
 
@@ -32,6 +33,8 @@ pub(super) struct Refcounts {
     /// Cluster ranges that must never be handed out whatever their refcount says
     /// (header, L1 table, refcount table): a corrupt refcount must not let data overwrite them.
     reserved: Vec<(u64, u64)>,
+    /// The same, unmerged, so the refcount table's entry can move when it grows.
+    reserved_raw: Vec<(u64, u64)>,
 }
 
 fn corrupt(s: impl Into<String>) -> DiskError {
@@ -75,7 +78,8 @@ impl Refcounts {
             pending: Vec::new(),
             free_hint: 0,
             end: file_len.div_ceil(cs),
-            reserved,
+            reserved: merge_ranges(reserved.clone()),
+            reserved_raw: reserved,
         })
     }
 
@@ -120,11 +124,7 @@ impl Refcounts {
                 "refcount block at {off:#x} is past the end of the file"
             )));
         }
-        if self
-            .reserved
-            .iter()
-            .any(|&(s, e)| off / self.cs() >= s && off / self.cs() < e)
-        {
+        if in_ranges(&self.reserved, off / self.cs()) {
             return Err(corrupt(format!(
                 "refcount block at {off:#x} overlaps other metadata"
             )));
@@ -249,7 +249,7 @@ impl Refcounts {
     }
 
     fn is_reserved(&self, c: u64) -> bool {
-        self.reserved.iter().any(|&(s, e)| c >= s && c < e)
+        in_ranges(&self.reserved, c)
     }
 
     /// Allocates one cluster (refcount 1, in memory) and returns its index.
@@ -375,11 +375,12 @@ impl Refcounts {
         self.table_clusters = clusters as u32;
         self.table_dirty.clear();
         let old_start = old_off / cs;
-        for r in self.reserved.iter_mut() {
-            if r.0 == old_start {
+        for r in self.reserved_raw.iter_mut() {
+            if *r == (old_start, old_start + old_clusters) {
                 *r = (table_off / cs, table_off / cs + clusters);
             }
         }
+        self.reserved = merge_ranges(self.reserved_raw.clone());
         // Nothing points at the old table once the header is durable.
         for c in old_start..old_start + old_clusters {
             self.add(file, c, -1)?;
@@ -466,6 +467,7 @@ mod tests {
             free_hint: 0,
             end: 4,
             reserved: vec![],
+            reserved_raw: vec![],
         };
         rc.blocks.insert(512, vec![0u8; 512], false);
         rc
@@ -510,6 +512,7 @@ mod tests {
                 free_hint: 0,
                 end: 0,
                 reserved: vec![],
+                reserved_raw: vec![],
             };
             let n = (512 * 8) >> order;
             let mut data = vec![0u8; 512];

@@ -51,6 +51,26 @@ impl Mapping {
     }
 }
 
+/// Sorts cluster ranges (start, end) and merges overlaps, for [`in_ranges`].
+pub fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|r| r.0 < r.1);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Whether cluster `c` lies in one of `ranges` (sorted and merged).
+pub fn in_ranges(ranges: &[(u64, u64)], c: u64) -> bool {
+    let i = ranges.partition_point(|&(s, _)| s <= c);
+    i > 0 && c < ranges[i - 1].1
+}
+
 fn corrupt(s: impl Into<String>) -> DiskError {
     DiskError::Corrupt(s.into())
 }
@@ -82,7 +102,7 @@ pub fn l1_target(
         )));
     }
     let c = off / cs;
-    if reserved.iter().any(|&(s, e)| c >= s && c < e) {
+    if in_ranges(reserved, c) {
         return Err(corrupt(format!(
             "L2 table at {off:#x} overlaps other metadata"
         )));
@@ -134,7 +154,7 @@ pub fn decode_l2(
         // Guest writes go straight to a data cluster: one on top of metadata would let
         // the guest rewrite the image's own tables.
         let c = host / cs;
-        if reserved.iter().any(|&(s, e)| c >= s && c < e) {
+        if in_ranges(reserved, c) {
             return Err(corrupt(format!(
                 "data cluster at {host:#x} overlaps other metadata"
             )));
