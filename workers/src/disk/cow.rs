@@ -122,8 +122,25 @@ impl DiskImage for CowOverlay {
         Ok(())
     }
 
+    /// Drops the overlay's copies of whole blocks (they read as zeros after) and leaves
+    /// everything else alone: discard may free memory but never takes any.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.update(offset, len, None)
+        check_range(offset, len, self.len())?;
+        let mut blocks = self.blocks.write().unwrap_or_else(|e| e.into_inner());
+        let first = offset.div_ceil(COW_BLOCK);
+        let end = (offset + len) / COW_BLOCK;
+        if end.saturating_sub(first) < blocks.len() as u64 {
+            for idx in first..end {
+                if let Some(b) = blocks.get_mut(&idx) {
+                    *b = Block::Zero;
+                }
+            }
+        } else {
+            for (_, b) in blocks.iter_mut().filter(|(i, _)| (first..end).contains(*i)) {
+                *b = Block::Zero;
+            }
+        }
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -191,5 +208,14 @@ mod tests {
         cow.read_at(&mut out, 0).unwrap();
         assert_eq!(out, model);
         assert!(cow.write_at(&[0], 20000).is_err());
+        // Discard zeroes whole overlay blocks, keeps partial ones and never copies up.
+        let before = cow.memory_used();
+        cow.discard(4000, 9000).unwrap();
+        model[4096..12288].fill(0);
+        cow.discard(16384, 3000).unwrap();
+        cow.read_at(&mut out, 0).unwrap();
+        assert_eq!(out, model);
+        assert!(cow.memory_used() < before);
+        assert!(cow.discard(0, 20001).is_err());
     }
 }

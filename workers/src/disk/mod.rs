@@ -6,6 +6,28 @@
 //! opened by the VMM and handed over as a [`File`]. Backing files named inside an image are
 //! obtained through a [`BackingResolver`]; the engine never opens a path itself.
 //!
+//! ```no_run
+//! use std::fs::{File, OpenOptions};
+//! use bulkhead_workers::disk::{self, DiskImage, Mode, PreopenedBacking};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // VMM side: open the image, then walk its backing chain under its own path policy.
+//! let image = OpenOptions::new().read(true).write(true).open("disk.qcow2")?;
+//! let mut chain = Vec::new();
+//! let mut cur = image.try_clone()?;
+//! while let Some((name, _format)) = disk::backing_of(&cur)? {
+//!     let f = File::open(&name)?; // the VMM's policy decides what `name` may reach
+//!     chain.push((name, f.try_clone()?));
+//!     cur = f;
+//! }
+//! // Worker side, with only those files: one engine shared by every queue thread.
+//! let disk = disk::open(image, None, Mode::ReadWrite, &PreopenedBacking::new(chain))?;
+//! disk.write_at(&[0u8; 4096], 0)?;
+//! disk.flush()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Every image is untrusted. Anything read from one is checked before it is used, and a bad
 //! image gives a [`DiskError`] at open or at access, never a panic, an unbounded allocation or
 //! a write outside the image.

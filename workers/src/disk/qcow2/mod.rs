@@ -238,23 +238,27 @@ impl Qcow2 {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
-        let cs = self.cs();
-        let mut v = Vec::new();
+    /// Splits a request at cluster boundaries, lazily: a huge discard must not need a
+    /// list as long as the disk.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = Piece> {
+        let (cs, bits) = (self.cs(), self.cluster_bits);
         let mut done = 0u64;
-        while done < len {
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
             let pos = offset + done;
             let in_cluster = pos & (cs - 1);
             let n = (cs - in_cluster).min(len - done);
-            v.push(Piece {
-                cluster: pos >> self.cluster_bits,
+            let p = Piece {
+                cluster: pos >> bits,
                 in_cluster,
                 len: n as usize,
                 at: done as usize,
-            });
+            };
             done += n;
-        }
-        v
+            Some(p)
+        })
     }
 
     fn entry_bytes(&self) -> usize {
@@ -692,7 +696,7 @@ impl DiskImage for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
-        let pieces = self.pieces(offset, buf.len() as u64);
+        let pieces: Vec<Piece> = self.pieces(offset, buf.len() as u64).collect();
         let (maps, _gate) = {
             let mut m = self.lock();
             let maps = pieces
