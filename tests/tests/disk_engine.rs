@@ -923,12 +923,32 @@ fn writes_cut_off_at_every_point_leave_consistent_images() -> Result<()> {
         "raw",
         p(&pristine),
     ])?;
+    // Compressed clusters under an internal snapshot: writes free compressed clusters and
+    // copy L2 tables and data clusters shared with the snapshot.
+    let shared = dir.path("shared.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        "-o",
+        "cluster_size=4096",
+        p(&base),
+        p(&shared),
+    ])?;
+    qemu_img(&["snapshot", "-c", "s", p(&shared)])?;
     let img = dir.path("cut.qcow2");
     const WRITES: u64 = 60;
-    for tiny in [false, true] {
+    for (pristine, tiny, writes) in [
+        (&pristine, false, WRITES),
+        (&pristine, true, WRITES),
+        (&shared, false, 30),
+    ] {
         let mut cut = 0u64;
         loop {
-            std::fs::copy(&pristine, &img)?;
+            std::fs::copy(pristine, &img)?;
             let mut options = if tiny {
                 TINY_CACHES
             } else {
@@ -938,7 +958,7 @@ fn writes_cut_off_at_every_point_leave_consistent_images() -> Result<()> {
             let mut n_flushed = 0;
             let done = {
                 let disk = open_opts(&img, Mode::ReadWrite, &options)?;
-                crash_workload(&*disk, 77, WRITES, |i| {
+                crash_workload(&*disk, 77, writes, |i| {
                     n_flushed = i + 1;
                     Ok(())
                 })
@@ -947,13 +967,26 @@ fn writes_cut_off_at_every_point_leave_consistent_images() -> Result<()> {
             check(&img, true)
                 .with_context(|| format!("cut after {cut} writes (tiny caches: {tiny})"))?;
             let got = read_all(&*open(&img, Mode::ReadOnly)?)?;
-            verify_crashed(77, &got, &before, n_flushed, WRITES)
+            verify_crashed(77, &got, &before, n_flushed, writes)
                 .with_context(|| format!("cut after {cut} writes (tiny caches: {tiny})"))?;
             if done {
                 ensure!(cut > 0, "the workload wrote nothing");
                 break;
             }
             cut += 1;
+        }
+        if pristine == &shared {
+            let snap = dir.path("snap.raw");
+            qemu_img(&[
+                "convert",
+                "-O",
+                "raw",
+                "-l",
+                "snapshot.name=s",
+                p(&img),
+                p(&snap),
+            ])?;
+            compare(&snap, &base).context("snapshot content changed")?;
         }
     }
     Ok(())
