@@ -1252,6 +1252,33 @@ fn bad_refcount_blocks_fail_writes() -> Result<()> {
 }
 
 #[test]
+fn undercounted_refcounts_never_hand_out_live_clusters() -> Result<()> {
+    let dir = TempDir::new("undercount");
+    let img = dir.path("u.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "4M"])?;
+    let out = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x61 0 1M", p(&img)],
+    )?;
+    ensure!(out.status.success(), "qemu-io write");
+    // Every refcount in the first block says 0: the live data looks free.
+    let bytes = std::fs::read(&img)?;
+    let block = be64_at(&bytes, be64_at(&bytes, 48) as usize);
+    patch(&img, block, &[0u8; 65536])?;
+    let disk = open(&img, Mode::ReadWrite)?;
+    let mut rng = Rng(3);
+    for _ in 0..50 {
+        let off = MIB as u64 + rng.below(3 * MIB as u64 - 70000);
+        disk.write_at(&[0x62; 70000], off)?;
+    }
+    disk.flush()?;
+    let mut buf = vec![0u8; MIB];
+    disk.read_at(&mut buf, 0)?;
+    ensure!(buf.iter().all(|&b| b == 0x61), "live data was overwritten");
+    Ok(())
+}
+
+#[test]
 fn backing_files_only_through_the_resolver() -> Result<()> {
     let dir = TempDir::new("backing");
     // A loop: the image names itself.

@@ -16,6 +16,9 @@ use super::header::{Header, MAX_REFTABLE_BYTES, OFF_REFTABLE};
 use super::tables::{in_ranges, merge_ranges};
 
 const ENTRY_OFFSET_MASK: u64 = !0x1ff;
+/// How many in-use clusters past the end of the file allocation steps over before it
+/// calls the refcounts garbage (a crash leaves a few leaked ones there).
+const MAX_SKIPPED: u32 = 1 << 20;
 
 pub(super) struct Refcounts {
     cluster_bits: u32,
@@ -27,7 +30,8 @@ pub(super) struct Refcounts {
     blocks: MetaCache,
     /// Clusters whose last reference is gone in memory but maybe not yet on disk.
     pending: Vec<u64>,
-    free_hint: u64,
+    /// Clusters freed this session, the only ones allocation reuses.
+    reusable: BTreeSet<u64>,
     /// First cluster index past everything in the file or allocated.
     pub end: u64,
     /// Cluster ranges that must never be handed out whatever their refcount says
@@ -76,7 +80,7 @@ impl Refcounts {
             table_dirty: BTreeSet::new(),
             blocks: MetaCache::new(cache_blocks),
             pending: Vec::new(),
-            free_hint: 0,
+            reusable: BTreeSet::new(),
             end: file_len.div_ceil(cs),
             reserved: merge_ranges(reserved.clone()),
             reserved_raw: reserved,
@@ -253,20 +257,34 @@ impl Refcounts {
     }
 
     /// Allocates one cluster (refcount 1, in memory) and returns its index.
+    ///
+    /// Only clusters this session freed are reused; otherwise allocation appends. Free
+    /// space the image had at open stays unused: a corrupt image whose refcounts undercount
+    /// could otherwise have live data handed out again.
     pub fn alloc(&mut self, file: &HostFile) -> Result<u64> {
+        let mut skipped = 0u32;
         loop {
-            let mut c = self.free_hint;
-            while c < self.end && (self.is_reserved(c) || self.get(file, c)? != 0) {
-                c += 1;
+            let c = self.reusable.pop_first().unwrap_or(self.end);
+            if self.is_reserved(c) || self.get(file, c)? != 0 {
+                if c >= self.end {
+                    // Refcounts past the end of the file: leaks of a crash, or garbage.
+                    skipped += 1;
+                    if skipped > MAX_SKIPPED {
+                        return Err(corrupt("refcounts past the end of the file are all in use"));
+                    }
+                    self.end = c + 1;
+                }
+                continue;
             }
-            self.free_hint = c;
             if self.ensure_block(file, c)? {
-                // New metadata may have taken `c`; look again.
+                // New metadata may have taken `c`; if not, it is still free.
+                if c < self.end && self.get(file, c)? == 0 {
+                    self.reusable.insert(c);
+                }
                 continue;
             }
             self.set(file, c, 1)?;
             self.end = self.end.max(c + 1);
-            self.free_hint = c + 1;
             return Ok(c);
         }
     }
@@ -384,7 +402,7 @@ impl Refcounts {
         // Nothing points at the old table once the header is durable.
         for c in old_start..old_start + old_clusters {
             self.add(file, c, -1)?;
-            self.free_hint = self.free_hint.min(c);
+            self.reusable.insert(c);
         }
         tracing::debug!(
             old = old_table.len(),
@@ -412,7 +430,7 @@ impl Refcounts {
                 continue;
             }
             if self.add(file, c, -1)? == 0 {
-                self.free_hint = self.free_hint.min(c);
+                self.reusable.insert(c);
             }
         }
         Ok(())
@@ -464,7 +482,7 @@ mod tests {
             table_dirty: BTreeSet::new(),
             blocks: MetaCache::new(2),
             pending: vec![],
-            free_hint: 0,
+            reusable: BTreeSet::new(),
             end: 4,
             reserved: vec![],
             reserved_raw: vec![],
@@ -509,7 +527,7 @@ mod tests {
                 table_dirty: BTreeSet::new(),
                 blocks: MetaCache::new(2),
                 pending: vec![],
-                free_hint: 0,
+                reusable: BTreeSet::new(),
                 end: 0,
                 reserved: vec![],
                 reserved_raw: vec![],
