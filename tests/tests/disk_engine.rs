@@ -199,6 +199,16 @@ const KINDS: &[(&str, &[&str])] = &[
     ("rc64", &["-o", "refcount_bits=64"]),
     ("deflate", &["-c"]),
     ("deflate-4k", &["-c", "-o", "cluster_size=4096"]),
+    ("deflate-512", &["-c", "-o", "cluster_size=512"]),
+    ("deflate-2m", &["-c", "-o", "cluster_size=2M"]),
+    (
+        "zstd-2m-extl2",
+        &[
+            "-c",
+            "-o",
+            "compression_type=zstd,cluster_size=2M,extended_l2=on",
+        ],
+    ),
     ("zstd", &["-c", "-o", "compression_type=zstd"]),
     ("v2-deflate", &["-c", "-o", "compat=0.10"]),
     ("extl2", &["-o", "extended_l2=on"]),
