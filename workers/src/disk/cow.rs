@@ -225,6 +225,10 @@ impl DiskImage for CowOverlay {
     fn is_read_only(&self) -> bool {
         false
     }
+
+    fn discard_granularity(&self) -> u64 {
+        COW_BLOCK
+    }
 }
 
 #[cfg(test)]

@@ -117,6 +117,11 @@ pub trait DiskImage: Send + Sync {
     /// The range reads back as zeros afterwards.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
     fn is_read_only(&self) -> bool;
+    /// Discards smaller than this, or not aligned to it, free nothing: a hint for the
+    /// device's discard_sector_alignment.
+    fn discard_granularity(&self) -> u64 {
+        4096
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

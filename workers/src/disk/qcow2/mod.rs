@@ -785,6 +785,10 @@ impl DiskImage for Qcow2 {
     fn is_read_only(&self) -> bool {
         !self.writable
     }
+
+    fn discard_granularity(&self) -> u64 {
+        self.cs()
+    }
 }
 
 impl Drop for Qcow2 {
