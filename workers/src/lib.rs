@@ -10,11 +10,14 @@
 //! - [`p9`]: a 9P2000.L file server confined to one host directory, and its Unix socket
 //!   debug transport.
 //! - [`rng`]: virtio-rng, entropy from the host's getrandom(2), optionally rate limited.
+//! - [`disk`]: the disk engine behind the block worker: raw and QCOW2 images, read-only
+//!   and in-memory copy-on-write modes, opened from files the VMM hands over.
 //! - [`launch`]: how a worker started by the VMM finds its configuration and socket.
 //! - [`sandbox`]: the one place a worker confines itself before serving.
 //! - [`cli`]: the command line.
 
 pub mod cli;
+pub mod disk;
 mod fd;
 pub mod launch;
 pub mod p9;
