@@ -741,7 +741,8 @@ fn concurrent_writers_on_one_image() -> Result<()> {
 
 const CRASH_ENV: &str = "BULKHEAD_DISK_CRASH_CHILD";
 const CRASH_SIZE: u64 = 16 << 20;
-const CRASH_WRITES: u64 = 100_000;
+// More than any machine gets through before the kill (at most 1.5 s).
+const CRASH_WRITES: u64 = 10_000_000;
 const SECTOR: u64 = 512;
 
 /// Write `i` of the crash workload, `seed` per round: whole sectors, each sector's bytes a
