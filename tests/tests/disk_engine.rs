@@ -524,6 +524,45 @@ fn fresh_images_and_chains_take_writes() -> Result<()> {
     Ok(())
 }
 
+/// `qemu-io -c 'read -P'`: QEMU itself reads the pattern back.
+fn qemu_io_reads(img: &Path, pattern: u8, off: u64, len: u64) -> Result<()> {
+    let cmd = format!("read -P {pattern:#x} {off} {len}");
+    let out = run("qemu-io", &["-r", "-f", "qcow2", "-c", &cmd, p(img)])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmd}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn qemu_io_reads_what_the_engine_wrote() -> Result<()> {
+    let dir = TempDir::new("qemuio");
+    for opts in [
+        "cluster_size=65536",
+        "compat=0.10,cluster_size=512",
+        "extended_l2=on",
+    ] {
+        let img = dir.path("w.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&img), "8M"])?;
+        let disk = open(&img, Mode::ReadWrite)?;
+        disk.write_at(&[0x5a; 100_000], 1_000_000)?;
+        disk.write_at(&[0xa5; 4096], 4096)?;
+        disk.write_zeroes(1_020_000, 30_000)?;
+        drop(disk);
+        qemu_io_reads(&img, 0x5a, 1_000_000, 20_000)?;
+        qemu_io_reads(&img, 0, 1_020_000, 30_000)?;
+        qemu_io_reads(&img, 0x5a, 1_050_000, 50_000)?;
+        qemu_io_reads(&img, 0xa5, 4096, 4096)?;
+        qemu_io_reads(&img, 0, 0, 4096)?;
+        // And a mismatch is noticed.
+        ensure!(qemu_io_reads(&img, 0x5b, 1_000_000, 512).is_err());
+    }
+    Ok(())
+}
+
 #[test]
 fn tiny_caches_evict_safely() -> Result<()> {
     let dir = TempDir::new("tiny");
