@@ -925,7 +925,19 @@ fn killed_writer_leaves_consistent_image() -> Result<()> {
             .env(CRASH_ENV, format!("{}:{round}:{}", p(&img), p(&log)))
             .stdout(std::process::Stdio::null())
             .spawn()?;
-        std::thread::sleep(std::time::Duration::from_millis(300 + rng.below(1200)));
+        // Kill at a random moment after the first flush, however slow the start.
+        let started = std::time::Instant::now();
+        while std::fs::metadata(&log)?.len() == 0 {
+            if let Some(status) = child.try_wait()? {
+                bail!("crash child exited before its first flush: {status}");
+            }
+            ensure!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "crash child never flushed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(1200)));
         if let Some(status) = child.try_wait()? {
             bail!("crash child exited early: {status}");
         }
