@@ -524,6 +524,45 @@ fn fresh_images_and_chains_take_writes() -> Result<()> {
     Ok(())
 }
 
+/// `qemu-io -c 'read -P'`: QEMU itself reads the pattern back.
+fn qemu_io_reads(img: &Path, pattern: u8, off: u64, len: u64) -> Result<()> {
+    let cmd = format!("read -P {pattern:#x} {off} {len}");
+    let out = run("qemu-io", &["-r", "-f", "qcow2", "-c", &cmd, p(img)])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmd}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn qemu_io_reads_what_the_engine_wrote() -> Result<()> {
+    let dir = TempDir::new("qemuio");
+    for opts in [
+        "cluster_size=65536",
+        "compat=0.10,cluster_size=512",
+        "extended_l2=on",
+    ] {
+        let img = dir.path("w.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&img), "8M"])?;
+        let disk = open(&img, Mode::ReadWrite)?;
+        disk.write_at(&[0x5a; 100_000], 1_000_000)?;
+        disk.write_at(&[0xa5; 4096], 4096)?;
+        disk.write_zeroes(1_020_000, 30_000)?;
+        drop(disk);
+        qemu_io_reads(&img, 0x5a, 1_000_000, 20_000)?;
+        qemu_io_reads(&img, 0, 1_020_000, 30_000)?;
+        qemu_io_reads(&img, 0x5a, 1_050_000, 50_000)?;
+        qemu_io_reads(&img, 0xa5, 4096, 4096)?;
+        qemu_io_reads(&img, 0, 0, 4096)?;
+        // And a mismatch is noticed.
+        ensure!(qemu_io_reads(&img, 0x5b, 1_000_000, 512).is_err());
+    }
+    Ok(())
+}
+
 #[test]
 fn tiny_caches_evict_safely() -> Result<()> {
     let dir = TempDir::new("tiny");
@@ -741,7 +780,8 @@ fn concurrent_writers_on_one_image() -> Result<()> {
 
 const CRASH_ENV: &str = "BULKHEAD_DISK_CRASH_CHILD";
 const CRASH_SIZE: u64 = 16 << 20;
-const CRASH_WRITES: u64 = 100_000;
+// More than any machine gets through before the kill (at most 1.5 s).
+const CRASH_WRITES: u64 = 10_000_000;
 const SECTOR: u64 = 512;
 
 /// Write `i` of the crash workload, `seed` per round: whole sectors, each sector's bytes a
@@ -885,7 +925,19 @@ fn killed_writer_leaves_consistent_image() -> Result<()> {
             .env(CRASH_ENV, format!("{}:{round}:{}", p(&img), p(&log)))
             .stdout(std::process::Stdio::null())
             .spawn()?;
-        std::thread::sleep(std::time::Duration::from_millis(300 + rng.below(1200)));
+        // Kill at a random moment after the first flush, however slow the start.
+        let started = std::time::Instant::now();
+        while std::fs::metadata(&log)?.len() == 0 {
+            if let Some(status) = child.try_wait()? {
+                bail!("crash child exited before its first flush: {status}");
+            }
+            ensure!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "crash child never flushed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(1200)));
         if let Some(status) = child.try_wait()? {
             bail!("crash child exited early: {status}");
         }
