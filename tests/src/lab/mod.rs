@@ -48,8 +48,9 @@ const L1_BUDGET: Duration = Duration::from_secs(90);
 /// dies mid-scenario (QEMU exits with no panic on the console, the output cut mid-line)
 /// or freezes (not even L1's own run timeout fires), or its watchdog finds a vCPU thread
 /// stuck inside KVM_RUN for tens of seconds (see [`LabReport::l1_died`]). Such a boot says
-/// nothing about bulkhead, so it is retried; a bulkhead run that hangs (killed by L1 at
-/// its timeout) or fails for any other reason is not, and fails the test.
+/// nothing about bulkhead, so it is retried, and so is one whose L2 guest died before it
+/// reached userspace ([`LabReport::l2_died_in_kernel_boot`]); a bulkhead run that hangs
+/// (killed by L1 at its timeout) or fails after its guest started is not, and fails the test.
 const L1_ATTEMPTS: u32 = 3;
 
 /// Time for a guest booted directly under QEMU TCG (about 5 s).
@@ -99,15 +100,22 @@ impl Lab {
         let mut attempt = 1;
         loop {
             let report = self.boot_captured(&scenario.name, &machine, L1_BUDGET + runs_budget)?;
-            if attempt == L1_ATTEMPTS || !report.l1_died() {
+            let noise = if report.l1_died() {
+                "l1-died"
+            } else if report.l2_died_in_kernel_boot() {
+                "l2-died-in-boot"
+            } else {
+                return Ok(report);
+            };
+            if attempt == L1_ATTEMPTS {
                 return Ok(report);
             }
             let kept = report
                 .log_path
-                .with_extension(format!("l1-died-{attempt}.log"));
+                .with_extension(format!("{noise}-{attempt}.log"));
             let _ = fs::rename(&report.log_path, &kept);
             eprintln!(
-                "lab: L1 died or froze during scenario {:?} (console kept in {}); booting it again",
+                "lab: {noise} during scenario {:?} (console kept in {}); booting it again",
                 scenario.name,
                 kept.display()
             );

@@ -14,6 +14,8 @@ use super::qemu::{Console, ConsoleLine};
 use super::scenario::GUEST_MARKER;
 
 const LAB_MARKER: &str = "LAB: ";
+/// What an L2 kernel prints as it starts userspace.
+const L2_USERSPACE_MARKER: &str = "Run /init as init process";
 
 /// How many console lines [`LabReport::explain`] quotes.
 const TAIL_LINES: usize = 40;
@@ -119,6 +121,33 @@ impl LabReport {
         let run_never_ended = self.runs.iter().any(|run| run.exit.is_none());
         let unfinished = self.marker_at("done").is_none() && runs_fine;
         (unfinished && (qemu_exited || run_never_ended)) || self.l1_vcpu_lockup()
+    }
+
+    /// A bulkhead run failed while its L2 kernel was still booting: it never started
+    /// userspace (`Run /init`), so no device had been used and no guest command had run.
+    /// Under the lab about one L2 boot in fifteen triple-faults or stops there, with and
+    /// without worker devices, and bulkhead's boot path is the same in every run - see
+    /// README.md, "The nested lab". Such a boot is retried like a dead L1; a run that fails
+    /// after its guest reached userspace never is.
+    pub fn l2_died_in_kernel_boot(&self) -> bool {
+        self.runs.iter().any(|run| {
+            matches!(run.exit, Some(status) if status != 0)
+                && !self
+                    .run_lines(&run.label)
+                    .any(|line| line.text.contains(L2_USERSPACE_MARKER))
+        })
+    }
+
+    /// The console lines between a run's begin and exit markers.
+    fn run_lines<'a>(&'a self, label: &str) -> impl Iterator<Item = &'a ConsoleLine> + 'a {
+        let begin = format!("run {label}: begin");
+        let exit = format!("run {label}: exit=");
+        self.lines
+            .iter()
+            .skip_while(move |line| after(&line.text, LAB_MARKER) != Some(begin.as_str()))
+            .take_while(move |line| {
+                !after(&line.text, LAB_MARKER).is_some_and(|rest| rest.starts_with(&exit))
+            })
     }
 
     fn l1_vcpu_lockup(&self) -> bool {
@@ -313,6 +342,22 @@ mod tests {
         // The same watchdog in the L2 guest names a guest task: bulkhead's to answer for.
         let guest_lockup = "LAB: run a: begin\n[ 30.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [swapper/1:0]\nLAB: run a: exit=137\nLAB: done\n";
         assert!(!exited(guest_lockup).l1_died());
+    }
+
+    #[test]
+    fn tells_a_guest_that_died_in_kernel_boot() {
+        let early = "LAB: run a: begin\n[ 3.7] smp: Bringing up\nerror: guest triple fault\nLAB: run a: exit=1\nLAB: done\n";
+        assert!(report(early).l2_died_in_kernel_boot());
+        let hung =
+            "LAB: run a: begin\n[ 4.6] audit: initializing\nLAB: run a: exit=137\nLAB: done\n";
+        assert!(report(hung).l2_died_in_kernel_boot());
+        // Once the guest ran /init, a failure is the test's to report.
+        let late = "LAB: run a: begin\n[ 9.0] Run /init as init process\nGUEST: x=1\nLAB: run a: exit=1\nLAB: done\n";
+        assert!(!report(late).l2_died_in_kernel_boot());
+        // A later run's early death counts; a clean run does not.
+        let second = "LAB: run a: begin\n[ 9.0] Run /init as init process\nLAB: run a: exit=0\nLAB: run b: begin\n[ 1.0] x\nLAB: run b: exit=1\n";
+        assert!(report(second).l2_died_in_kernel_boot());
+        assert!(!report("LAB: run a: begin\nLAB: run a: exit=0\n").l2_died_in_kernel_boot());
     }
 
     #[test]
