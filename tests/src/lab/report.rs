@@ -125,10 +125,10 @@ impl LabReport {
 
     /// A bulkhead run failed while its L2 kernel was still booting: it never started
     /// userspace (`Run /init`), so no device had been used and no guest command had run.
-    /// Under the lab about one L2 boot in fifteen triple-faults or stops there, with and
-    /// without worker devices, and bulkhead's boot path is the same in every run - see
-    /// README.md, "The nested lab". Such a boot is retried like a dead L1; a run that fails
-    /// after its guest reached userspace never is.
+    /// Under the lab about one L2 boot in fifteen to twenty triple-faults or stops there, at
+    /// random points and on either vCPU (so far in runs with a worker device, before the
+    /// guest touched it); see README.md, "The nested lab". Such a boot is retried like a
+    /// dead L1; a run that fails after its guest reached userspace never is.
     pub fn l2_died_in_kernel_boot(&self) -> bool {
         self.runs.iter().any(|run| {
             matches!(run.exit, Some(status) if status != 0)
