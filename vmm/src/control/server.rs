@@ -170,7 +170,15 @@ fn prepare_dir(dir: &Path) -> Result<(), ControlError> {
         .mode(0o700)
         .create(dir)
         .map_err(dir_error)?;
-    let metadata = std::fs::metadata(dir).map_err(dir_error)?;
+    // Not following a symlink: in a shared /tmp, another user could point one at a
+    // directory of ours and have us chmod it.
+    let metadata = std::fs::symlink_metadata(dir).map_err(dir_error)?;
+    if !metadata.is_dir() {
+        return Err(dir_error(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "it exists and is not a directory",
+        )));
+    }
     let me = super::euid();
     if metadata.uid() != me {
         return Err(ControlError::DirOwner {
@@ -354,5 +362,56 @@ fn status(context: &ControlContext) -> VmStatus {
             VmState::Running
         },
         devices: context.board.snapshot(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bulkhead-ctl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn binds_replaces_stale_refuses_live_and_cleans_up() {
+        let dir = scratch("bind");
+        let path = dir.join("run/vm.sock");
+        let first = ControlSocket::bind("vm", &path).unwrap();
+        let mode = std::fs::metadata(dir.join("run")).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert!(matches!(
+            ControlSocket::bind("vm", &path),
+            Err(ControlError::NameInUse { .. })
+        ));
+        drop(first);
+        assert!(!path.exists(), "dropping the socket removes it");
+
+        // A socket nobody listens on, as a killed VMM leaves it.
+        drop(UnixListener::bind(&path).unwrap());
+        let second = ControlSocket::bind("vm", &path).unwrap();
+        // A successor's socket at the same path is not ours to remove.
+        std::fs::remove_file(&path).unwrap();
+        let successor = UnixListener::bind(&path).unwrap();
+        drop(second);
+        assert!(path.exists());
+        drop(successor);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn refuses_a_symlinked_directory() {
+        let dir = scratch("symlink");
+        std::fs::create_dir(dir.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join("run")).unwrap();
+        let err = ControlSocket::bind("vm", &dir.join("run/vm.sock"))
+            .err()
+            .expect("a symlinked directory must be refused");
+        assert!(matches!(err, ControlError::Dir { .. }), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
