@@ -317,19 +317,32 @@ fn pause_stops_the_guest_and_resume_restarts_it() -> Result<()> {
     // The output may still be on its way through the pipe: wait until it settles.
     let mut last = vm.ticks();
     wait_for(|| {
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(500));
         let now = vm.ticks();
         let settled = now == last;
         last = now;
         Ok(settled)
     })?;
-    // A running guest prints about 20 lines a second; a paused one prints none.
+    // A running guest prints about 20 lines a second, and its registers change all the
+    // time (rax holds the PM timer it polls); a paused one does neither.
+    let registers = |env: &Env| -> Result<Vec<VcpuRegisters>> {
+        Ok(serde_json::from_str(
+            &env.ok(&["debug", "beta", "--json"])?,
+        )?)
+    };
+    let frozen = registers(&env)?;
     std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(registers(&env)?, frozen, "the vCPU ran while paused");
     assert_eq!(
         vm.ticks(),
         last,
         "the guest ran while paused:\n{}",
         vm.dump()
+    );
+    assert_eq!(
+        env.status("beta")?.state,
+        VmState::Paused,
+        "debug must not resume"
     );
     env.ok(&["pause", "beta"])?; // pausing twice is harmless
 
@@ -421,20 +434,31 @@ fn stop_ends_a_guest_that_ignores_the_button_after_the_timeout() -> Result<()> {
 }
 
 #[test]
-fn the_socket_goes_when_the_guest_powers_off_or_bulkhead_gets_sigterm() -> Result<()> {
+fn the_socket_goes_however_the_vm_ends() -> Result<()> {
     let env = Env::new()?;
-    let mut guest = MicroGuest::new()?;
-    guest.power_off()?;
-    let off = env.kernel("off", &guest.build()?)?;
-    let outcome = env.bulkhead(&[
-        "run",
-        "--name",
-        "brief",
-        "--kernel",
-        off.to_str().context("path")?,
-    ])?;
-    outcome.assert_clean_exit();
-    assert!(!env.socket("brief").exists());
+    type Ending = fn(&mut MicroGuest) -> Result<()>;
+    let endings: [(&str, Ending, bool); 3] = [
+        ("off", MicroGuest::power_off, true),
+        ("reset", MicroGuest::reset_via_cf9, true),
+        ("crash", MicroGuest::triple_fault, false),
+    ];
+    for (name, end, clean) in endings {
+        let mut guest = MicroGuest::new()?;
+        end(&mut guest)?;
+        let kernel = env.kernel(name, &guest.build()?)?;
+        let outcome = env.bulkhead(&[
+            "run",
+            "--name",
+            name,
+            "--kernel",
+            kernel.to_str().context("path")?,
+        ])?;
+        assert_eq!(outcome.status.success(), clean, "{outcome}");
+        assert!(
+            !env.socket(name).exists(),
+            "{name}: the socket outlived the VM"
+        );
+    }
 
     let kernel = env.kernel("ticker", &ticker(false)?)?;
     let vm = env.start("zeta", &kernel, &[])?;
