@@ -239,9 +239,9 @@ fn serve_connection(stream: UnixStream, context: &ControlContext) {
         Err(message) => (Reply::error(message), None),
     };
     let mut line = serde_json::to_string(&reply).unwrap_or_else(|e| {
-        format!(
-            r#"{{"version":{CONTROL_PROTOCOL_VERSION},"error":"cannot encode the reply: {e}"}}"#
-        )
+        // Plain strings always encode, so the client still gets an `error` reply.
+        let message = serde_json::Value::from(format!("cannot encode the reply: {e}"));
+        format!(r#"{{"version":{CONTROL_PROTOCOL_VERSION},"error":{message}}}"#)
     });
     line.push('\n');
     let mut stream = stream;
