@@ -736,3 +736,62 @@ fn config_file_errors_match_the_flags() -> Result<()> {
         .assert_error_mentioning(&["cannot read config file /nonexistent/vm.toml"]);
     Ok(())
 }
+
+/// What Linux does with the fixed power button: enable PWRBTN_EN and take the SCI (IRQ 9,
+/// level-triggered, active high, as the MADT says) through the IOAPIC.
+fn sci_guest() -> Result<Vec<u8>> {
+    const VECTOR: u8 = 0x41;
+    const SCI_IRQ: u32 = 9;
+    const PM1A_ENABLE: u16 = PM1A_STATUS + 2;
+    let mut guest = MicroGuest::new()?;
+    let mut handler = guest.asm().create_label();
+    guest.set_interrupt_handler(VECTOR, handler)?;
+    let a = guest.asm();
+    // Mask the 8259s, so that IRQ 9 arrives once, through the IOAPIC.
+    a.mov(al, 0xff)?;
+    a.out(PIC_MASTER_DATA as u32, al)?;
+    a.out(PIC_SLAVE_DATA as u32, al)?;
+    a.mov(rdi, LAPIC_BASE)?;
+    a.mov(dword_ptr(rdi + LAPIC_SPURIOUS_VECTOR), 0x1ff)?;
+    a.mov(rdi, IOAPIC_BASE)?;
+    a.mov(dword_ptr(rdi), ioapic_redirection_low(SCI_IRQ))?;
+    // Fixed delivery, physical destination, level-triggered (bit 15), active high.
+    a.mov(dword_ptr(rdi + IOAPIC_IOWIN), u32::from(VECTOR) | 1 << 15)?;
+    a.mov(dword_ptr(rdi), ioapic_redirection_low(SCI_IRQ) + 1)?;
+    a.mov(dword_ptr(rdi + IOAPIC_IOWIN), 0)?;
+    a.mov(dx, PM1A_ENABLE as u32)?;
+    a.mov(ax, PM1_PWRBTN as u32)?;
+    a.out(dx, ax)?;
+    guest.print("armed\n")?;
+    let mut idle = guest.asm().create_label();
+    let a = guest.asm();
+    a.sti()?;
+    a.set_label(&mut idle)?;
+    a.hlt()?;
+    a.jmp(idle)?;
+
+    guest.asm().set_label(&mut handler)?;
+    let a = guest.asm();
+    a.mov(dx, PM1A_STATUS as u32)?;
+    a.in_(ax, dx)?;
+    a.movzx(r8d, ax)?;
+    a.out(dx, ax)?; // write 1 to clear what was pending
+    guest.print("sci status=")?;
+    guest.print_hex(r8, 4)?;
+    guest.print("\n")?;
+    guest.power_off()?;
+    guest.build()
+}
+
+#[test]
+fn stop_raises_the_sci_when_the_guest_enabled_the_power_button() -> Result<()> {
+    let env = Env::new()?;
+    let kernel = env.kernel("sci", &sci_guest()?)?;
+    let vm = env.start("mu", &kernel, &[])?;
+    wait_for(|| Ok(vm.stdout().contains("armed\n"))).with_context(|| vm.dump())?;
+    env.ok(&["stop", "mu"])?;
+    let (status, output) = vm.wait()?;
+    assert!(status.success(), "{output}");
+    assert!(output.contains("sci status=0100\n"), "{output}");
+    Ok(())
+}
