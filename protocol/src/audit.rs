@@ -41,6 +41,9 @@ pub enum AuditEvent {
         attempt: u32,
         pid: u32,
     },
+    /// An operator asked for the worker to be replaced (`bulkhead restart-worker`); the
+    /// exit and restart that follow are logged as usual.
+    OperatorRestart { device: String, pid: u32 },
     /// Too many crashes: the device is marked failed; the guest keeps running.
     GiveUp { device: String, attempts: u32 },
 }

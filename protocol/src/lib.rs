@@ -2,6 +2,8 @@
 //!
 //! - [`launch`]: the configuration a worker process starts with, written by the VMM
 //!   into a sealed memfd the worker reads before it touches anything from the guest.
+//! - [`control`]: the versioned JSON protocol of a VM's control socket (`bulkhead list`,
+//!   `stop`, `pause`, ...).
 //! - [`audit`]: lifecycle events (spawn, exit, crash, restart, ...) the supervisor logs
 //!   as JSON lines for auditors.
 //!
@@ -9,6 +11,7 @@
 //! an error, never an allocation of whatever size it claims.
 
 pub mod audit;
+pub mod control;
 pub mod launch;
 pub mod wire;
 

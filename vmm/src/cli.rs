@@ -1,11 +1,12 @@
-//! The command line, kvmtool-style: `bulkhead run --kernel bzImage --cpus 2 --memory 1G`.
+//! The command line, kvmtool-style: `bulkhead run --kernel bzImage --cpus 2 --memory 1G`,
+//! and the commands that manage running VMs (`bulkhead list`, `stop NAME`, ...).
 
 use std::path::PathBuf;
 
-use bulkhead_protocol::{RngConfig, WorkerKind};
+use bulkhead_protocol::WorkerKind;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, ConfigError, CpuCount, MemorySize, VmConfig};
+use crate::config::{ConfigError, RawConfig, VmConfig, VmName};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,25 +29,72 @@ pub enum Command {
         /// Worker kind, e.g. rng.
         kind: WorkerKind,
     },
+    /// List this user's running VMs.
+    List {
+        /// One JSON array of status objects instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's state, resources, uptime and device workers.
+    Status {
+        name: VmName,
+        /// The status as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Press the VM's ACPI power button and wait for it to power off; end it after the
+    /// timeout if the guest does not.
+    Stop {
+        name: VmName,
+        /// Seconds the guest gets to power off.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// End a VM now, without asking the guest.
+    Kill { name: VmName },
+    /// Stop a VM's vCPUs; its device workers keep running.
+    Pause { name: VmName },
+    /// Restart a paused VM's vCPUs.
+    Resume { name: VmName },
+    /// Dump every vCPU's registers.
+    Debug {
+        name: VmName,
+        /// The registers as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a device's worker process, as the supervisor does after a crash.
+    RestartWorker {
+        name: VmName,
+        /// The device, e.g. rng0 (see `bulkhead status`).
+        device: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Read the VM's settings from a TOML file (same keys as these flags: name, kernel,
+    /// initrd, cmdline, cpus, memory, rng, audit_log); flags given too override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// The VM's name, for `bulkhead stop NAME` and friends [default: vm-<pid>].
+    #[arg(short, long, value_name = "NAME")]
+    pub name: Option<String>,
     /// Kernel to boot: a bzImage or an uncompressed ELF vmlinux.
-    #[arg(short, long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(short, long, value_name = "PATH", required_unless_present = "config")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk (initramfs) to hand to the kernel.
     #[arg(short, long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line [default: "console=ttyS0 earlyprintk=ttyS0 reboot=acpi panic=-1"].
     #[arg(short = 'p', long, value_name = "STRING")]
     pub cmdline: Option<String>,
-    /// Number of vCPUs (1-254).
-    #[arg(short, long, default_value_t = 1, value_name = "N")]
-    pub cpus: u64,
-    /// Guest RAM, e.g. 512M or 2G (a bare number means MiB).
-    #[arg(short, long, default_value = "256M", value_name = "SIZE")]
-    pub memory: String,
+    /// Number of vCPUs (1-254) [default: 1].
+    #[arg(short, long, value_name = "N")]
+    pub cpus: Option<u64>,
+    /// Guest RAM, e.g. 512M or 2G (a bare number means MiB) [default: 256M].
+    #[arg(short, long, value_name = "SIZE")]
+    pub memory: Option<String>,
     /// Add a virtio-rng device fed from the host's getrandom, served by a sandboxed worker.
     #[arg(long)]
     pub rng: bool,
@@ -57,25 +105,35 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
-        Ok(VmConfig {
+    /// The settings the flags give, before validation.
+    pub fn raw(&self) -> RawConfig {
+        RawConfig {
+            name: self.name.clone(),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
-            cmdline: self
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_owned()),
-            cpus: CpuCount::new(self.cpus)?,
-            memory: self.memory.parse::<MemorySize>()?,
-            rng: self.rng.then(RngConfig::default),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: self.memory.clone().map(Into::into),
+            rng: self.rng.then_some(true),
             audit_log: self.audit_log.clone(),
-        })
+        }
+    }
+
+    /// The validated config: the file's settings (if any) with the flags on top, checked
+    /// by the one validation path both share.
+    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        file.overridden_by(self.raw()).validate()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("bulkhead").chain(args.iter().copied()))
@@ -108,18 +166,20 @@ mod tests {
         assert_eq!(config.cmdline, config::DEFAULT_CMDLINE);
         assert!(config.cmdline.contains("console=ttyS0"));
         assert!(config.initrd.is_none());
+        assert!(config.name.as_str().starts_with("vm-"));
     }
 
     #[test]
     fn all_options() {
         let args = [
-            "run", "-k", "/k", "-i", "/i", "-p", "quiet", "-c", "4", "-m", "2G",
+            "run", "-k", "/k", "-i", "/i", "-p", "quiet", "-c", "4", "-m", "2G", "-n", "web",
         ];
         let config = run_args(&args).to_config().unwrap();
         assert_eq!(config.cpus.get(), 4);
         assert_eq!(config.memory.bytes(), 2 << 30);
         assert_eq!(config.cmdline, "quiet");
         assert_eq!(config.initrd.as_deref(), Some(std::path::Path::new("/i")));
+        assert_eq!(config.name.as_str(), "web");
     }
 
     #[test]
@@ -134,5 +194,25 @@ mod tests {
             tiny.to_config(),
             Err(ConfigError::MemoryTooSmall(_))
         ));
+        let slash = run_args(&["run", "--kernel", "/k", "--name", "a/b"]);
+        assert_eq!(
+            slash.to_config().unwrap_err(),
+            ConfigError::Name("a/b".into())
+        );
+    }
+
+    #[test]
+    fn management_commands_take_a_valid_name() {
+        assert!(matches!(
+            parse(&["stop", "web"]).unwrap().command,
+            Command::Stop { timeout: 30, .. }
+        ));
+        assert!(matches!(
+            parse(&["restart-worker", "web", "rng0"]).unwrap().command,
+            Command::RestartWorker { .. }
+        ));
+        let err = parse(&["kill", "../etc"]).unwrap_err().to_string();
+        assert!(err.contains("invalid VM name"), "{err}");
+        assert!(parse(&["status"]).is_err());
     }
 }

@@ -1,11 +1,13 @@
 //! What the user asked for, validated: the single source of truth a [`crate::vm::Vm`] is
 //! built from. Parsing from the command line lives in `cli.rs`; this module owns the
-//! rules (limits, units) so that a config file can share them later.
+//! rules (limits, units), and the config file (`bulkhead run --config vm.toml`) goes
+//! through the same [`RawConfig::validate`] as the flags, so the two cannot disagree.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use serde::Deserialize;
 use thiserror::Error;
 
 /// Most vCPUs a guest may have. The MADT and the in-kernel LAPIC use 8-bit APIC ids, and
@@ -34,6 +36,59 @@ pub enum ConfigError {
     MemoryTooLarge(String),
     #[error("invalid cpu count {0}: must be between 1 and {MAX_VCPUS}")]
     CpuCount(u64),
+    #[error("no kernel to boot: give --kernel, or `kernel` in the config file")]
+    NoKernel,
+    #[error("cannot read config file {path}: {detail}")]
+    ReadFile { path: PathBuf, detail: String },
+    #[error("config file {path}, line {line}: {detail}")]
+    FileSyntax {
+        path: PathBuf,
+        line: usize,
+        detail: String,
+    },
+    #[error("invalid VM name {0:?}: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.', not starting with '-' or '.'")]
+    Name(String),
+}
+
+/// Longest VM name: it becomes a socket file name, and socket paths are short (108 bytes).
+pub const MAX_NAME_LEN: usize = 32;
+
+/// A VM's name: the file name of its control socket, so no '/', no leading '.' or '-'.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmName(String);
+
+impl VmName {
+    /// The name a VM gets when none is given: unique among running VMs, since no two
+    /// live processes share a pid.
+    pub fn generated() -> Self {
+        Self(format!("vm-{}", std::process::id()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for VmName {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        let ok = (1..=MAX_NAME_LEN).contains(&s.len())
+            && s.chars().all(allowed)
+            && !s.starts_with(['-', '.']);
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(ConfigError::Name(s.to_owned()))
+        }
+    }
+}
+
+impl fmt::Display for VmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// A guest RAM size in bytes, parsed from strings like `512M` or `2G`.
@@ -127,6 +182,8 @@ impl CpuCount {
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// Names the control socket (`bulkhead stop NAME`).
+    pub name: VmName,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
@@ -137,6 +194,105 @@ pub struct VmConfig {
     /// Where worker lifecycle events go, as JSON lines.
     pub audit_log: Option<PathBuf>,
 }
+
+/// `memory` in a config file: a size string like the flag's ("512M"), or a bare
+/// number of MiB.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum MemorySetting {
+    Text(String),
+    Mebibytes(u64),
+}
+
+impl From<String> for MemorySetting {
+    fn from(text: String) -> Self {
+        Self::Text(text)
+    }
+}
+
+/// The VM's settings as given, by flags or by a TOML file (same names, `audit_log` with
+/// an underscore): unvalidated, every field optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub name: Option<String>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: Option<u64>,
+    pub memory: Option<MemorySetting>,
+    pub rng: Option<bool>,
+    pub audit_log: Option<PathBuf>,
+}
+
+impl RawConfig {
+    /// Reads a TOML config file. Relative paths in it are relative to the current
+    /// directory, as on the command line.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ReadFile {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Self::from_toml(&text).map_err(|(line, detail)| ConfigError::FileSyntax {
+            path: path.to_owned(),
+            line,
+            detail,
+        })
+    }
+
+    /// Parses TOML text; an error is the (1-based) line and what is wrong there.
+    pub fn from_toml(text: &str) -> Result<Self, (usize, String)> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let offset = e.span().map_or(0, |span| span.start);
+            let line = text
+                .get(..offset)
+                .map_or(1, |before| before.matches('\n').count() + 1);
+            (line, e.message().trim().to_owned())
+        })
+    }
+
+    /// `self` with every setting `over` gives replaced by it.
+    pub fn overridden_by(self, over: RawConfig) -> Self {
+        Self {
+            name: over.name.or(self.name),
+            kernel: over.kernel.or(self.kernel),
+            initrd: over.initrd.or(self.initrd),
+            cmdline: over.cmdline.or(self.cmdline),
+            cpus: over.cpus.or(self.cpus),
+            memory: over.memory.or(self.memory),
+            rng: over.rng.or(self.rng),
+            audit_log: over.audit_log.or(self.audit_log),
+        }
+    }
+
+    /// Applies the defaults and the rules: the one place a [`VmConfig`] comes from.
+    pub fn validate(self) -> Result<VmConfig, ConfigError> {
+        let memory = match self.memory {
+            None => MemorySize(DEFAULT_MEMORY),
+            Some(MemorySetting::Text(text)) => text.parse()?,
+            Some(MemorySetting::Mebibytes(mib)) => mib.to_string().parse()?,
+        };
+        Ok(VmConfig {
+            name: match self.name {
+                Some(name) => name.parse()?,
+                None => VmName::generated(),
+            },
+            kernel: self.kernel.ok_or(ConfigError::NoKernel)?,
+            initrd: self.initrd,
+            cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
+            cpus: CpuCount::new(self.cpus.unwrap_or(1))?,
+            memory,
+            rng: self
+                .rng
+                .unwrap_or(false)
+                .then(bulkhead_protocol::RngConfig::default),
+            audit_log: self.audit_log,
+        })
+    }
+}
+
+/// Guest RAM when none is asked for: 256 MiB.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -181,6 +337,69 @@ mod tests {
             "99999999999T".parse::<MemorySize>(),
             Err(ConfigError::MemoryTooLarge(_))
         ));
+    }
+
+    #[test]
+    fn vm_names_are_safe_file_names() {
+        for good in ["web", "vm-1", "a.b_c", "X", &"n".repeat(MAX_NAME_LEN)] {
+            assert_eq!(good.parse::<VmName>().unwrap().as_str(), good);
+        }
+        for bad in [
+            "",
+            "a/b",
+            "..",
+            ".hidden",
+            "-x",
+            "a b",
+            "é",
+            &"n".repeat(MAX_NAME_LEN + 1),
+        ] {
+            assert_eq!(
+                bad.parse::<VmName>(),
+                Err(ConfigError::Name(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
+        assert!(VmName::generated().as_str().parse::<VmName>().is_ok());
+    }
+
+    #[test]
+    fn config_files_use_the_flags_rules() {
+        let raw = RawConfig::from_toml(
+            "name = \"web\"\nkernel = \"/k\"\ncpus = 2\nmemory = \"1G\"\nrng = true\n",
+        )
+        .unwrap();
+        let config = raw.validate().unwrap();
+        assert_eq!(config.name.as_str(), "web");
+        assert_eq!(config.cpus.get(), 2);
+        assert_eq!(config.memory.bytes(), 1 << 30);
+        assert!(config.rng.is_some());
+        let mib = RawConfig::from_toml("kernel = \"/k\"\nmemory = 64").unwrap();
+        assert_eq!(mib.validate().unwrap().memory.bytes(), 64 << 20);
+        let zero = RawConfig::from_toml("kernel = \"/k\"\ncpus = 0").unwrap();
+        assert_eq!(zero.validate().unwrap_err(), ConfigError::CpuCount(0));
+        assert_eq!(
+            RawConfig::default().validate().unwrap_err(),
+            ConfigError::NoKernel
+        );
+        let (line, detail) = RawConfig::from_toml("kernel = \"/k\"\nbogus = 1\n").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(detail.contains("unknown field `bogus`"), "{detail}");
+        let (line, detail) = RawConfig::from_toml("\n\ncpus = \"two\"").unwrap_err();
+        assert_eq!(line, 3);
+        assert!(detail.contains("invalid type"), "{detail}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = RawConfig::from_toml("kernel = \"/k\"\ncpus = 2\nname = \"a\"").unwrap();
+        let flags = RawConfig {
+            cpus: Some(3),
+            ..RawConfig::default()
+        };
+        let config = file.overridden_by(flags).validate().unwrap();
+        assert_eq!(config.cpus.get(), 3);
+        assert_eq!(config.name.as_str(), "a");
     }
 
     #[test]

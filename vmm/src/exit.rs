@@ -13,6 +13,12 @@ pub enum VmExit {
     Reset,
     /// The user asked to quit from the console (Ctrl-A x).
     ConsoleQuit,
+    /// An operator ended the VM (`bulkhead kill`).
+    Killed,
+    /// `bulkhead stop` pressed the power button and the guest did not power off in time.
+    StopTimedOut { timeout_secs: u64 },
+    /// bulkhead received SIGTERM, SIGINT or SIGHUP.
+    Signal { signal: i32 },
     /// A vCPU hit a triple fault (KVM_EXIT_SHUTDOWN): the guest crashed.
     TripleFault { cpu: u8 },
     /// KVM could not enter or run the guest.
@@ -25,7 +31,10 @@ impl VmExit {
     /// bulkhead's process exit status for this ending.
     pub fn status(&self) -> i32 {
         match self {
-            Self::PowerOff | Self::Reset | Self::ConsoleQuit => 0,
+            Self::PowerOff | Self::Reset | Self::ConsoleQuit | Self::Killed => 0,
+            Self::StopTimedOut { .. } => 0,
+            // The shell convention for "ended by signal N".
+            Self::Signal { signal } => 128 + signal,
             Self::TripleFault { .. } | Self::KvmError { .. } | Self::Internal { .. } => 1,
         }
     }
@@ -36,6 +45,11 @@ impl VmExit {
             Self::PowerOff => "guest powered off".into(),
             Self::Reset => "guest requested a reset; VM stopped".into(),
             Self::ConsoleQuit => "quit from the console".into(),
+            Self::Killed => "VM killed by `bulkhead kill`".into(),
+            Self::StopTimedOut { timeout_secs } => format!(
+                "guest did not power off within {timeout_secs} s of the power button; VM stopped"
+            ),
+            Self::Signal { signal } => format!("VMM terminated by signal {signal}"),
             Self::TripleFault { cpu } => {
                 format!("guest triple fault on vCPU {cpu} (KVM_EXIT_SHUTDOWN): the guest crashed")
             }
@@ -70,6 +84,16 @@ impl ExitSignal {
 
     pub fn is_requested(&self) -> bool {
         self.requested.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `timeout` for the VM to end; `None` if it is still running.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<VmExit> {
+        let reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let (reason, _) = self
+            .ended
+            .wait_timeout_while(reason, timeout, |r| r.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        reason.clone()
     }
 
     /// Blocks until some thread calls [`ExitSignal::request`].

@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
+use crate::pause::{self, VcpuGate};
 
 /// What a read from an address no device claims returns: all ones, as on a PC bus
 /// where nobody drives the data lines.
@@ -21,6 +22,8 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitSignal>,
+    /// Where this vCPU parks while the VM is paused.
+    pub gate: Arc<VcpuGate>,
 }
 
 impl Vcpu {
@@ -46,15 +49,21 @@ impl Vcpu {
     fn run_loop(&mut self) {
         let id = self.id;
         tracing::debug!(cpu = id, "vCPU running");
+        pause::register_current_vcpu(&mut self.fd);
         loop {
+            self.gate.checkpoint(id, &mut self.fd, &self.exit);
+            if self.exit.is_requested() {
+                break;
+            }
             if let Some(exit) = self.run_once() {
                 self.exit.request(exit);
             }
             if self.exit.is_requested() {
-                tracing::debug!(cpu = id, "vCPU stopped");
-                return;
+                break;
             }
         }
+        pause::unregister_current_vcpu();
+        tracing::debug!(cpu = id, "vCPU stopped");
     }
 
     /// Runs the guest until its next exit and handles it; returns how the VM ends if

@@ -17,6 +17,7 @@ use crate::arch::x86_64::{acpi, cpuid, msrs, regs};
 use crate::boot::{self, BootSource};
 use crate::config::VmConfig;
 use crate::console::{self, RawTerminal};
+use crate::control::ControlContext;
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::acpi_pm_timer::{self, AcpiPmTimer};
 use crate::devices::i8042::I8042;
@@ -26,6 +27,7 @@ use crate::devices::serial::{ConsoleOutput, SerialPort};
 use crate::devices::{bus::BusError, Bus};
 use crate::exit::{ExitSignal, VmExit};
 use crate::memory::{GuestRam, MemoryError};
+use crate::pause::{self, PauseError, VcpuGate};
 use crate::vcpu::Vcpu;
 use crate::vhost_user::{attach_worker_device, AttachError, DeviceShape};
 use crate::worker::audit_log::AuditLogError;
@@ -72,6 +74,8 @@ pub enum VmError {
     EventFd(#[source] std::io::Error),
     #[error("starting a thread")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Pause(#[from] PauseError),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -100,6 +104,13 @@ pub struct Vm {
     /// Watches the device workers once the VM runs; they die with the VMM
     /// (PR_SET_PDEATHSIG).
     supervisor: Option<WorkerSupervisor>,
+    gate: Arc<VcpuGate>,
+    pm: Arc<Mutex<AcpiPm>>,
+    board: Arc<crate::worker::DeviceBoard>,
+    audit: Arc<AuditLog>,
+    cpus: u8,
+    memory_bytes: u64,
+    started: std::time::Instant,
     _ram: GuestRam,
 }
 
@@ -132,9 +143,10 @@ impl Vm {
         let mut supervisor = WorkerSupervisor::new(
             worker.clone(),
             ram.memory().clone(),
-            audit,
+            audit.clone(),
             RestartPolicy::default(),
         );
+        let board = supervisor.board();
         let mut mmio = Bus::default();
         let virtio = attach_worker_devices(config, &worker, &vm, &ram, &mut mmio, &mut supervisor)?;
 
@@ -145,7 +157,7 @@ impl Vm {
             .map_err(VmError::AcpiWrite)?;
 
         let exit = Arc::new(ExitSignal::default());
-        let (pio, serial) = legacy_devices(&vm, &exit, console)?;
+        let LegacyDevices { pio, serial, pm } = legacy_devices(&vm, &exit, console)?;
         let buses = Buses {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -155,7 +167,8 @@ impl Vm {
             entry: entry.entry,
             zero_page: entry.zero_page,
         };
-        let vcpus = create_vcpus(&kvm, &vm, cpus, boot_vcpu, &buses, &exit)?;
+        let gate = Arc::new(VcpuGate::default());
+        let vcpus = create_vcpus(&kvm, &vm, cpus, boot_vcpu, &buses, &exit, &gate)?;
         tracing::info!(
             cpus,
             memory = %config.memory,
@@ -168,8 +181,35 @@ impl Vm {
             serial,
             exit,
             supervisor: Some(supervisor),
+            gate,
+            pm,
+            board,
+            audit,
+            cpus,
+            memory_bytes: config.memory.bytes(),
+            started: std::time::Instant::now(),
             _ram: ram,
         })
+    }
+
+    /// What the control socket of this VM, called `name`, serves from.
+    pub fn control_context(&self, name: &str) -> Arc<ControlContext> {
+        Arc::new(ControlContext {
+            name: name.to_owned(),
+            cpus: self.cpus,
+            memory_bytes: self.memory_bytes,
+            started: self.started,
+            exit: self.exit.clone(),
+            gate: self.gate.clone(),
+            board: self.board.clone(),
+            audit: self.audit.clone(),
+            pm: self.pm.clone(),
+        })
+    }
+
+    /// Lets another thread end the VM (e.g. on SIGTERM).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
     }
 
     /// Starts the vCPUs and the console, and blocks until the VM ends.
@@ -179,10 +219,13 @@ impl Vm {
         }
         console::spawn_input_pump(self.serial.clone(), self.exit.clone(), terminal.is_raw())
             .map_err(VmError::Thread)?;
+        pause::install_kick_handler()?;
         for vcpu in self.vcpus.drain(..) {
-            // The threads are detached: when the VM ends the process exits, and a
-            // vCPU blocked in KVM_RUN (e.g. an AP never started) ends with it.
-            vcpu.spawn().map_err(VmError::Thread)?;
+            // The threads are never joined: when the VM ends the process exits, and a
+            // vCPU blocked in KVM_RUN (e.g. an AP never started) ends with it. The gate
+            // keeps their handles to kick them for pause and debug.
+            let thread = vcpu.spawn().map_err(VmError::Thread)?;
+            self.gate.add_thread(thread);
         }
         Ok(self.exit.wait())
     }
@@ -264,13 +307,21 @@ fn attach_worker_devices(
     Ok(devices)
 }
 
-/// The small platform devices every PC has, on the port I/O bus; returns the bus and
-/// the serial port (which the console feeds).
+/// The port I/O bus and the devices on it that others need a handle to.
+struct LegacyDevices {
+    pio: Bus,
+    /// Fed by the console.
+    serial: Arc<Mutex<SerialPort>>,
+    /// Its power button is pressed by `bulkhead stop`.
+    pm: Arc<Mutex<AcpiPm>>,
+}
+
+/// The small platform devices every PC has, on the port I/O bus.
 fn legacy_devices(
     vm: &VmFd,
     exit: &Arc<ExitSignal>,
     console: ConsoleOutput,
-) -> Result<(Bus, Arc<Mutex<SerialPort>>), VmError> {
+) -> Result<LegacyDevices, VmError> {
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?;
     vm.register_irqfd(&serial_irq, irqs::COM1)
@@ -288,10 +339,14 @@ fn legacy_devices(
         2,
         Arc::new(Mutex::new(Rtc::default())),
     )?;
+    let sci = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&sci, u32::from(irqs::ACPI_SCI))
+        .map_err(ioctl("KVM_IRQFD"))?;
+    let pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone(), Some(sci))));
     pio.insert(
         u64::from(ports::PM1A_EVENT),
         acpi_pm::REGISTER_BLOCK_LEN,
-        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        pm.clone(),
     )?;
     pio.insert(
         u64::from(ports::PM_TIMER),
@@ -303,7 +358,7 @@ fn legacy_devices(
         1,
         Arc::new(Mutex::new(ResetControl::new(exit.clone()))),
     )?;
-    Ok((pio, serial))
+    Ok(LegacyDevices { pio, serial, pm })
 }
 
 /// The shared, immutable device buses every vCPU dispatches its exits to.
@@ -329,6 +384,7 @@ fn create_vcpus(
     boot: BootVcpu,
     buses: &Buses,
     exit: &Arc<ExitSignal>,
+    gate: &Arc<VcpuGate>,
 ) -> Result<Vec<Vcpu>, VmError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -368,6 +424,7 @@ fn create_vcpus(
             pio: buses.pio.clone(),
             mmio: buses.mmio.clone(),
             exit: exit.clone(),
+            gate: gate.clone(),
         });
     }
     Ok(vcpus)

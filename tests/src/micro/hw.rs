@@ -22,6 +22,15 @@ pub const LSR_THR_EMPTY: u8 = 1 << 5;
 pub const I8042_COMMAND: u16 = 0x64;
 pub const I8042_RESET_CPU: u8 = 0xfe;
 
+/// ACPI PM1a status register (write 1 to clear) and its power button bit, PWRBTN_STS,
+/// which `bulkhead stop` sets.
+pub const PM1A_STATUS: u16 = 0x600;
+pub const PM1_PWRBTN: u16 = 1 << 8;
+
+/// ACPI PM timer: a free-running 24-bit counter at 3.579545 MHz.
+pub const PM_TIMER: u16 = 0x608;
+pub const PM_TIMER_HZ: u32 = 3_579_545;
+
 /// ACPI PM1a control block, and the value that requests S5 (soft off): SLP_TYP=5 | SLP_EN.
 pub const PM1A_CONTROL: u16 = 0x604;
 pub const PM1A_SLEEP_S5: u16 = (5 << 10) | (1 << 13);

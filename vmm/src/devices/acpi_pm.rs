@@ -1,10 +1,15 @@
 //! ACPI PM1a event and control registers: the fixed hardware through which the guest
 //! powers off (SLP_TYP = S5 with SLP_EN in PM1 control).
 //!
+//! It also carries the fixed-feature power button (`bulkhead stop`): pressing it sets
+//! PWRBTN_STS and, when the guest enabled PWRBTN_EN, raises the SCI.
+//!
 //! Layout from the FADT: status (2 bytes, write 1 to clear) and enable (2 bytes) at the
 //! event block, control (2 bytes) right after it.
 
 use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
 use crate::arch::x86_64::acpi::SLP_TYP_S5;
@@ -17,6 +22,8 @@ const ENABLE: usize = 2;
 const CONTROL: usize = 4;
 
 const SCI_EN: u16 = 1;
+/// PWRBTN_STS in PM1 status and PWRBTN_EN in PM1 enable.
+pub const PWRBTN: u16 = 1 << 8;
 const SLP_EN: u16 = 1 << 13;
 const SLP_TYP_SHIFT: u16 = 10;
 const SLP_TYP_MASK: u16 = 0x7;
@@ -24,18 +31,50 @@ const SLP_TYP_MASK: u16 = 0x7;
 pub struct AcpiPm {
     registers: [u8; REGISTER_BLOCK_LEN as usize],
     exit: Arc<ExitSignal>,
+    /// Raises the SCI (an irqfd on its GSI); `None` in unit tests.
+    sci: Option<EventFd>,
 }
 
 impl AcpiPm {
-    pub fn new(exit: Arc<ExitSignal>) -> Self {
+    pub fn new(exit: Arc<ExitSignal>, sci: Option<EventFd>) -> Self {
         let mut registers = [0; REGISTER_BLOCK_LEN as usize];
         // No SMI command port exists, so the platform is in ACPI mode from reset.
         registers[CONTROL..CONTROL + 2].copy_from_slice(&SCI_EN.to_le_bytes());
-        Self { registers, exit }
+        Self {
+            registers,
+            exit,
+            sci,
+        }
+    }
+
+    fn word(&self, at: usize) -> u16 {
+        u16::from_le_bytes([self.registers[at], self.registers[at + 1]])
     }
 
     fn control(&self) -> u16 {
-        u16::from_le_bytes([self.registers[CONTROL], self.registers[CONTROL + 1]])
+        self.word(CONTROL)
+    }
+
+    /// Presses the power button: the guest's OSPM sees PWRBTN_STS (by SCI when it
+    /// enabled the event, or by polling) and decides how to shut down.
+    pub fn press_power_button(&mut self) {
+        let status = self.word(STATUS) | PWRBTN;
+        self.registers[STATUS..STATUS + 2].copy_from_slice(&status.to_le_bytes());
+        self.update_sci();
+    }
+
+    /// Pulses the SCI while an enabled event is pending. The line is level-triggered in
+    /// the MADT; a pulse is enough because the guest's handler clears the status bit
+    /// before it acknowledges the interrupt.
+    fn update_sci(&self) {
+        let pending = self.word(STATUS) & self.word(ENABLE);
+        if pending != 0 && self.control() & SCI_EN != 0 {
+            if let Some(sci) = &self.sci {
+                if let Err(e) = sci.write(1) {
+                    tracing::warn!("cannot raise the SCI: {e}");
+                }
+            }
+        }
     }
 }
 
@@ -62,6 +101,11 @@ impl BusDevice for AcpiPm {
                 _ => {}
             }
         }
+        // Enabling an event that is already pending raises it, as on real hardware.
+        let end = offset.saturating_add(data.len() as u64);
+        if offset < CONTROL as u64 && end > ENABLE as u64 {
+            self.update_sci();
+        }
         let control = self.control();
         if control & SLP_EN != 0 {
             let sleep_type = (control >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
@@ -83,7 +127,7 @@ mod tests {
 
     fn pm() -> (AcpiPm, Arc<ExitSignal>) {
         let exit = Arc::new(ExitSignal::default());
-        (AcpiPm::new(exit.clone()), exit)
+        (AcpiPm::new(exit.clone(), None), exit)
     }
 
     #[test]
@@ -99,6 +143,29 @@ mod tests {
             &((SLP_TYP_S5 << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes(),
         );
         assert_eq!(exit.wait(), VmExit::PowerOff);
+    }
+
+    #[test]
+    fn power_button_sets_its_status_and_raises_the_enabled_sci() {
+        let exit = Arc::new(ExitSignal::default());
+        let sci = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut pm = AcpiPm::new(exit, Some(sci.try_clone().unwrap()));
+        pm.press_power_button();
+        let mut status = [0u8; 2];
+        pm.read(STATUS as u64, &mut status);
+        assert_eq!(u16::from_le_bytes(status) & PWRBTN, PWRBTN);
+        assert!(sci.read().is_err(), "no SCI while the event is disabled");
+        pm.write(ENABLE as u64, &PWRBTN.to_le_bytes());
+        assert_eq!(
+            sci.read().unwrap(),
+            1,
+            "enabling a pending event raises the SCI"
+        );
+        pm.write(STATUS as u64, &PWRBTN.to_le_bytes());
+        pm.read(STATUS as u64, &mut status);
+        assert_eq!(u16::from_le_bytes(status) & PWRBTN, 0);
+        pm.press_power_button();
+        assert_eq!(sci.read().unwrap(), 1);
     }
 
     #[test]

@@ -8,4 +8,4 @@ pub mod supervisor;
 
 pub use audit_log::AuditLog;
 pub use launch::{discard_worker, spawn_worker, worker_binary, LaunchError, WorkerChild};
-pub use supervisor::{RestartPolicy, WorkerSupervisor};
+pub use supervisor::{DeviceBoard, RestartPolicy, RestartWorkerError, WorkerSupervisor};

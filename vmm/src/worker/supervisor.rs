@@ -15,9 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bulkhead_protocol::control::DeviceStatus;
 use bulkhead_protocol::{AuditEvent, WorkerLaunch};
 use bulkhead_seccomp::is_seccomp_violation;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use thiserror::Error;
 
 use super::audit_log::AuditLog;
 use super::launch::discard_worker;
@@ -58,6 +60,90 @@ impl RestartPolicy {
     }
 }
 
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RestartWorkerError {
+    #[error("no device named {name:?} (devices: {known})")]
+    NoSuchDevice { name: String, known: String },
+    #[error("device {0} has failed; its worker is no longer restarted")]
+    Failed(String),
+    #[error("device {0}'s worker is being replaced already")]
+    Busy(String),
+    #[error("cannot kill device {name}'s worker: {errno}")]
+    Kill {
+        name: String,
+        errno: nix::errno::Errno,
+    },
+}
+
+struct BoardEntry {
+    status: DeviceStatus,
+    /// The worker's coming exit was asked for by an operator, not a crash.
+    operator_restart: bool,
+}
+
+/// The devices and their workers as the control socket reports them; the supervisor
+/// keeps it current, and operator restarts go through it.
+#[derive(Default)]
+pub struct DeviceBoard {
+    entries: Mutex<Vec<BoardEntry>>,
+}
+
+impl DeviceBoard {
+    pub fn snapshot(&self) -> Vec<DeviceStatus> {
+        lock(&self.entries)
+            .iter()
+            .map(|e| e.status.clone())
+            .collect()
+    }
+
+    fn update(&self, device: &str, change: impl FnOnce(&mut BoardEntry)) {
+        if let Some(entry) = lock(&self.entries)
+            .iter_mut()
+            .find(|e| e.status.name == device)
+        {
+            change(entry);
+        }
+    }
+
+    /// Kills `device`'s worker so that the supervisor replaces it as after a crash.
+    pub fn restart_worker(&self, device: &str, audit: &AuditLog) -> Result<(), RestartWorkerError> {
+        let mut entries = lock(&self.entries);
+        let Some(entry) = entries.iter_mut().find(|e| e.status.name == device) else {
+            let known: Vec<&str> = entries.iter().map(|e| e.status.name.as_str()).collect();
+            return Err(RestartWorkerError::NoSuchDevice {
+                name: device.to_owned(),
+                known: if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                },
+            });
+        };
+        if entry.status.failed {
+            return Err(RestartWorkerError::Failed(device.to_owned()));
+        }
+        let Some(pid) = entry.status.worker_pid.filter(|_| !entry.operator_restart) else {
+            return Err(RestartWorkerError::Busy(device.to_owned()));
+        };
+        audit.record(AuditEvent::OperatorRestart {
+            device: device.to_owned(),
+            pid,
+        });
+        entry.operator_restart = true;
+        // The pid cannot have been reused: the supervisor clears `worker_pid` under this
+        // lock before it reaps the worker, so while we hold the lock with the pid set,
+        // the process is still (at least) our unreaped child.
+        let target = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).map_err(|errno| {
+            entry.operator_restart = false;
+            RestartWorkerError::Kill {
+                name: device.to_owned(),
+                errno,
+            }
+        })
+    }
+}
+
 struct Supervised {
     launch: WorkerLaunch,
     shape: DeviceShape,
@@ -76,6 +162,7 @@ pub struct WorkerSupervisor {
     memory: GuestMemory,
     audit: Arc<AuditLog>,
     policy: RestartPolicy,
+    board: Arc<DeviceBoard>,
 }
 
 impl WorkerSupervisor {
@@ -91,7 +178,17 @@ impl WorkerSupervisor {
             memory,
             audit,
             policy,
+            board: Arc::default(),
         }
+    }
+
+    /// The live view of the supervised devices, for the control socket.
+    pub fn board(&self) -> Arc<DeviceBoard> {
+        self.board.clone()
+    }
+
+    pub fn audit(&self) -> Arc<AuditLog> {
+        self.audit.clone()
     }
 
     /// Starts watching a device's first worker.
@@ -113,6 +210,16 @@ impl WorkerSupervisor {
             device: launch.device_name.clone(),
             kind,
             digest: bulkhead_seccomp::policy_for(kind).digest().to_string(),
+        });
+        lock(&self.board.entries).push(BoardEntry {
+            status: DeviceStatus {
+                name: launch.device_name.clone(),
+                kind,
+                worker_pid: Some(child.id()),
+                restarts: 0,
+                failed: false,
+            },
+            operator_restart: false,
         });
         self.devices.push(Supervised {
             launch,
@@ -190,6 +297,13 @@ impl WorkerSupervisor {
     }
 
     fn handle_exit(&mut self, index: usize) {
+        let name = self.devices[index].launch.device_name.clone();
+        let mut operator = false;
+        // Before reaping: see DeviceBoard::restart_worker.
+        self.board.update(&name, |e| {
+            e.status.worker_pid = None;
+            operator = std::mem::take(&mut e.operator_restart);
+        });
         let status = match self.devices[index].child.wait() {
             Ok(status) => status,
             Err(e) => {
@@ -203,11 +317,27 @@ impl WorkerSupervisor {
         if device.started.elapsed() >= policy.stable_after {
             device.crashes = 0;
         }
+        // An operator's restart is no crash: no backoff, and it does not count towards
+        // giving up, unless the replacement itself fails to start.
+        if operator {
+            match restart(&self.binary, device, &self.memory) {
+                Ok(()) => {
+                    self.restarted(index);
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    device = %name,
+                    "restarting the worker failed: {e:#}"
+                ),
+            }
+        }
+        let device = &mut self.devices[index];
         loop {
             device.crashes += 1;
             if device.crashes > policy.max_restarts {
                 let failed = self.devices.remove(index);
                 lock(&failed.transport).mark_failed();
+                self.board.update(&name, |e| e.status.failed = true);
                 self.audit.record(AuditEvent::GiveUp {
                     device: failed.launch.device_name,
                     attempts: failed.crashes - 1,
@@ -217,11 +347,7 @@ impl WorkerSupervisor {
             std::thread::sleep(policy.backoff(device.crashes));
             match restart(&self.binary, device, &self.memory) {
                 Ok(()) => {
-                    self.audit.record(AuditEvent::Restart {
-                        device: device.launch.device_name.clone(),
-                        attempt: device.crashes,
-                        pid: device.child.id(),
-                    });
+                    self.restarted(index);
                     return;
                 }
                 Err(e) => tracing::warn!(
@@ -230,6 +356,22 @@ impl WorkerSupervisor {
                 ),
             }
         }
+    }
+}
+
+impl WorkerSupervisor {
+    fn restarted(&self, index: usize) {
+        let device = &self.devices[index];
+        let pid = device.child.id();
+        self.audit.record(AuditEvent::Restart {
+            device: device.launch.device_name.clone(),
+            attempt: device.crashes,
+            pid,
+        });
+        self.board.update(&device.launch.device_name, |e| {
+            e.status.worker_pid = Some(pid);
+            e.status.restarts += 1;
+        });
     }
 }
 

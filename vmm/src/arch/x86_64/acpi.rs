@@ -115,7 +115,8 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
         .dsdt_64(dsdt)
         .firmware_ctrl_64(facs)
         .flag(Flags::Wbinvd)
-        .flag(Flags::PwrButton)
+        // No PWR_BUTTON flag: the power button is the fixed-feature one in PM1
+        // (`bulkhead stop` presses it), not a control-method device.
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup);
     fadt.sci_int = irqs::ACPI_SCI.into();
