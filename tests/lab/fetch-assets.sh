@@ -21,15 +21,24 @@ dir=${1:-${BULKHEAD_LAB_DIR:-$repo/target/lab}/assets}
 # Modules wanted by name (as in `lsmod`; '-' and '_' are interchangeable). Dependencies are
 # added automatically from each module's .modinfo.
 #   L1: irqbypass, kvm, kvm-amd give L1 its /dev/kvm (kvm-amd also pulls in ccp).
-#   L2: the virtio transports and devices bulkhead offers its guests.
+#   L2: the virtio transports and devices bulkhead offers its guests, and the ACPI power
+#       button with evdev, through which `bulkhead stop` reaches the guest's init.
 wanted_modules=(
     irqbypass kvm kvm_amd
     virtio_mmio virtio_pci virtio_blk virtio_net virtio_rng
     9pnet_virtio 9p tun virtio_gpu
+    button evdev
 )
 
+# A directory from before a module was added to the list is fetched again.
+have_all_modules() {
+    local module
+    for module in "${wanted_modules[@]}"; do
+        [[ -f $dir/modules/$module.ko || -f $dir/modules/${module//_/-}.ko ]] || return 1
+    done
+}
 if [[ -s $dir/VERSION && -f $dir/vmlinuz && -f $dir/vmlinux && -x $dir/busybox &&
-    -f $dir/modules/modules.dep ]]; then
+    -f $dir/modules/modules.dep ]] && have_all_modules; then
     echo "lab assets already in $dir (kernel $(cat "$dir/VERSION"))"
     exit 0
 fi
