@@ -5,11 +5,13 @@
 //! Needs the worker binary: `cargo build --workspace` first (same profile as the tests).
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::symlink;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use bulkhead_protocol::{DeviceConfig, P9Config};
 use bulkhead_tests::micro::ScratchDir;
 use bulkhead_tests::p9::{flags, Body, Client, P9Error, NOTAG};
 use bulkhead_tests::p9_virtio::{VirtioP9, VIRTIO_9P_F_MOUNT_TAG};
@@ -444,6 +446,46 @@ fn many_requests_in_flight_on_one_ring_all_get_answers() -> Result<()> {
         );
     }
     share.assert_alive()
+}
+
+#[test]
+fn a_launched_worker_serves_the_directory_it_was_handed() -> Result<()> {
+    let scratch = ScratchDir::new("p9launch")?;
+    let share = scratch.path().join("share");
+    fs::create_dir(&share)?;
+    fs::write(share.join("hello"), "launched")?;
+    // The VMM's part: open the directory and pass the descriptor, never the path.
+    let dir = fs::File::open(&share)?;
+    let config = DeviceConfig::P9(P9Config {
+        root_fd: 5,
+        tag: "vmshare".into(),
+        read_only: false,
+    });
+    let (worker, connection) =
+        WorkerProcess::launched_with("p9-0", config, &[(dir.as_raw_fd(), 5)])?;
+    drop(dir);
+    let mut c = Client::over(Box::new(VirtioP9::start(connection, MSIZE)?));
+    let (msize, _) = c.version(MSIZE, "9P2000.L")?;
+    c.msize = msize;
+    c.attach(ROOT_FID, 0)?;
+    c.walk(ROOT_FID, 1, &["hello"])?;
+    c.lopen(1, flags::RDONLY)?;
+    ensure!(c.read_all(1)? == b"launched");
+    c.walk(ROOT_FID, 2, &[] as &[&str])?;
+    c.lcreate(2, "new", flags::WRONLY | flags::CREATE, 0o644, 0)?;
+    ensure!(share.join("new").exists());
+    ensure!(
+        proc_status(worker.pid(), "Seccomp")? == "2",
+        "no seccomp filter"
+    );
+    drop(c);
+    let status = worker.wait_exit(TIMEOUT)?;
+    ensure!(
+        status.success(),
+        "a launched worker should exit 0 when the VMM hangs up, got {status}:\n{}",
+        worker.stderr()
+    );
+    Ok(())
 }
 
 /// The value of `field` in /proc/PID/status.
