@@ -10,6 +10,9 @@
 # figures comparable (MSIZE=524288 shows bulkhead's own ceiling, diod stays at 64 KiB).
 #
 # Prints each server's figures and bulkhead/diod ratios (above 1: bulkhead is faster).
+# TMPDIR=/dev/shm puts both shares on tmpfs, measuring the servers rather than a disk.
+# DIOD=path and P9_BENCH_BIN=dir (holding bulkhead-worker and p9-bench) run prebuilt
+# binaries, without cargo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,10 +21,16 @@ MIB=${MIB:-128}
 MSIZE=${MSIZE:-65536}
 ROUNDS=${ROUNDS:-3}
 
-command -v diod >/dev/null || { echo "bench/p9.sh: diod is not installed (apt-get install diod)" >&2; exit 1; }
-cargo build --quiet --release -p bulkhead-workers --bin bulkhead-worker
-cargo build --quiet --release -p bulkhead-tests --bin p9-bench
-bin=${CARGO_TARGET_DIR:-target}/release
+DIOD=${DIOD:-diod}
+command -v "$DIOD" >/dev/null || { echo "bench/p9.sh: diod is not installed (apt-get install diod)" >&2; exit 1; }
+if [ -n "${P9_BENCH_BIN:-}" ]; then
+    # Prebuilt bulkhead-worker and p9-bench (to run on another machine).
+    bin=$P9_BENCH_BIN
+else
+    cargo build --quiet --release -p bulkhead-workers --bin bulkhead-worker
+    cargo build --quiet --release -p bulkhead-tests --bin p9-bench
+    bin=${CARGO_TARGET_DIR:-target}/release
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/p9bench.XXXXXX")
 pids=()
@@ -35,7 +44,7 @@ mkdir "$work/ours" "$work/diod"
 
 "$bin/bulkhead-worker" p9 --listen "unix:$work/ours.sock" --dir "$work/ours" 2>"$work/ours.log" &
 pids+=($!)
-diod -f -n -N -l "$work/diod.sock" -e "$work/diod" 2>"$work/diod.log" &
+"$DIOD" -f -n -N -l "$work/diod.sock" -e "$work/diod" 2>"$work/diod.log" &
 pids+=($!)
 for sock in ours diod; do
     for _ in $(seq 100); do [ -S "$work/$sock.sock" ] && break; sleep 0.05; done
