@@ -167,6 +167,8 @@ fn files_round_trip_through_the_virtqueue() -> Result<()> {
     for name in [&b"hello"[..], b"made-by-guest", b"dir"] {
         ensure!(names.iter().any(|n| n == name), "{names:?} lacks {name:?}");
     }
+    // A Tflush (of a request long answered) goes to the device's flush thread and back.
+    c.flush(4321)?;
     // Rename and unlink show on the host too.
     c.renameat(ROOT_FID, "hello", ROOT_FID, "renamed")?;
     c.unlinkat(ROOT_FID, "made-by-guest", 0)?;
