@@ -11,14 +11,16 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum WorkerKind {
     Rng,
+    P9,
 }
 
 impl WorkerKind {
-    pub const ALL: [WorkerKind; 1] = [WorkerKind::Rng];
+    pub const ALL: [WorkerKind; 2] = [WorkerKind::Rng, WorkerKind::P9];
 
     pub fn name(self) -> &'static str {
         match self {
             WorkerKind::Rng => "rng",
+            WorkerKind::P9 => "p9",
         }
     }
 
@@ -26,6 +28,7 @@ impl WorkerKind {
     pub fn virtio_device_id(self) -> u32 {
         match self {
             WorkerKind::Rng => 4,
+            WorkerKind::P9 => 9,
         }
     }
 }
@@ -59,15 +62,29 @@ pub struct RngConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// A virtio-9p share. The VMM opens the shared directory (`O_PATH | O_DIRECTORY`) and
+/// passes the descriptor: the worker never resolves a host path of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct P9Config {
+    /// Descriptor number of the shared directory, inherited like `vhost_user_fd`.
+    pub root_fd: i32,
+    /// The mount tag the guest names (`mount -t 9p TAG ...`), at most 65535 bytes.
+    pub tag: String,
+    /// Refuse every change with EROFS (and grant Landlock only read rights).
+    pub read_only: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub enum DeviceConfig {
     Rng(RngConfig),
+    P9(P9Config),
 }
 
 impl DeviceConfig {
     pub fn kind(&self) -> WorkerKind {
         match self {
             DeviceConfig::Rng(_) => WorkerKind::Rng,
+            DeviceConfig::P9(_) => WorkerKind::P9,
         }
     }
 }
@@ -135,5 +152,23 @@ mod tests {
         assert_eq!("rng".parse::<WorkerKind>().unwrap(), WorkerKind::Rng);
         assert!("disk".parse::<WorkerKind>().is_err());
         assert_eq!(WorkerKind::Rng.virtio_device_id(), 4);
+        assert_eq!("p9".parse::<WorkerKind>().unwrap(), WorkerKind::P9);
+        assert_eq!(WorkerKind::P9.virtio_device_id(), 9);
+    }
+
+    #[test]
+    fn p9_launch_config_round_trips() {
+        let launch = WorkerLaunch {
+            device_name: "p9-0".into(),
+            device: DeviceConfig::P9(P9Config {
+                root_fd: 5,
+                tag: "share".into(),
+                read_only: true,
+            }),
+            vhost_user_fd: 4,
+        };
+        let bytes = encode(&launch).unwrap();
+        assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
+        assert_eq!(launch.device.kind(), WorkerKind::P9);
     }
 }

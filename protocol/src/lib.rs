@@ -16,5 +16,5 @@ pub mod launch;
 pub mod wire;
 
 pub use audit::AuditEvent;
-pub use launch::{DeviceConfig, RateLimit, RngConfig, WorkerKind, WorkerLaunch};
+pub use launch::{DeviceConfig, P9Config, RateLimit, RngConfig, WorkerKind, WorkerLaunch};
 pub use wire::{decode, encode, WireError, MAX_MESSAGE_SIZE};

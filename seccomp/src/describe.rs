@@ -83,7 +83,13 @@ pub fn canonical(policy: &Policy) -> String {
     let mut paths: Vec<String> = landlock
         .paths
         .iter()
-        .map(|grant| format!("landlock path {:?} {:#x}", grant.path, grant.access.bits()))
+        .map(|grant| {
+            format!(
+                "landlock path {} {:#x}",
+                grant.root.label(),
+                grant.access.bits()
+            )
+        })
         .collect();
     paths.sort();
     paths.into_iter().for_each(&mut line);
@@ -244,13 +250,13 @@ fn write_landlock(out: &mut String, rules: &LandlockRules) -> fmt::Result {
         writeln!(out, "                    grants nothing beneath any path")?;
     }
     let mut paths = rules.paths.clone();
-    paths.sort_by(|a, b| a.path.cmp(&b.path));
+    paths.sort_by(|a, b| a.root.cmp(&b.root));
     for grant in paths {
         writeln!(
             out,
             "                    grants {} beneath {}",
             names(grant.access.iter().map(fs_right_name)),
-            grant.path.display()
+            grant.root
         )?;
     }
     writeln!(

@@ -40,6 +40,8 @@ pub enum SandboxError {
         #[source]
         source: landlock::PathFdError,
     },
+    #[error("a Landlock rule beneath the {0} has no descriptor yet")]
+    LandlockUnboundGrant(&'static str),
     #[error("the policy requires Landlock but the kernel enforced it only {0}")]
     LandlockNotEnforced(&'static str),
 }

@@ -5,6 +5,8 @@
 //! right, grant nothing" is the empty filesystem and network a worker that receives all
 //! its resources as descriptors should live in.
 
+use std::fmt;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use landlock::{Access, AccessFs, AccessNet, BitFlags, Scope, ABI};
@@ -29,10 +31,48 @@ pub enum Enforcement {
     Required,
 }
 
+/// Where a grant applies: the file hierarchy beneath it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GrantRoot {
+    /// A host path, opened when the sandbox is applied.
+    Path(PathBuf),
+    /// A directory the worker already holds open: a worker that receives its resources
+    /// as descriptors never names a host path. The descriptor must be kept
+    /// ([`crate::Policy::validate`] checks), since the sandbox closes the others before
+    /// building the ruleset.
+    Fd { fd: RawFd, what: &'static str },
+    /// The rule's shape before the worker has its descriptor (`bulkhead policy p9` has no
+    /// directory to show); applying a policy that still holds one is an error.
+    AtLaunch { what: &'static str },
+}
+
+impl GrantRoot {
+    /// The same for every descriptor number, so a policy's digest does not depend on
+    /// which number the directory arrived as.
+    pub fn label(&self) -> String {
+        match self {
+            GrantRoot::Path(path) => format!("{path:?}"),
+            GrantRoot::Fd { what, .. } | GrantRoot::AtLaunch { what } => format!("<{what}>"),
+        }
+    }
+}
+
+impl fmt::Display for GrantRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GrantRoot::Path(path) => write!(f, "{}", path.display()),
+            GrantRoot::Fd { fd, what } => write!(f, "the {what} (descriptor {fd})"),
+            GrantRoot::AtLaunch { what } => {
+                write!(f, "the {what} (a descriptor received at launch)")
+            }
+        }
+    }
+}
+
 /// Rights granted beneath one path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PathGrant {
-    pub path: PathBuf,
+    pub root: GrantRoot,
     pub access: BitFlags<AccessFs>,
 }
 

@@ -38,9 +38,9 @@ mod violation;
 pub use describe::{canonical, PolicyDigest};
 pub use error::SandboxError;
 pub use filter::{CompiledFilter, FilterError};
-pub use kinds::policy_for;
+pub use kinds::{p9_policy, policy_for};
 pub use landlock_rules::{
-    Enforcement, LandlockRules, PathGrant, PortGrant, TARGET_ABI, TARGET_ABI_VERSION,
+    Enforcement, GrantRoot, LandlockRules, PathGrant, PortGrant, TARGET_ABI, TARGET_ABI_VERSION,
 };
 pub use policy::{KeptFd, Policy, PolicyError};
 pub use sandbox::{apply, LandlockOutcome, SandboxReport};

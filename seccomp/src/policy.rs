@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 use bulkhead_protocol::WorkerKind;
 use thiserror::Error;
 
-use crate::landlock_rules::{Enforcement, LandlockRules};
+use crate::landlock_rules::{Enforcement, GrantRoot, LandlockRules};
 use crate::syscall_rule::{Syscall, SyscallRule};
 use crate::{describe, sys};
 
@@ -48,6 +48,8 @@ pub enum PolicyError {
     InvalidFd(RawFd),
     #[error("descriptor {0} is kept twice")]
     DuplicateFd(RawFd),
+    #[error("a Landlock rule is beneath descriptor {0}, which the policy does not keep")]
+    GrantFdNotKept(RawFd),
 }
 
 /// System calls no worker gets, whatever its kind: running other programs, reaching into
@@ -169,6 +171,13 @@ impl Policy {
             }
             if !fds.insert(kept.fd) {
                 return Err(PolicyError::DuplicateFd(kept.fd));
+            }
+        }
+        for grant in &self.landlock.paths {
+            if let GrantRoot::Fd { fd, .. } = grant.root {
+                if !fds.contains(&fd) {
+                    return Err(PolicyError::GrantFdNotKept(fd));
+                }
             }
         }
         Ok(())

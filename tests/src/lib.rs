@@ -9,6 +9,7 @@
 pub mod lab;
 pub mod micro;
 pub mod p9;
+pub mod p9_virtio;
 pub mod vhost;
 
 use std::path::PathBuf;

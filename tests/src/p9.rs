@@ -213,9 +213,42 @@ pub struct Message {
     pub body: Vec<u8>,
 }
 
+/// What carries 9P messages between the test client and a server: a Unix socket
+/// (the debug transport) or a virtqueue ([`crate::p9_virtio::VirtioP9`]).
+pub trait Transport: Send {
+    /// Sends one whole message.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Receives one whole message; Ok(None) when the server is gone. `msize` bounds it.
+    fn recv(&mut self, msize: u32) -> Result<Option<Vec<u8>>>;
+}
+
+impl Transport for UnixStream {
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write_all(bytes)
+    }
+
+    fn recv(&mut self, msize: u32) -> Result<Option<Vec<u8>>> {
+        let mut size = [0u8; 4];
+        match self.read_exact(&mut size) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = u32::from_le_bytes(size) as usize;
+        if len < 7 || len > msize.max(8192) as usize {
+            return Err(P9Error::Protocol(format!("reply size {len}")));
+        }
+        let mut frame = vec![0u8; len];
+        frame[..4].copy_from_slice(&size);
+        self.read_exact(&mut frame[4..])?;
+        Ok(Some(frame))
+    }
+}
+
 /// One connection to a 9P server.
 pub struct Client {
-    stream: UnixStream,
+    stream: Box<dyn Transport>,
     pub msize: u32,
     next_tag: u16,
 }
@@ -249,11 +282,16 @@ impl Client {
         let stream = UnixStream::connect(path)?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        Ok(Client {
-            stream,
+        Ok(Self::over(Box::new(stream)))
+    }
+
+    /// A client on any transport, without sending anything.
+    pub fn over(transport: Box<dyn Transport>) -> Self {
+        Client {
+            stream: transport,
             msize: 8192,
             next_tag: 1,
-        })
+        }
     }
 
     /// Connects, negotiates `msize` and attaches fid 0 to the share's root.
@@ -266,29 +304,22 @@ impl Client {
 
     /// Sends bytes as they are.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.stream.write_all(bytes)?;
+        self.stream.send(bytes)?;
         Ok(())
     }
 
     /// Receives one message; Ok(None) at EOF.
     pub fn recv(&mut self) -> Result<Option<Message>> {
-        let mut size = [0u8; 4];
-        match self.stream.read_exact(&mut size) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(frame) = self.stream.recv(self.msize)? else {
+            return Ok(None);
+        };
+        if frame.len() < 7 {
+            return Err(P9Error::Protocol(format!("reply of {} bytes", frame.len())));
         }
-        let size = u32::from_le_bytes(size) as usize;
-        if size < 7 || size > self.msize.max(8192) as usize {
-            return Err(P9Error::Protocol(format!("reply size {size}")));
-        }
-        let mut rest = vec![0u8; size - 4];
-        self.stream.read_exact(&mut rest)?;
         Ok(Some(Message {
-            kind: rest[0],
-            tag: u16::from_le_bytes([rest[1], rest[2]]),
-            body: rest[3..].to_vec(),
+            kind: frame[4],
+            tag: u16::from_le_bytes([frame[5], frame[6]]),
+            body: frame[7..].to_vec(),
         }))
     }
 

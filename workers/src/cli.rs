@@ -3,6 +3,8 @@
 //! ```text
 //! bulkhead-worker rng --socket PATH [--rate-limit BYTES/MS]   standalone vhost-user backend
 //! bulkhead-worker rng --launch-fd N                           started by the bulkhead VMM
+//! bulkhead-worker p9 --socket PATH --dir DIR [--tag TAG] [--ro]  standalone virtio-9p backend
+//! bulkhead-worker p9 --launch-fd N                           started by the bulkhead VMM
 //! bulkhead-worker p9 --listen unix:PATH --dir DIR [--ro]      9P over a socket, for debugging
 //! ```
 
@@ -10,7 +12,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use bulkhead_protocol::RateLimit;
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::rng::MAX_PERIOD_MS;
 
@@ -29,7 +31,8 @@ pub struct Cli {
 pub enum WorkerCommand {
     /// virtio-rng: random bytes from the host's getrandom(2).
     Rng(RngArgs),
-    /// 9P2000.L file server sharing one directory (debug transport: 9P over a Unix socket).
+    /// virtio-9p: a 9P2000.L file server sharing one directory (or, with --listen, 9P
+    /// itself over a Unix socket, for debugging).
     P9(P9Args),
 }
 
@@ -58,16 +61,33 @@ pub struct RngArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("p9_endpoint").required(true).args(["socket", "launch_fd", "listen"])))]
 pub struct P9Args {
+    /// Listen on this Unix socket as a standalone vhost-user backend (virtio-9p), serving
+    /// one frontend after another.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Started by the bulkhead VMM: descriptor N is a memfd holding the launch config,
+    /// which names the connected vhost-user socket and the shared directory's descriptor.
+    #[arg(long, value_name = "N")]
+    pub launch_fd: Option<RawFd>,
     /// Serve 9P itself (no vhost-user) on this socket, one session per connection, so that
     /// ordinary 9P clients such as diod's tools can test the server without a VM.
     #[arg(long, value_name = "unix:PATH", value_parser = parse_listen)]
-    pub listen: PathBuf,
+    pub listen: Option<PathBuf>,
     /// The directory to share; nothing outside it is reachable.
-    #[arg(long, value_name = "DIR")]
-    pub dir: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "launch_fd",
+        conflicts_with = "launch_fd"
+    )]
+    pub dir: Option<PathBuf>,
+    /// The mount tag the guest sees (default: the directory's name).
+    #[arg(long, value_name = "TAG", conflicts_with_all = ["launch_fd", "listen"])]
+    pub tag: Option<String>,
     /// Share read-only: every change is refused with EROFS.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "launch_fd")]
     pub ro: bool,
 }
 
@@ -161,12 +181,36 @@ mod tests {
         let WorkerCommand::P9(args) = cli.worker else {
             panic!("not p9")
         };
-        assert_eq!(args.listen, PathBuf::from("/tmp/p9.sock"));
-        assert_eq!(args.dir, PathBuf::from("/srv"));
+        assert_eq!(args.listen, Some(PathBuf::from("/tmp/p9.sock")));
+        assert_eq!(args.dir, Some(PathBuf::from("/srv")));
         assert!(args.ro);
         assert!(parse(&["p9", "--listen", "/tmp/p9.sock", "--dir", "/srv"]).is_err());
         assert!(parse(&["p9", "--listen", "unix:", "--dir", "/srv"]).is_err());
         assert!(parse(&["p9", "--listen", "unix:/a"]).is_err());
+    }
+
+    #[test]
+    fn p9_serves_vhost_user_standalone_or_launched() {
+        let cli = parse(&[
+            "p9",
+            "--socket",
+            "/tmp/9.sock",
+            "--dir",
+            "/srv",
+            "--tag",
+            "t",
+        ])
+        .unwrap();
+        let WorkerCommand::P9(args) = cli.worker else {
+            panic!("not p9")
+        };
+        assert_eq!(args.socket, Some(PathBuf::from("/tmp/9.sock")));
+        assert_eq!(args.tag.as_deref(), Some("t"));
+        assert!(parse(&["p9", "--launch-fd", "3"]).is_ok());
+        assert!(parse(&["p9", "--dir", "/srv"]).is_err());
+        assert!(parse(&["p9", "--socket", "/a"]).is_err());
+        assert!(parse(&["p9", "--launch-fd", "3", "--dir", "/srv"]).is_err());
+        assert!(parse(&["p9", "--socket", "/a", "--listen", "unix:/b", "--dir", "/srv"]).is_err());
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum LaunchError {
     SameDescriptor(RawFd),
     #[error("vhost_user_fd {0} is not a connected Unix stream socket")]
     NotAUnixStream(RawFd),
+    #[error("root_fd {0} is the launch or vhost-user descriptor")]
+    RootFdReused(RawFd),
 }
 
 /// What a launched worker serves, and where.
@@ -47,6 +49,8 @@ pub struct Launch {
     pub device: DeviceConfig,
     /// The connected vhost-user socket; the VMM is at the other end.
     pub connection: UnixStream,
+    /// p9: the shared directory (`P9Config::root_fd`), an `O_PATH` directory descriptor.
+    pub root: Option<OwnedFd>,
 }
 
 /// Reads the launch config from descriptor `launch_fd` and takes the descriptors it names.
@@ -68,10 +72,20 @@ pub fn read_launch(launch_fd: RawFd, expected: WorkerKind) -> Result<Launch, Lau
     if !is_unix_stream(&connection) || connection.peer_addr().is_err() {
         return Err(LaunchError::NotAUnixStream(fd));
     }
+    let root = match &launch.device {
+        DeviceConfig::P9(config) => {
+            if config.root_fd == launch_fd || config.root_fd == fd {
+                return Err(LaunchError::RootFdReused(config.root_fd));
+            }
+            Some(take_inherited(config.root_fd, "shared directory")?)
+        }
+        DeviceConfig::Rng(_) => None,
+    };
     Ok(Launch {
         device_name: launch.device_name,
         device: launch.device,
         connection,
+        root,
     })
 }
 

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::IsTerminal;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -12,11 +12,12 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use bulkhead_protocol::{DeviceConfig, RngConfig, WorkerKind};
+use bulkhead_seccomp::{policy_for, Policy};
 use bulkhead_workers::cli::{Cli, Endpoint, P9Args, WorkerCommand};
 use bulkhead_workers::launch::read_launch;
-use bulkhead_workers::p9::{transport_unix, Export, Root};
+use bulkhead_workers::p9::{transport_unix, Export, P9Device, Root};
 use bulkhead_workers::rng::RngDevice;
-use bulkhead_workers::sandbox::enter_sandbox;
+use bulkhead_workers::sandbox::enter_policy;
 use bulkhead_workers::vhost_user::{serve_connection, serve_listener, DeviceBackend, GuestRam};
 use clap::Parser;
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -72,46 +73,109 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let launch = read_launch(fd, WorkerKind::Rng)
                         .with_context(|| format!("--launch-fd {fd}"))?;
                     tracing::info!("serving {}", launch.device_name);
-                    let DeviceConfig::Rng(config) = launch.device;
+                    let DeviceConfig::Rng(config) = launch.device else {
+                        bail!("--launch-fd {fd}: not an rng launch config");
+                    };
                     (Frontend::Connected(launch.connection), config)
                 }
                 Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
             };
-            serve(WorkerKind::Rng, frontend, || {
+            serve(policy_for(WorkerKind::Rng), &[], frontend, || {
                 RngDevice::new(&config).map(RngDevice::into_backend)
             })
         }
-        WorkerCommand::P9(args) => serve_p9_debug(&args),
+        WorkerCommand::P9(args) => serve_p9(args),
     }
 }
 
-/// The 9p server over its debug transport. Not sandboxed: the worker's seccomp and
-/// Landlock policy belongs to the vhost-user form; confinement to the directory is the
-/// server's own (every lookup beneath the directory's descriptor).
-fn serve_p9_debug(args: &P9Args) -> anyhow::Result<()> {
-    let root = Root::open(&args.dir).with_context(|| format!("--dir {}", args.dir.display()))?;
+/// The p9 worker in its three forms. The shared directory is opened (standalone) or
+/// taken from the launch (VMM) before the sandbox; the sandbox's Landlock rule is built
+/// from that descriptor, and the server resolves every name beneath it.
+fn serve_p9(args: P9Args) -> anyhow::Result<()> {
+    let (root, tag, read_only, frontend) = match (&args.launch_fd, &args.dir) {
+        (&Some(fd), _) => {
+            let launch =
+                read_launch(fd, WorkerKind::P9).with_context(|| format!("--launch-fd {fd}"))?;
+            tracing::info!("serving {}", launch.device_name);
+            let DeviceConfig::P9(config) = launch.device else {
+                bail!("--launch-fd {fd}: not a p9 launch config");
+            };
+            let Some(root) = launch.root else {
+                bail!("--launch-fd {fd}: no shared directory");
+            };
+            let root = Root::from_fd(root).context("the shared directory (root_fd)")?;
+            (
+                root,
+                config.tag,
+                config.read_only,
+                Some(Frontend::Connected(launch.connection)),
+            )
+        }
+        (None, Some(dir)) => {
+            let root = Root::open(dir).with_context(|| format!("--dir {}", dir.display()))?;
+            let tag = args.tag.clone().unwrap_or_else(|| default_tag(dir));
+            let frontend = match &args.socket {
+                Some(path) => Some(Frontend::Listening(bind(path)?)),
+                None => None,
+            };
+            (root, tag, args.ro, frontend)
+        }
+        (None, None) => bail!("give --dir or --launch-fd"),
+    };
     // Modes arrive with the client's umask already applied; a second one here would
     // change what the client asked for.
     // SAFETY: umask only sets this process's file mode creation mask.
     unsafe { libc::umask(0) };
     raise_fd_limit();
-    let listener = bind(&args.listen)?;
-    tracing::info!(
-        "serving {} over 9P on {}{}",
-        args.dir.display(),
-        args.listen.display(),
-        if args.ro { " (read-only)" } else { "" }
-    );
-    let export = std::sync::Arc::new(Export::new(root, args.ro));
-    transport_unix::serve_listener(&listener, export)?;
-    Ok(())
+    let root_fd = root.fd().as_raw_fd();
+    let policy = bulkhead_seccomp::p9_policy(root_fd, read_only);
+    let keep_root = [(root_fd, "shared directory")];
+    let export = std::sync::Arc::new(Export::new(root, read_only).without_ownership());
+    match frontend {
+        Some(frontend) => serve(policy, &keep_root, frontend, || {
+            P9Device::new(export.clone(), &tag).map(P9Device::into_backend)
+        }),
+        None => {
+            let Some(path) = &args.listen else {
+                bail!("no endpoint: give --socket, --launch-fd or --listen");
+            };
+            let listener = bind(path)?;
+            enter_policy(
+                policy,
+                &[
+                    keep_root[0],
+                    (
+                        listener.as_raw_fd(),
+                        "listening socket (9P debug transport)",
+                    ),
+                ],
+            )
+            .context("cannot enter the sandbox")?;
+            tracing::info!(
+                "serving 9P on {}{}",
+                path.display(),
+                if read_only { " (read-only)" } else { "" }
+            );
+            transport_unix::serve_listener(&listener, export)?;
+            Ok(())
+        }
+    }
+}
+
+/// The directory's own name, as the issue's `--9p HOSTDIR` default; "share" for `/`.
+fn default_tag(dir: &Path) -> String {
+    dir.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "share".into())
 }
 
 /// Confines the worker, then serves its frontend(s) with a fresh device each. Every
 /// worker kind ends up here. Devices are made inside the sandbox: whatever descriptors
 /// they own (a rate limiter's timer) would otherwise be among those the sandbox closes.
 fn serve<T, E>(
-    kind: WorkerKind,
+    policy: Policy,
+    keep: &[(RawFd, &'static str)],
     frontend: Frontend,
     mut new_device: impl FnMut() -> Result<DeviceBackend<T>, E>,
 ) -> anyhow::Result<()>
@@ -122,11 +186,12 @@ where
 {
     // The single place the sandbox is entered: everything above was setup; everything
     // below reads what frontends and guests send.
-    let keep = match &frontend {
+    let socket = match &frontend {
         Frontend::Connected(connection) => (connection.as_raw_fd(), "vhost-user socket"),
         Frontend::Listening(listener) => (listener.as_raw_fd(), "listening socket"),
     };
-    enter_sandbox(kind, &[keep]).context("cannot enter the sandbox")?;
+    let keep: Vec<_> = keep.iter().copied().chain([socket]).collect();
+    enter_policy(policy, &keep).context("cannot enter the sandbox")?;
 
     match frontend {
         Frontend::Connected(connection) => {

@@ -6,9 +6,12 @@
 //! - one module per kind for the rest and for its Landlock rules.
 
 mod inflight;
+mod p9;
 mod rng;
 mod runtime;
 mod vhost_user;
+
+use std::os::fd::RawFd;
 
 use bulkhead_protocol::WorkerKind;
 
@@ -19,5 +22,13 @@ use crate::policy::Policy;
 pub fn policy_for(kind: WorkerKind) -> Policy {
     match kind {
         WorkerKind::Rng => rng::policy(),
+        WorkerKind::P9 => p9::policy(None, false),
     }
+}
+
+/// The policy of a p9 worker serving the directory it holds open as `root_fd`, which
+/// the caller also keeps ([`Policy::keep_fd`]): Landlock grants only beneath it, with read
+/// rights only when `read_only`.
+pub fn p9_policy(root_fd: RawFd, read_only: bool) -> Policy {
+    p9::policy(Some(root_fd), read_only)
 }

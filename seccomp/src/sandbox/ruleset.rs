@@ -5,8 +5,10 @@ use landlock::{
     RulesetCreatedAttr, RulesetStatus,
 };
 
+use std::os::fd::BorrowedFd;
+
 use crate::error::SandboxError;
-use crate::landlock_rules::{Enforcement, LandlockRules};
+use crate::landlock_rules::{Enforcement, GrantRoot, LandlockRules};
 
 /// How much of a policy's Landlock rules the running kernel enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +51,22 @@ pub fn restrict_self(rules: &LandlockRules) -> Result<LandlockOutcome, SandboxEr
     }
     let mut created = ruleset.create()?;
     for grant in &rules.paths {
-        let parent = PathFd::new(&grant.path).map_err(|source| SandboxError::LandlockPath {
-            path: grant.path.clone(),
-            source,
-        })?;
-        created = created.add_rule(PathBeneath::new(parent, grant.access))?;
+        created = match &grant.root {
+            GrantRoot::Path(path) => {
+                let parent = PathFd::new(path).map_err(|source| SandboxError::LandlockPath {
+                    path: path.clone(),
+                    source,
+                })?;
+                created.add_rule(PathBeneath::new(parent, grant.access))?
+            }
+            GrantRoot::Fd { fd, .. } => {
+                // SAFETY: the policy keeps this descriptor open (validated before anything
+                // was closed), and it is only borrowed for the duration of add_rule.
+                let parent = unsafe { BorrowedFd::borrow_raw(*fd) };
+                created.add_rule(PathBeneath::new(parent, grant.access))?
+            }
+            GrantRoot::AtLaunch { what } => return Err(SandboxError::LandlockUnboundGrant(what)),
+        };
     }
     for grant in &rules.ports {
         created = created.add_rule(NetPort::new(grant.port, grant.access))?;

@@ -102,6 +102,16 @@ impl WorkerProcess {
         device_name: &str,
         device: DeviceConfig,
     ) -> Result<(Self, UnixStream), WorkerError> {
+        Self::launched_with(device_name, device, &[])
+    }
+
+    /// [`launched`](Self::launched), also passing each `(descriptor, number)` of
+    /// `inherit` as that number (the p9 worker's shared directory, say).
+    pub fn launched_with(
+        device_name: &str,
+        device: DeviceConfig,
+        inherit: &[(RawFd, RawFd)],
+    ) -> Result<(Self, UnixStream), WorkerError> {
         let launch = WorkerLaunch {
             device_name: device_name.to_owned(),
             device: device.clone(),
@@ -112,7 +122,20 @@ impl WorkerProcess {
         // Copies above the target numbers, so the dup2s in the child cannot clobber them.
         let launch_src = dup_above(memfd.as_raw_fd(), 10).map_err(WorkerError::Setup)?;
         let socket_src = dup_above(worker_end.as_raw_fd(), 10).map_err(WorkerError::Setup)?;
-        let (launch_raw, socket_raw) = (launch_src.as_raw_fd(), socket_src.as_raw_fd());
+        let extra_src = inherit
+            .iter()
+            .map(|&(fd, target)| Ok((dup_above(fd, 10)?, target)))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(WorkerError::Setup)?;
+        let mut pairs = vec![
+            (launch_src.as_raw_fd(), LAUNCH_FD),
+            (socket_src.as_raw_fd(), VHOST_USER_FD),
+        ];
+        pairs.extend(
+            extra_src
+                .iter()
+                .map(|(fd, target)| (fd.as_raw_fd(), *target)),
+        );
 
         let mut command = Command::new(worker_bin());
         command
@@ -121,13 +144,13 @@ impl WorkerProcess {
             .arg(LAUNCH_FD.to_string());
         // SAFETY: the closure runs in the child between fork and exec and only calls dup2,
         // which is async-signal-safe; dup2 also clears close-on-exec on the new numbers, so
-        // exactly these two descriptors are inherited.
+        // exactly these descriptors are inherited.
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(launch_raw, LAUNCH_FD) < 0
-                    || libc::dup2(socket_raw, VHOST_USER_FD) < 0
-                {
-                    return Err(io::Error::last_os_error());
+                for &(source, target) in &pairs {
+                    if libc::dup2(source, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -135,7 +158,7 @@ impl WorkerProcess {
         let worker = Self::spawn(command)?;
         // The parent's copies go now: only the worker holds its end of the socketpair, so
         // the frontend sees EOF when the worker dies.
-        drop((launch_src, socket_src, worker_end, memfd));
+        drop((launch_src, socket_src, worker_end, memfd, extra_src));
         Ok((worker, frontend_end))
     }
 

@@ -6,6 +6,7 @@
 //! - [`server`]: fids, msize negotiation and one handler per request: a request frame in,
 //!   a reply frame out, whatever carries them.
 //! - [`transport_unix`]: the standalone debug transport, 9P over a Unix stream socket.
+//! - [`virtio`]: the virtio-9p device, served over vhost-user.
 //!
 //! A transport holds one [`Export`] and one [`Session`] per client (a virtio-9p device is
 //! one client: the guest's Tversion starts its session afresh) and, per request:
@@ -37,7 +38,9 @@ pub mod confined;
 pub mod messages;
 pub mod server;
 pub mod transport_unix;
+pub mod virtio;
 pub mod wire;
 
 pub use confined::Root;
 pub use server::{Export, FrameError, Pending, Session, MAX_MSIZE};
+pub use virtio::{P9Device, P9DeviceError};

@@ -108,6 +108,15 @@ impl Export {
         }
     }
 
+    /// Drops ownership pass-through: every file belongs to the running user and
+    /// ownership changes are accepted and ignored, as for an ordinary user. For a worker
+    /// that sandboxes itself: the sandbox drops CAP_CHOWN (and every other capability),
+    /// so even as root it could not give files away.
+    pub fn without_ownership(mut self) -> Self {
+        self.as_root = false;
+        self
+    }
+
     /// The qid of a file: its inode number, made distinct for files on other file
     /// systems mounted inside the share (their numbers would otherwise collide with the
     /// share's own, and the client takes qid paths for inode identity).

@@ -348,7 +348,8 @@ impl TrackedQueue {
         if let Some(region) = &region {
             region.commit_batch(&heads, new_used)?;
         }
-        if state.needs_notification()? {
+        let old_used = new_used.wrapping_sub(done.len() as u16);
+        if wants_interrupt(state, memory, old_used, new_used)? {
             state.signal_used_queue().map_err(QueueError::Signal)?;
         }
         Ok(())
@@ -359,6 +360,34 @@ impl TrackedQueue {
             self.in_flight[usize::from(completion.head)] = true;
         }
     }
+}
+
+/// Whether the driver wants an interrupt now that the used index moved from `old` to
+/// `new` (virtio 1.2, 2.7.10): always without EVENT_IDX, else when its `used_event` lies
+/// in between. Not `Queue::needs_notification`: that counts the entries `add_used` added,
+/// and this queue publishes its own (with `set_next_used`), so it would never fire.
+fn wants_interrupt(
+    state: &mut VringState<GuestRam>,
+    memory: &GuestMemoryMmap,
+    old: u16,
+    new: u16,
+) -> Result<bool, QueueError> {
+    let queue = state.get_queue();
+    if !queue.event_idx_enabled() {
+        return Ok(true);
+    }
+    // used_event follows the avail ring's flags, idx and entries.
+    let addr = GuestAddress(queue.avail_ring())
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .ok_or(QueueError::Ring(virtio_queue::Error::AddressOverflow))?;
+    // The used index store must be visible before the driver's used_event is read, or an
+    // update of it in between could be missed by both sides.
+    fence(Ordering::SeqCst);
+    let used_event: u16 = memory
+        .load(addr, Ordering::Acquire)
+        .map_err(QueueError::UsedRing)?;
+    let used_event = u16::from_le(used_event);
+    Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
 }
 
 /// Writes `done` into the used ring and publishes them with one used index store; returns
@@ -518,6 +547,24 @@ mod tests {
         queue
             .start(region, &mut vring.get_mut(), &guest.memory, 0)
             .unwrap();
+    }
+
+    #[test]
+    fn event_idx_interrupts_exactly_when_used_event_is_passed() {
+        let guest = Guest::new();
+        let vring = guest.vring(0);
+        let mut state = vring.get_mut();
+        // Without EVENT_IDX: always.
+        assert!(wants_interrupt(&mut state, &guest.memory, 0, 1).unwrap());
+        state.get_queue_mut().set_event_idx(true);
+        let used_event = GuestAddress(guest.avail + 4 + 2 * u64::from(SIZE));
+        guest.memory.write_obj(3u16.to_le(), used_event).unwrap();
+        // The driver asked to hear once entry 3 is used: 3 -> 4 passes it, 0 -> 3 and
+        // 4 -> 6 do not; a batch 2 -> 5 does.
+        assert!(!wants_interrupt(&mut state, &guest.memory, 0, 3).unwrap());
+        assert!(wants_interrupt(&mut state, &guest.memory, 3, 4).unwrap());
+        assert!(!wants_interrupt(&mut state, &guest.memory, 4, 6).unwrap());
+        assert!(wants_interrupt(&mut state, &guest.memory, 2, 5).unwrap());
     }
 
     #[test]
