@@ -348,7 +348,7 @@ impl TrackedQueue {
         if let Some(region) = &region {
             region.commit_batch(&heads, new_used)?;
         }
-        if state.needs_notification()? {
+        if needs_notification(state, memory, new_used.wrapping_sub(done.len() as u16))? {
             state.signal_used_queue().map_err(QueueError::Signal)?;
         }
         Ok(())
@@ -359,6 +359,35 @@ impl TrackedQueue {
             self.in_flight[usize::from(completion.head)] = true;
         }
     }
+}
+
+/// Whether the driver wants an interrupt for the used entries from `old` to the queue's
+/// next used index. `VringState::needs_notification` cannot say: it counts the entries
+/// virtio-queue's `add_used` wrote, and [`publish_used`] writes them itself, so under
+/// EVENT_IDX it would never interrupt the guest.
+fn needs_notification(
+    state: &mut VringState<GuestRam>,
+    memory: &GuestMemoryMmap,
+    old: u16,
+) -> Result<bool, QueueError> {
+    let queue = state.get_queue_mut();
+    if !queue.event_idx_enabled() {
+        return Ok(true);
+    }
+    // The used index store must be visible before used_event is read (the driver
+    // writes used_event, then reads the used index).
+    fence(Ordering::SeqCst);
+    let new = queue.next_used();
+    // used_event sits after the avail ring's entries (virtio 1.2, 2.7.10).
+    let used_event_at = GuestAddress(queue.avail_ring())
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .ok_or(QueueError::Ring(virtio_queue::Error::AddressOverflow))?;
+    let used_event: u16 = memory
+        .load(used_event_at, Ordering::Acquire)
+        .map(u16::from_le)
+        .map_err(QueueError::UsedRing)?;
+    // As Linux's vring_need_event: interrupt if used_event lies in [old, new).
+    Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
 }
 
 /// Writes `done` into the used ring and publishes them with one used index store; returns
