@@ -9,8 +9,6 @@
 use crate::syscall_rule::{Arg, SyscallRule};
 use crate::{constant, sys};
 
-// The first kind to offer INFLIGHT_SHMFD (blk) chains these into its policy.
-#[allow(dead_code)]
 pub fn rules() -> Vec<SyscallRule> {
     vec![
         SyscallRule::allow(sys!(SYS_memfd_create))

@@ -61,7 +61,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let DeviceConfig::Rng(config) = launch.device;
+    let DeviceConfig::Rng(config) = launch.device else {
+        eprintln!("rogue-worker: not an rng launch");
+        return ExitCode::FAILURE;
+    };
     let keep = [(launch.connection.as_raw_fd(), "vhost-user socket")];
     if let Err(e) = enter_sandbox(WorkerKind::Rng, &keep) {
         eprintln!("rogue-worker: {e}");
