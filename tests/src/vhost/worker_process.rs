@@ -3,6 +3,7 @@
 //! a watchdog if a test overruns - so that a hung worker fails a test instead of hanging it.
 
 use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -102,6 +103,17 @@ impl WorkerProcess {
         device_name: &str,
         device: DeviceConfig,
     ) -> Result<(Self, UnixStream), WorkerError> {
+        Self::launched_with_files(device_name, device, &[])
+    }
+
+    /// [`launched`](Self::launched) with the device's own files: `files[i]` is inherited at
+    /// the descriptor number `device.descriptors()[i]` names, as the VMM passes a disk
+    /// image and its backing chain.
+    pub fn launched_with_files(
+        device_name: &str,
+        device: DeviceConfig,
+        files: &[&File],
+    ) -> Result<(Self, UnixStream), WorkerError> {
         let launch = WorkerLaunch {
             device_name: device_name.to_owned(),
             device: device.clone(),
@@ -110,9 +122,19 @@ impl WorkerProcess {
         let memfd = sealed_memfd(&encode(&launch)?).map_err(WorkerError::Setup)?;
         let (frontend_end, worker_end) = UnixStream::pair().map_err(WorkerError::Setup)?;
         // Copies above the target numbers, so the dup2s in the child cannot clobber them.
-        let launch_src = dup_above(memfd.as_raw_fd(), 10).map_err(WorkerError::Setup)?;
-        let socket_src = dup_above(worker_end.as_raw_fd(), 10).map_err(WorkerError::Setup)?;
-        let (launch_raw, socket_raw) = (launch_src.as_raw_fd(), socket_src.as_raw_fd());
+        let launch_src = dup_above(memfd.as_raw_fd(), 64).map_err(WorkerError::Setup)?;
+        let socket_src = dup_above(worker_end.as_raw_fd(), 64).map_err(WorkerError::Setup)?;
+        let mut placed = vec![(launch_src, LAUNCH_FD), (socket_src, VHOST_USER_FD)];
+        for (file, target) in files.iter().zip(device.descriptors()) {
+            placed.push((
+                dup_above(file.as_raw_fd(), 64).map_err(WorkerError::Setup)?,
+                target,
+            ));
+        }
+        let moves: Vec<(RawFd, RawFd)> = placed
+            .iter()
+            .map(|(src, target)| (src.as_raw_fd(), *target))
+            .collect();
 
         let mut command = Command::new(worker_bin());
         command
@@ -120,14 +142,15 @@ impl WorkerProcess {
             .arg("--launch-fd")
             .arg(LAUNCH_FD.to_string());
         // SAFETY: the closure runs in the child between fork and exec and only calls dup2,
-        // which is async-signal-safe; dup2 also clears close-on-exec on the new numbers, so
-        // exactly these two descriptors are inherited.
+        // which is async-signal-safe, over a vector allocated before the fork; dup2 also
+        // clears close-on-exec on the new numbers, so exactly these descriptors are
+        // inherited.
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(launch_raw, LAUNCH_FD) < 0
-                    || libc::dup2(socket_raw, VHOST_USER_FD) < 0
-                {
-                    return Err(io::Error::last_os_error());
+                for &(src, target) in &moves {
+                    if libc::dup2(src, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -135,7 +158,7 @@ impl WorkerProcess {
         let worker = Self::spawn(command)?;
         // The parent's copies go now: only the worker holds its end of the socketpair, so
         // the frontend sees EOF when the worker dies.
-        drop((launch_src, socket_src, worker_end, memfd));
+        drop((placed, worker_end, memfd));
         Ok((worker, frontend_end))
     }
 
