@@ -6,6 +6,7 @@ use bulkhead_protocol::{RngConfig, WorkerKind};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, ConfigError, CpuCount, MemorySize, VmConfig};
+use crate::disk::DiskSpec;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +51,12 @@ pub struct RunArgs {
     /// Add a virtio-rng device fed from the host's getrandom, served by a sandboxed worker.
     #[arg(long)]
     pub rng: bool,
+    /// Add a virtio-blk disk served by a sandboxed worker (repeatable):
+    /// PATH[,format=raw|qcow2][,ro][,cow]. The format is probed when not given; ro makes
+    /// the disk read-only; cow keeps the guest's writes in memory, leaving the file as it
+    /// was.
+    #[arg(long, value_name = "PATH[,OPTIONS]")]
+    pub disk: Vec<DiskSpec>,
     /// Append device worker lifecycle events (spawn, exit, crash, restart) to PATH as
     /// JSON lines.
     #[arg(long, value_name = "PATH")]
@@ -68,6 +75,7 @@ impl RunArgs {
             cpus: CpuCount::new(self.cpus)?,
             memory: self.memory.parse::<MemorySize>()?,
             rng: self.rng.then(RngConfig::default),
+            disks: self.disk.clone(),
             audit_log: self.audit_log.clone(),
         })
     }
@@ -120,6 +128,12 @@ mod tests {
         assert_eq!(config.memory.bytes(), 2 << 30);
         assert_eq!(config.cmdline, "quiet");
         assert_eq!(config.initrd.as_deref(), Some(std::path::Path::new("/i")));
+        let disks = run_args(&["run", "-k", "/k", "--disk", "/a", "--disk", "/b,ro"])
+            .to_config()
+            .unwrap()
+            .disks;
+        assert_eq!(disks.len(), 2);
+        assert!(disks[1].read_only);
     }
 
     #[test]
@@ -127,6 +141,7 @@ mod tests {
         assert!(parse(&["run"]).is_err(), "kernel is required");
         assert!(parse(&["run", "--kernel", "/k", "--cpus", "abc"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--bogus"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--disk", "/d,bogus"]).is_err());
         let zero = run_args(&["run", "--kernel", "/k", "--cpus", "0"]);
         assert_eq!(zero.to_config().unwrap_err(), ConfigError::CpuCount(0));
         let tiny = run_args(&["run", "--kernel", "/k", "--memory", "1K"]);

@@ -134,6 +134,8 @@ pub struct VmConfig {
     pub memory: MemorySize,
     /// A virtio-rng device, served by a worker process.
     pub rng: Option<bulkhead_protocol::RngConfig>,
+    /// virtio-blk disks, one worker each, in `--disk` order.
+    pub disks: Vec<crate::disk::DiskSpec>,
     /// Where worker lifecycle events go, as JSON lines.
     pub audit_log: Option<PathBuf>,
 }
