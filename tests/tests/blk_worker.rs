@@ -904,3 +904,89 @@ fn killed_worker_with_requests_in_flight_is_replaced_without_loss() -> Result<()
     }
     anyhow::bail!("no kill landed with requests in flight")
 }
+
+/// Runs `bulkhead-worker blk --socket <dir>/s.sock <args>`, which must exit by itself
+/// (within the timeout) with status 1; returns its stderr.
+fn worker_refuses(dir: &TempDir, args: &[&str]) -> Result<String> {
+    use std::io::Read;
+    let mut child = Command::new(bulkhead_tests::vhost::worker_bin())
+        .arg("blk")
+        .arg("--socket")
+        .arg(dir.path("s.sock"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("bulkhead-worker blk {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_string(&mut stderr)?;
+    }
+    ensure!(
+        status.code() == Some(1),
+        "{args:?}: exit {status}: {stderr}"
+    );
+    ensure!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    ensure!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    Ok(stderr)
+}
+
+#[test]
+fn bad_images_and_options_are_clear_errors_at_startup() -> Result<()> {
+    let dir = TempDir::new("refuse");
+    let missing = dir.path("missing.qcow2");
+    let stderr = worker_refuses(&dir, &["--image", p(&missing)])?;
+    ensure!(stderr.contains(p(&missing)), "{stderr}");
+
+    // QCOW2 magic, version 3, absurd cluster_bits.
+    let bad = dir.path("bad.qcow2");
+    let mut header = vec![0u8; 512];
+    header[0..4].copy_from_slice(b"QFI\xfb");
+    header[4..8].copy_from_slice(&3u32.to_be_bytes());
+    header[20..24].copy_from_slice(&40u32.to_be_bytes());
+    fs::write(&bad, &header)?;
+    let stderr = worker_refuses(&dir, &["--image", p(&bad)])?;
+    ensure!(stderr.contains("cluster"), "{stderr}");
+
+    // A backing chain that loops: b names a, a names b.
+    let a = dir.path("a.qcow2");
+    let b = create(&dir, "b.qcow2", "qcow2")?;
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        p(&a),
+    ])?;
+    qemu_img_ok(&["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", p(&b)])?;
+    let stderr = worker_refuses(&dir, &["--image", p(&a)])?;
+    ensure!(
+        stderr.contains("deeper") || stderr.contains("loop"),
+        "{stderr}"
+    );
+
+    let image = create(&dir, "ok.raw", "raw")?;
+    let stderr = worker_refuses(&dir, &["--image", p(&image), "--queues", "0"])?;
+    ensure!(stderr.contains("queues"), "{stderr}");
+    let tiny = dir.path("tiny.raw");
+    fs::write(&tiny, [0u8; 100])?;
+    let stderr = worker_refuses(&dir, &["--image", p(&tiny), "--format", "raw"])?;
+    ensure!(stderr.contains("smaller"), "{stderr}");
+    Ok(())
+}
