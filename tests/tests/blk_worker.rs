@@ -990,3 +990,35 @@ fn bad_images_and_options_are_clear_errors_at_startup() -> Result<()> {
     ensure!(stderr.contains("smaller"), "{stderr}");
     Ok(())
 }
+
+/// A raw disk whose bytes are a QCOW2 header (a guest can write one) names no backing
+/// file: the worker must not open the path it names - here a FIFO, which would block the
+/// open forever.
+#[test]
+fn a_raw_disk_that_looks_like_qcow2_opens_nothing_else() -> Result<()> {
+    let dir = TempDir::new("lookalike");
+    let base = create(&dir, "base.raw", "raw")?;
+    let disk = dir.path("disk.raw");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&disk),
+    ])?;
+    fs::remove_file(&base)?;
+    let status = Command::new("mkfifo").arg(&base).status()?;
+    ensure!(status.success(), "mkfifo");
+    let worker = standalone(&disk, &["--format", "raw"])?;
+    let mut blk = Blk::start(worker.connect()?, 1, 0)?;
+    let (status, header) = blk.read(0, 512)?;
+    ensure!(
+        status == OK && header.starts_with(b"QFI\xfb"),
+        "the raw bytes read back"
+    );
+    assert_alive(&worker)
+}

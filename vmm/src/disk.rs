@@ -124,10 +124,11 @@ pub fn open_disk(spec: &DiskSpec, index: usize) -> Result<OpenedDisk, DiskOpenEr
         let Some(current) = files.last() else {
             break;
         };
-        let Some((name, _)) = disk::backing_of(current).map_err(|source| DiskOpenError::Image {
-            path: current_path.clone(),
-            source,
-        })?
+        let Some((name, recorded)) =
+            disk::backing_of(current).map_err(|source| DiskOpenError::Image {
+                path: current_path.clone(),
+                source,
+            })?
         else {
             break;
         };
@@ -150,11 +151,17 @@ pub fn open_disk(spec: &DiskSpec, index: usize) -> Result<OpenedDisk, DiskOpenEr
                 resolved,
             });
         }
-        // A raw backing file ends the chain; a QCOW2 one may go on.
-        walk = disk::probe(&file).map_err(|source| DiskOpenError::Image {
-            path: resolved.clone(),
-            source,
-        })? == Format::Qcow2;
+        // A raw backing file ends the chain (as the image records it, or else as probed);
+        // a QCOW2 one may go on.
+        walk = match recorded {
+            Some(format) => format == Format::Qcow2,
+            None => {
+                disk::probe(&file).map_err(|source| DiskOpenError::Image {
+                    path: resolved.clone(),
+                    source,
+                })? == Format::Qcow2
+            }
+        };
         files.push(file);
         names.push(name);
         current_path = resolved;

@@ -199,9 +199,19 @@ fn open_disk_standalone(path: &Path, args: &BlkArgs) -> anyhow::Result<DiskFiles
     let mut backing = Vec::new();
     let mut current = image.try_clone().context("cannot duplicate the image")?;
     let mut current_path = path.to_path_buf();
-    while let Some((name, _format)) = disk::backing_of(&current)
-        .with_context(|| format!("cannot read {}", current_path.display()))?
-    {
+    // A raw image names no backing file, whatever its bytes look like: a guest can write a
+    // QCOW2 header naming any host path into a raw disk. The same holds down the chain for
+    // a backing file the image above records as raw.
+    let mut walk = match args.format {
+        Some(format) => format == ImageFormat::Qcow2,
+        None => disk::probe(&image).context("cannot probe the image format")? == Format::Qcow2,
+    };
+    while walk {
+        let Some((name, recorded)) = disk::backing_of(&current)
+            .with_context(|| format!("cannot read {}", current_path.display()))?
+        else {
+            break;
+        };
         if backing.len() >= MAX_BACKING_DEPTH {
             bail!("the backing chain is deeper than {MAX_BACKING_DEPTH} (a loop?)");
         }
@@ -213,6 +223,14 @@ fn open_disk_standalone(path: &Path, args: &BlkArgs) -> anyhow::Result<DiskFiles
         };
         let file = File::open(&next_path)
             .with_context(|| format!("cannot open backing file {}", next_path.display()))?;
+        walk = match recorded {
+            Some(format) => format == Format::Qcow2,
+            None => {
+                disk::probe(&file)
+                    .with_context(|| format!("cannot probe {}", next_path.display()))?
+                    == Format::Qcow2
+            }
+        };
         current = file
             .try_clone()
             .context("cannot duplicate a backing file")?;
