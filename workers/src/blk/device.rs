@@ -36,6 +36,8 @@ pub const MAX_QUEUE_SIZE: usize = 256;
 /// synchronous engine call on the queue's thread.
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Requests served between two used-ring updates.
+const COMPLETE_EVERY: usize = 8;
 
 #[derive(Debug, Error)]
 pub enum BlkError {
@@ -141,7 +143,6 @@ impl BlkDevice {
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
 
-        tracing::trace!(queue = index, event_idx, "draining");
         let mut batch = Vec::new();
         let drained = queue.drain(&mut state, &memory, event_idx, |r| batch.push(r));
         // Whatever stopped the drain, the requests taken are in flight and are answered.
@@ -154,17 +155,27 @@ impl BlkDevice {
             serial: &self.serial,
             bounce: &mut bounce,
         };
-        // Synchronous, in ring order. An asynchronous engine would submit here and
-        // complete from its completion event (a device event source of this thread).
-        let done: Vec<Completion> = batch
-            .iter()
-            .map(|r| Completion {
-                head: r.head,
-                written: request::serve(&mut ctx, &memory, r),
-            })
-            .collect();
-        tracing::trace!(queue = index, requests = done.len(), "batch served");
-        let completed = queue.complete_batch(&mut state, &memory, &done);
+        // Synchronous, in ring order, completed a few at a time so that the first
+        // requests of a long batch are not held back by the last. An asynchronous engine
+        // would submit here and complete from its completion event (a device event source
+        // of this thread).
+        let mut completed = Ok(());
+        for group in batch.chunks(COMPLETE_EVERY) {
+            let done: Vec<Completion> = group
+                .iter()
+                .map(|r| Completion {
+                    head: r.head,
+                    written: request::serve(&mut ctx, &memory, r),
+                })
+                .collect();
+            tracing::trace!(queue = index, requests = done.len(), "requests served");
+            completed = queue.complete_batch(&mut state, &memory, &done);
+            if completed.is_err() {
+                // The rest stay in flight: in the region for a successor, or until the
+                // driver resets a ring it broke.
+                break;
+            }
+        }
         self.check(index, drained.map(|_| ()))?;
         self.check(index, completed)
     }
