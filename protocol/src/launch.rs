@@ -12,15 +12,17 @@ use serde::{Deserialize, Serialize};
 pub enum WorkerKind {
     Rng,
     P9,
+    Blk,
 }
 
 impl WorkerKind {
-    pub const ALL: [WorkerKind; 2] = [WorkerKind::Rng, WorkerKind::P9];
+    pub const ALL: [WorkerKind; 3] = [WorkerKind::Rng, WorkerKind::P9, WorkerKind::Blk];
 
     pub fn name(self) -> &'static str {
         match self {
             WorkerKind::Rng => "rng",
             WorkerKind::P9 => "p9",
+            WorkerKind::Blk => "blk",
         }
     }
 
@@ -29,6 +31,7 @@ impl WorkerKind {
         match self {
             WorkerKind::Rng => 4,
             WorkerKind::P9 => 9,
+            WorkerKind::Blk => 2,
         }
     }
 }
@@ -74,10 +77,54 @@ pub struct P9Config {
     pub read_only: bool,
 }
 
+/// How the bytes of a disk image are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+/// One file of a disk's backing chain: the name the image above it records (the worker
+/// checks the image asks for exactly this name) and the descriptor it inherited.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct BackingFile {
+    pub name: String,
+    pub fd: i32,
+}
+
+/// A virtio-blk disk. The worker opens no path: the VMM opened the image and every file
+/// of its backing chain, and these are the descriptor numbers the worker finds them at.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct BlkConfig {
+    /// The image, open read-write unless `read_only` or `copy_on_write`.
+    pub image_fd: i32,
+    /// The backing chain in order: the image's backing file first.
+    pub backing: Vec<BackingFile>,
+    /// None: probed from the image's first bytes.
+    pub format: Option<ImageFormat>,
+    /// The guest sees a read-only disk (VIRTIO_BLK_F_RO); writes fail.
+    pub read_only: bool,
+    /// Guest writes stay in the worker's memory and vanish when it exits.
+    pub copy_on_write: bool,
+    /// Request queues (VIRTIO_BLK_F_MQ), at least 1.
+    pub num_queues: u16,
+    /// What GET_ID answers: up to 20 bytes.
+    pub serial: String,
+}
+
+impl BlkConfig {
+    /// Every descriptor this config names: the image, then its backing chain.
+    pub fn descriptors(&self) -> impl Iterator<Item = i32> + '_ {
+        std::iter::once(self.image_fd).chain(self.backing.iter().map(|b| b.fd))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub enum DeviceConfig {
     Rng(RngConfig),
     P9(P9Config),
+    Blk(BlkConfig),
 }
 
 impl DeviceConfig {
@@ -85,6 +132,17 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Rng(_) => WorkerKind::Rng,
             DeviceConfig::P9(_) => WorkerKind::P9,
+            DeviceConfig::Blk(_) => WorkerKind::Blk,
+        }
+    }
+
+    /// The descriptors, besides the launch config and the vhost-user socket, that the
+    /// worker inherits for this device.
+    pub fn descriptors(&self) -> Vec<i32> {
+        match self {
+            DeviceConfig::Rng(_) => Vec::new(),
+            DeviceConfig::P9(p9) => vec![p9.root_fd],
+            DeviceConfig::Blk(blk) => blk.descriptors().collect(),
         }
     }
 }
@@ -150,10 +208,42 @@ mod tests {
     #[test]
     fn kinds_parse_by_name() {
         assert_eq!("rng".parse::<WorkerKind>().unwrap(), WorkerKind::Rng);
+        assert_eq!("blk".parse::<WorkerKind>().unwrap(), WorkerKind::Blk);
         assert!("disk".parse::<WorkerKind>().is_err());
         assert_eq!(WorkerKind::Rng.virtio_device_id(), 4);
         assert_eq!("p9".parse::<WorkerKind>().unwrap(), WorkerKind::P9);
         assert_eq!(WorkerKind::P9.virtio_device_id(), 9);
+        assert_eq!(WorkerKind::Blk.virtio_device_id(), 2);
+        for kind in WorkerKind::ALL {
+            assert_eq!(kind.name().parse::<WorkerKind>().unwrap(), kind);
+        }
+    }
+
+    #[test]
+    fn blk_config_round_trips() {
+        let launch = WorkerLaunch {
+            device_name: "blk0".into(),
+            device: DeviceConfig::Blk(BlkConfig {
+                image_fd: 5,
+                backing: vec![BackingFile {
+                    name: "base.qcow2".into(),
+                    fd: 6,
+                }],
+                format: Some(ImageFormat::Qcow2),
+                read_only: false,
+                copy_on_write: true,
+                num_queues: 2,
+                serial: "disk0".into(),
+            }),
+            vhost_user_fd: 4,
+        };
+        let bytes = encode(&launch).unwrap();
+        assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
+        assert_eq!(launch.device.kind(), WorkerKind::Blk);
+        let DeviceConfig::Blk(blk) = &launch.device else {
+            unreachable!()
+        };
+        assert_eq!(blk.descriptors().collect::<Vec<_>>(), [5, 6]);
     }
 
     #[test]

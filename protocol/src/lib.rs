@@ -16,5 +16,8 @@ pub mod launch;
 pub mod wire;
 
 pub use audit::AuditEvent;
-pub use launch::{DeviceConfig, P9Config, RateLimit, RngConfig, WorkerKind, WorkerLaunch};
+pub use launch::{
+    BackingFile, BlkConfig, DeviceConfig, ImageFormat, P9Config, RateLimit, RngConfig, WorkerKind,
+    WorkerLaunch,
+};
 pub use wire::{decode, encode, WireError, MAX_MESSAGE_SIZE};

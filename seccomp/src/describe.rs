@@ -319,6 +319,17 @@ mod tests {
         assert_eq!(rng().digest().to_string(), RNG_DIGEST);
     }
 
+    /// The blk policy's digest; same rule as for rng.
+    #[cfg(target_arch = "x86_64")]
+    const BLK_DIGEST: &str =
+        "sha256:93caeac64559cad066d959f852cd8a9e6552817aa4267f9a23b28c68748a6197";
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn blk_digest_is_pinned() {
+        assert_eq!(policy_for(WorkerKind::Blk).digest().to_string(), BLK_DIGEST);
+    }
+
     #[test]
     fn digest_displays_as_prefixed_hex() {
         let text = rng().digest().to_string();

@@ -304,3 +304,93 @@ fn rng_worker_is_started_and_audited() -> Result<()> {
     assert!(!audit.contains(r#""event":"crash""#), "{audit}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Disks
+// ---------------------------------------------------------------------------------------
+
+fn qemu_img(args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new("qemu-img").args(args).status()?;
+    anyhow::ensure!(status.success(), "qemu-img {args:?} failed");
+    Ok(())
+}
+
+#[test]
+fn missing_disk_image() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let missing = dir.path().join("no-such-disk.img");
+    let disk = format!("{},format=raw", path_str(&missing));
+    run_image(&power_off_kernel()?, &["--disk", &disk])?
+        .assert_error_mentioning(&[path_str(&missing)]);
+    Ok(())
+}
+
+#[test]
+fn bad_disk_options_are_usage_errors() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let image = dir.write("disk.img", &[0u8; 4096])?;
+    for bad in ["format=vmdk", "rw", "ro,cow"] {
+        let disk = format!("{},{bad}", path_str(&image));
+        let outcome = run_image(&power_off_kernel()?, &["--disk", &disk])?;
+        outcome.assert_error_mentioning(&[bad.split(',').next().unwrap_or(bad)]);
+    }
+    Ok(())
+}
+
+#[test]
+fn qcow2_backing_loop_is_refused() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&b), "1M"])?;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&a),
+    ])?;
+    // Point b back at a, behind qemu-img's back.
+    qemu_img(&["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", path_str(&b)])?;
+    let disk = format!("{},format=qcow2", path_str(&a));
+    run_image(&power_off_kernel()?, &["--disk", &disk])?.assert_error_mentioning(&["loop"]);
+    Ok(())
+}
+
+#[test]
+fn blk_workers_are_started_and_audited() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let log = dir.path().join("audit.jsonl");
+    let raw = dir.path().join("disk.raw");
+    let qcow2 = dir.path().join("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", path_str(&raw), "8M"])?;
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&qcow2), "8M"])?;
+    let before = std::fs::read(&qcow2)?;
+    let raw_disk = format!("{},format=raw,ro", path_str(&raw));
+    let qcow2_disk = format!("{},cow", path_str(&qcow2));
+    run_image(
+        &power_off_kernel()?,
+        &[
+            "--disk",
+            &raw_disk,
+            "--disk",
+            &qcow2_disk,
+            "--audit-log",
+            path_str(&log),
+        ],
+    )?
+    .assert_clean_exit();
+    let audit = std::fs::read_to_string(&log)?;
+    for device in ["blk0", "blk1"] {
+        let spawn = format!(r#""event":"spawn","device":"{device}","kind":"blk""#);
+        assert!(audit.contains(&spawn), "{audit}");
+    }
+    assert!(audit.contains(r#""event":"policy""#), "{audit}");
+    assert!(!audit.contains(r#""event":"crash""#), "{audit}");
+    assert_eq!(std::fs::read(&qcow2)?, before, "a cow disk was written");
+    Ok(())
+}

@@ -98,6 +98,12 @@ pub struct RunArgs {
     /// Add a virtio-rng device fed from the host's getrandom, served by a sandboxed worker.
     #[arg(long)]
     pub rng: bool,
+    /// Add a virtio-blk disk served by a sandboxed worker (repeatable):
+    /// PATH[,format=raw|qcow2][,ro][,cow]. The format is probed when not given; ro makes
+    /// the disk read-only; cow keeps the guest's writes in memory, leaving the file as it
+    /// was.
+    #[arg(long, value_name = "PATH[,OPTIONS]")]
+    pub disk: Vec<String>,
     /// Append device worker lifecycle events (spawn, exit, crash, restart) to PATH as
     /// JSON lines.
     #[arg(long, value_name = "PATH")]
@@ -115,6 +121,7 @@ impl RunArgs {
             cpus: self.cpus,
             memory: self.memory.clone().map(Into::into),
             rng: self.rng.then_some(true),
+            disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
             audit_log: self.audit_log.clone(),
         }
     }
@@ -180,6 +187,12 @@ mod tests {
         assert_eq!(config.cmdline, "quiet");
         assert_eq!(config.initrd.as_deref(), Some(std::path::Path::new("/i")));
         assert_eq!(config.name.as_str(), "web");
+        let disks = run_args(&["run", "-k", "/k", "--disk", "/a", "--disk", "/b,ro"])
+            .to_config()
+            .unwrap()
+            .disks;
+        assert_eq!(disks.len(), 2);
+        assert!(disks[1].read_only);
     }
 
     #[test]
@@ -187,6 +200,8 @@ mod tests {
         assert!(parse(&["run"]).is_err(), "kernel is required");
         assert!(parse(&["run", "--kernel", "/k", "--cpus", "abc"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--bogus"]).is_err());
+        let bogus = run_args(&["run", "--kernel", "/k", "--disk", "/d,bogus"]);
+        assert!(matches!(bogus.to_config(), Err(ConfigError::Disk(_))));
         let zero = run_args(&["run", "--kernel", "/k", "--cpus", "0"]);
         assert_eq!(zero.to_config().unwrap_err(), ConfigError::CpuCount(0));
         let tiny = run_args(&["run", "--kernel", "/k", "--memory", "1K"]);

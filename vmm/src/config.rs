@@ -36,6 +36,8 @@ pub enum ConfigError {
     MemoryTooLarge(String),
     #[error("invalid cpu count {0}: must be between 1 and {MAX_VCPUS}")]
     CpuCount(u64),
+    #[error("invalid --disk: {0}")]
+    Disk(String),
     #[error("no kernel to boot: give --kernel, or `kernel` in the config file")]
     NoKernel,
     #[error("cannot read config file {path}: {detail}")]
@@ -191,6 +193,8 @@ pub struct VmConfig {
     pub memory: MemorySize,
     /// A virtio-rng device, served by a worker process.
     pub rng: Option<bulkhead_protocol::RngConfig>,
+    /// virtio-blk disks, one worker each, in `--disk` order.
+    pub disks: Vec<crate::disk::DiskSpec>,
     /// Where worker lifecycle events go, as JSON lines.
     pub audit_log: Option<PathBuf>,
 }
@@ -222,6 +226,8 @@ pub struct RawConfig {
     pub cpus: Option<u64>,
     pub memory: Option<MemorySetting>,
     pub rng: Option<bool>,
+    /// `--disk` values, `PATH[,format=raw|qcow2][,ro][,cow]` each (`disk = [...]` in a file).
+    pub disk: Option<Vec<String>>,
     pub audit_log: Option<PathBuf>,
 }
 
@@ -261,6 +267,7 @@ impl RawConfig {
             cpus: over.cpus.or(self.cpus),
             memory: over.memory.or(self.memory),
             rng: over.rng.or(self.rng),
+            disk: over.disk.or(self.disk),
             audit_log: over.audit_log.or(self.audit_log),
         }
     }
@@ -286,6 +293,12 @@ impl RawConfig {
                 .rng
                 .unwrap_or(false)
                 .then(bulkhead_protocol::RngConfig::default),
+            disks: self
+                .disk
+                .unwrap_or_default()
+                .iter()
+                .map(|disk| disk.parse().map_err(ConfigError::Disk))
+                .collect::<Result<_, _>>()?,
             audit_log: self.audit_log,
         })
     }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod devices;
+pub mod disk;
 pub mod exit;
 pub mod memory;
 pub mod pause;

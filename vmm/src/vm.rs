@@ -25,6 +25,7 @@ use crate::devices::reset_control::ResetControl;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{ConsoleOutput, SerialPort};
 use crate::devices::{bus::BusError, Bus};
+use crate::disk::open_disk;
 use crate::exit::{ExitSignal, VmExit};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pause::{self, PauseError, VcpuGate};
@@ -35,6 +36,10 @@ use crate::worker::{worker_binary, AuditLog, RestartPolicy, WorkerSupervisor};
 
 /// Descriptors per virtio-rng queue: requests are small and few.
 const RNG_QUEUE_SIZE: u16 = 256;
+/// Descriptors per virtio-blk queue: the blk worker's largest.
+const BLK_QUEUE_SIZE: u16 = 256;
+/// virtio_blk_config up to the write-zeroes fields, as the blk worker serves it.
+const BLK_CONFIG_SIZE: usize = 60;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -76,6 +81,8 @@ pub enum VmError {
     Thread(#[source] std::io::Error),
     #[error(transparent)]
     Pause(#[from] PauseError),
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskOpenError),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -278,6 +285,13 @@ fn attach_worker_devices(
     mmio: &mut Bus,
     supervisor: &mut WorkerSupervisor,
 ) -> Result<Vec<VirtioMmioDevice>, VmError> {
+    // Every image is opened before any worker starts: a bad one costs only a message.
+    let disks = config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| open_disk(spec, index))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut devices = Vec::new();
     if let Some(rng) = &config.rng {
         let launch = WorkerLaunch {
@@ -297,11 +311,51 @@ fn attach_worker_devices(
             ram.memory(),
             devices.len(),
             &launch,
+            &[],
             shape.clone(),
         )?;
         devices.push(attached.acpi);
         supervisor
-            .watch(launch, shape, attached.transport, attached.worker)
+            .watch(
+                launch,
+                Vec::new(),
+                shape,
+                attached.transport,
+                attached.worker,
+            )
+            .map_err(VmError::Supervisor)?;
+    }
+    for (index, disk) in disks.into_iter().enumerate() {
+        let queues = usize::from(disk.config.num_queues);
+        let launch = WorkerLaunch {
+            device_name: format!("blk{index}"),
+            device: DeviceConfig::Blk(disk.config),
+            vhost_user_fd: -1,
+        };
+        let shape = DeviceShape {
+            device_type: WorkerKind::Blk.virtio_device_id(),
+            queue_sizes: vec![BLK_QUEUE_SIZE; queues],
+            config_size: BLK_CONFIG_SIZE,
+        };
+        let attached = attach_worker_device(
+            worker,
+            vm,
+            mmio,
+            ram.memory(),
+            devices.len(),
+            &launch,
+            &disk.files,
+            shape.clone(),
+        )?;
+        devices.push(attached.acpi);
+        supervisor
+            .watch(
+                launch,
+                disk.files,
+                shape,
+                attached.transport,
+                attached.worker,
+            )
             .map_err(VmError::Supervisor)?;
     }
     Ok(devices)

@@ -3,6 +3,9 @@
 //! ```text
 //! bulkhead-worker rng --socket PATH [--rate-limit BYTES/MS]   standalone vhost-user backend
 //! bulkhead-worker rng --launch-fd N                           started by the bulkhead VMM
+//! bulkhead-worker blk --socket PATH --image FILE [--format raw|qcow2] [--ro] [--cow]
+//!                     [--queues N] [--serial ID]                 standalone vhost-user-blk
+//! bulkhead-worker blk --launch-fd N                           started by the bulkhead VMM
 //! bulkhead-worker p9 --socket PATH --dir DIR [--tag TAG] [--ro]  standalone virtio-9p backend
 //! bulkhead-worker p9 --launch-fd N                           started by the bulkhead VMM
 //! bulkhead-worker p9 --listen unix:PATH --dir DIR [--ro]      9P over a socket, for debugging
@@ -11,7 +14,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use bulkhead_protocol::RateLimit;
+use bulkhead_protocol::{ImageFormat, RateLimit};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::rng::MAX_PERIOD_MS;
@@ -31,6 +34,8 @@ pub struct Cli {
 pub enum WorkerCommand {
     /// virtio-rng: random bytes from the host's getrandom(2).
     Rng(RngArgs),
+    /// virtio-blk: a raw or QCOW2 disk image.
+    Blk(BlkArgs),
     /// virtio-9p: a 9P2000.L file server sharing one directory (or, with --listen, 9P
     /// itself over a Unix socket, for debugging).
     P9(P9Args),
@@ -58,6 +63,58 @@ pub struct RngArgs {
     /// worker takes its limit from the launch config).
     #[arg(long, value_name = "BYTES/MS", value_parser = parse_rate_limit, conflicts_with = "launch_fd")]
     pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Args)]
+pub struct BlkArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// The disk image (standalone mode). Its backing chain is opened too, before the
+    /// worker confines itself; relative backing names are relative to the image's
+    /// directory.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "launch_fd",
+        conflicts_with = "launch_fd"
+    )]
+    pub image: Option<PathBuf>,
+    /// The image's format; probed from its first bytes when not given. Give it for raw
+    /// images the guest writes: a guest can make a probed raw disk look like QCOW2.
+    #[arg(long, value_name = "raw|qcow2", value_parser = parse_format, conflicts_with = "launch_fd")]
+    pub format: Option<ImageFormat>,
+    /// A read-only disk: the guest is told so and writes fail.
+    #[arg(long, conflicts_with = "launch_fd")]
+    pub ro: bool,
+    /// Guest writes stay in the worker's memory and vanish at exit; the image is opened
+    /// read-only and never written.
+    #[arg(long, conflicts_with_all = ["launch_fd", "ro"])]
+    pub cow: bool,
+    /// Request queues, each served by its own thread.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        conflicts_with = "launch_fd"
+    )]
+    pub queues: u16,
+    /// The disk's serial number, as GET_ID answers it (at most 20 bytes).
+    #[arg(
+        long,
+        value_name = "ID",
+        default_value = "bulkhead-blk",
+        conflicts_with = "launch_fd"
+    )]
+    pub serial: String,
+}
+
+/// Parses `raw` or `qcow2`.
+pub fn parse_format(text: &str) -> Result<ImageFormat, String> {
+    match text {
+        "raw" => Ok(ImageFormat::Raw),
+        "qcow2" => Ok(ImageFormat::Qcow2),
+        _ => Err(format!("{text:?} is not raw or qcow2")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -211,6 +268,35 @@ mod tests {
         assert!(parse(&["p9", "--socket", "/a"]).is_err());
         assert!(parse(&["p9", "--launch-fd", "3", "--dir", "/srv"]).is_err());
         assert!(parse(&["p9", "--socket", "/a", "--listen", "unix:/b", "--dir", "/srv"]).is_err());
+    }
+
+    #[test]
+    fn blk_needs_an_image_standalone_and_nothing_else_launched() {
+        let cli = parse(&[
+            "blk",
+            "--socket",
+            "/tmp/b.sock",
+            "--image",
+            "d.qcow2",
+            "--format",
+            "qcow2",
+            "--cow",
+            "--queues",
+            "4",
+        ])
+        .unwrap();
+        let WorkerCommand::Blk(args) = cli.worker else {
+            panic!("not blk")
+        };
+        assert_eq!(args.image, Some(PathBuf::from("d.qcow2")));
+        assert_eq!(args.format, Some(ImageFormat::Qcow2));
+        assert!(args.cow && !args.ro);
+        assert_eq!(args.queues, 4);
+        assert!(parse(&["blk", "--socket", "/tmp/b.sock"]).is_err());
+        assert!(parse(&["blk", "--launch-fd", "3"]).is_ok());
+        assert!(parse(&["blk", "--launch-fd", "3", "--image", "d"]).is_err());
+        assert!(parse(&["blk", "--socket", "s", "--image", "d", "--ro", "--cow"]).is_err());
+        assert!(parse(&["blk", "--socket", "s", "--image", "d", "--format", "vmdk"]).is_err());
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! The VMM starts `bulkhead-worker <kind> --launch-fd N`. Descriptor `N` is a memfd holding
 //! one bincode [`WorkerLaunch`]; the message names the other descriptors the worker
-//! inherited - today just `vhost_user_fd`, the worker's end of a connected socketpair on
-//! which the VMM is the vhost-user frontend.
+//! inherited: `vhost_user_fd`, the worker's end of a connected socketpair on which the VMM
+//! is the vhost-user frontend, and the device's own files (a blk worker's image and its
+//! backing chain).
 
 use std::fs::File;
 use std::io;
@@ -37,8 +38,8 @@ pub enum LaunchError {
     SameDescriptor(RawFd),
     #[error("vhost_user_fd {0} is not a connected Unix stream socket")]
     NotAUnixStream(RawFd),
-    #[error("root_fd {0} is the launch or vhost-user descriptor")]
-    RootFdReused(RawFd),
+    #[error("descriptor {0} is named twice in the launch config")]
+    DuplicateDescriptor(RawFd),
 }
 
 /// What a launched worker serves, and where.
@@ -49,8 +50,9 @@ pub struct Launch {
     pub device: DeviceConfig,
     /// The connected vhost-user socket; the VMM is at the other end.
     pub connection: UnixStream,
-    /// p9: the shared directory (`P9Config::root_fd`), an `O_PATH` directory descriptor.
-    pub root: Option<OwnedFd>,
+    /// The device's own descriptors (a disk image and its backing files), in the order
+    /// [`DeviceConfig::descriptors`] names them.
+    pub files: Vec<File>,
 }
 
 /// Reads the launch config from descriptor `launch_fd` and takes the descriptors it names.
@@ -72,20 +74,22 @@ pub fn read_launch(launch_fd: RawFd, expected: WorkerKind) -> Result<Launch, Lau
     if !is_unix_stream(&connection) || connection.peer_addr().is_err() {
         return Err(LaunchError::NotAUnixStream(fd));
     }
-    let root = match &launch.device {
-        DeviceConfig::P9(config) => {
-            if config.root_fd == launch_fd || config.root_fd == fd {
-                return Err(LaunchError::RootFdReused(config.root_fd));
-            }
-            Some(take_inherited(config.root_fd, "shared directory")?)
+    // Each number once, and none of those already taken: two owners of one descriptor
+    // would close it under each other.
+    let mut taken = vec![launch_fd, fd];
+    let mut files = Vec::new();
+    for device_fd in launch.device.descriptors() {
+        if taken.contains(&device_fd) {
+            return Err(LaunchError::DuplicateDescriptor(device_fd));
         }
-        DeviceConfig::Rng(_) => None,
-    };
+        taken.push(device_fd);
+        files.push(File::from(take_inherited(device_fd, "device file")?));
+    }
     Ok(Launch {
         device_name: launch.device_name,
         device: launch.device,
         connection,
-        root,
+        files,
     })
 }
 

@@ -9,6 +9,7 @@
 //!   walked from their head index).
 //! - [`p9`]: a 9P2000.L file server confined to one host directory, and its Unix socket
 //!   debug transport.
+//! - [`blk`]: virtio-blk on the disk engine, inflight-tracked so a restart loses no request.
 //! - [`rng`]: virtio-rng, entropy from the host's getrandom(2), optionally rate limited.
 //! - [`disk`]: the disk engine behind the block worker: raw and QCOW2 images, read-only
 //!   and in-memory copy-on-write modes, opened from files the VMM hands over.
@@ -16,6 +17,7 @@
 //! - [`sandbox`]: the one place a worker confines itself before serving.
 //! - [`cli`]: the command line.
 
+pub mod blk;
 pub mod cli;
 pub mod disk;
 mod fd;

@@ -2,18 +2,21 @@
 //! confines itself, then serves; errors become one `error: ...` line on stderr and exit
 //! status 1 (2 for a command line that does not parse).
 
-use std::fs;
+use std::fs::{self, File, OpenOptions};
 use std::io::IsTerminal;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use bulkhead_protocol::{DeviceConfig, RngConfig, WorkerKind};
+use bulkhead_protocol::{DeviceConfig, ImageFormat, RngConfig, WorkerKind};
 use bulkhead_seccomp::{policy_for, Policy};
-use bulkhead_workers::cli::{Cli, Endpoint, P9Args, WorkerCommand};
+use bulkhead_workers::blk::{BlkDevice, BlkOptions};
+use bulkhead_workers::cli::{BlkArgs, Cli, Endpoint, P9Args, WorkerCommand};
+use bulkhead_workers::disk::{self, Format, Mode, PreopenedBacking, MAX_BACKING_DEPTH};
 use bulkhead_workers::launch::read_launch;
 use bulkhead_workers::p9::{transport_unix, Export, P9Device, Root};
 use bulkhead_workers::rng::RngDevice;
@@ -80,12 +83,176 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
             };
-            serve(policy_for(WorkerKind::Rng), &[], frontend, || {
-                RngDevice::new(&config).map(RngDevice::into_backend)
+            serve(policy_for(WorkerKind::Rng), frontend, &[], || {
+                Ok(move || RngDevice::new(&config).map(RngDevice::into_backend))
             })
         }
+        WorkerCommand::Blk(args) => serve_blk(args),
         WorkerCommand::P9(args) => serve_p9(args),
     }
+}
+
+/// A disk as the worker gets it: open files only, the chain already walked.
+struct DiskFiles {
+    image: File,
+    /// The backing chain in order, each under the name the image above it records.
+    backing: Vec<(String, File)>,
+    format: Option<Format>,
+    mode: Mode,
+    options: BlkOptions,
+}
+
+fn serve_blk(args: BlkArgs) -> anyhow::Result<()> {
+    let (frontend, files) = match &args.endpoint {
+        Endpoint {
+            socket: Some(path), ..
+        } => {
+            let Some(image) = &args.image else {
+                bail!("--socket needs --image");
+            };
+            let files = open_disk_standalone(image, &args)
+                .with_context(|| format!("--image {}", image.display()))?;
+            (Frontend::Listening(bind(path)?), files)
+        }
+        Endpoint {
+            launch_fd: Some(fd),
+            ..
+        } => {
+            let launch =
+                read_launch(*fd, WorkerKind::Blk).with_context(|| format!("--launch-fd {fd}"))?;
+            tracing::info!("serving {}", launch.device_name);
+            let DeviceConfig::Blk(config) = launch.device else {
+                bail!("--launch-fd {fd}: not a blk device");
+            };
+            let mut inherited = launch.files.into_iter();
+            let Some(image) = inherited.next() else {
+                bail!("--launch-fd {fd}: no image descriptor");
+            };
+            let backing = config
+                .backing
+                .iter()
+                .map(|b| b.name.clone())
+                .zip(inherited)
+                .collect();
+            let mode = match (config.read_only, config.copy_on_write) {
+                (true, _) => Mode::ReadOnly,
+                (false, true) => Mode::Cow,
+                (false, false) => Mode::ReadWrite,
+            };
+            let files = DiskFiles {
+                image,
+                backing,
+                format: config.format.map(format_of),
+                mode,
+                options: BlkOptions {
+                    num_queues: config.num_queues,
+                    serial: config.serial,
+                },
+            };
+            (Frontend::Connected(launch.connection), files)
+        }
+        Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
+    };
+
+    let mut keep: Vec<(RawFd, &'static str)> = vec![(files.image.as_raw_fd(), "disk image")];
+    keep.extend(
+        files
+            .backing
+            .iter()
+            .map(|(_, file)| (file.as_raw_fd(), "backing file")),
+    );
+    serve(policy_for(WorkerKind::Blk), frontend, &keep, move || {
+        // Opened inside the sandbox: the engine duplicates backing descriptors, and
+        // duplicates made before would be closed on the way in.
+        let DiskFiles {
+            image,
+            backing,
+            format,
+            mode,
+            options,
+        } = files;
+        let disk = disk::open(image, format, mode, &PreopenedBacking::new(backing))
+            .context("cannot open the disk image")?;
+        // Checked once here, so that a bad option is an error at startup rather than
+        // for each connecting frontend.
+        BlkDevice::new(disk.clone(), &options)?;
+        tracing::info!("disk of {} bytes, {mode:?}", disk.len());
+        Ok(move || BlkDevice::new(Arc::clone(&disk), &options).map(BlkDevice::into_backend))
+    })
+}
+
+fn format_of(format: ImageFormat) -> Format {
+    match format {
+        ImageFormat::Raw => Format::Raw,
+        ImageFormat::Qcow2 => Format::Qcow2,
+    }
+}
+
+/// Opens the image as `--ro`/`--cow` allow and walks its backing chain, each backing file
+/// read-only, a relative name taken relative to the directory of the image naming it.
+fn open_disk_standalone(path: &Path, args: &BlkArgs) -> anyhow::Result<DiskFiles> {
+    let writable = !(args.ro || args.cow);
+    let image = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut backing = Vec::new();
+    let mut current = image.try_clone().context("cannot duplicate the image")?;
+    let mut current_path = path.to_path_buf();
+    // A raw image names no backing file, whatever its bytes look like: a guest can write a
+    // QCOW2 header naming any host path into a raw disk. The same holds down the chain for
+    // a backing file the image above records as raw.
+    let mut walk = match args.format {
+        Some(format) => format == ImageFormat::Qcow2,
+        None => disk::probe(&image).context("cannot probe the image format")? == Format::Qcow2,
+    };
+    while walk {
+        let Some((name, recorded)) = disk::backing_of(&current)
+            .with_context(|| format!("cannot read {}", current_path.display()))?
+        else {
+            break;
+        };
+        if backing.len() >= MAX_BACKING_DEPTH {
+            bail!("the backing chain is deeper than {MAX_BACKING_DEPTH} (a loop?)");
+        }
+        let next_path = match Path::new(&name) {
+            p if p.is_absolute() => p.to_path_buf(),
+            p => current_path
+                .parent()
+                .map_or_else(|| PathBuf::from(p), |dir| dir.join(p)),
+        };
+        let file = File::open(&next_path)
+            .with_context(|| format!("cannot open backing file {}", next_path.display()))?;
+        walk = match recorded {
+            Some(format) => format == Format::Qcow2,
+            None => {
+                disk::probe(&file)
+                    .with_context(|| format!("cannot probe {}", next_path.display()))?
+                    == Format::Qcow2
+            }
+        };
+        current = file
+            .try_clone()
+            .context("cannot duplicate a backing file")?;
+        backing.push((name, file));
+        current_path = next_path;
+    }
+    let mode = match (args.ro, args.cow) {
+        (true, _) => Mode::ReadOnly,
+        (false, true) => Mode::Cow,
+        (false, false) => Mode::ReadWrite,
+    };
+    Ok(DiskFiles {
+        image,
+        backing,
+        format: args.format.map(format_of),
+        mode,
+        options: BlkOptions {
+            num_queues: args.queues,
+            serial: args.serial.clone(),
+        },
+    })
 }
 
 /// The p9 worker in its three forms. The shared directory is opened (standalone) or
@@ -100,10 +267,11 @@ fn serve_p9(args: P9Args) -> anyhow::Result<()> {
             let DeviceConfig::P9(config) = launch.device else {
                 bail!("--launch-fd {fd}: not a p9 launch config");
             };
-            let Some(root) = launch.root else {
+            let Some(root) = launch.files.into_iter().next() else {
                 bail!("--launch-fd {fd}: no shared directory");
             };
-            let root = Root::from_fd(root).context("the shared directory (root_fd)")?;
+            let root =
+                Root::from_fd(OwnedFd::from(root)).context("the shared directory (root_fd)")?;
             (
                 root,
                 config.tag,
@@ -132,8 +300,8 @@ fn serve_p9(args: P9Args) -> anyhow::Result<()> {
     let keep_root = [(root_fd, "shared directory")];
     let export = std::sync::Arc::new(Export::new(root, read_only).without_ownership());
     match frontend {
-        Some(frontend) => serve(policy, &keep_root, frontend, || {
-            P9Device::new(export.clone(), &tag).map(P9Device::into_backend)
+        Some(frontend) => serve(policy, frontend, &keep_root, move || {
+            Ok(move || P9Device::new(export.clone(), &tag).map(P9Device::into_backend))
         }),
         None => {
             let Some(path) = &args.listen else {
@@ -171,18 +339,21 @@ fn default_tag(dir: &Path) -> String {
 }
 
 /// Confines the worker, then serves its frontend(s) with a fresh device each. Every
-/// worker kind ends up here. Devices are made inside the sandbox: whatever descriptors
-/// they own (a rate limiter's timer) would otherwise be among those the sandbox closes.
-fn serve<T, E>(
+/// worker kind ends up here. `keep` are the device's own inherited descriptors (a disk
+/// image); `setup` runs inside the sandbox and returns how to make a device. Devices are
+/// made inside the sandbox: whatever descriptors they own (a rate limiter's timer) would
+/// otherwise be among those the sandbox closes.
+fn serve<T, E, F>(
     policy: Policy,
-    keep: &[(RawFd, &'static str)],
     frontend: Frontend,
-    mut new_device: impl FnMut() -> Result<DeviceBackend<T>, E>,
+    keep: &[(RawFd, &'static str)],
+    setup: impl FnOnce() -> anyhow::Result<F>,
 ) -> anyhow::Result<()>
 where
     T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     T::Vring: VringT<GuestRam> + Clone + Send + Sync + 'static,
     E: std::error::Error + Send + Sync + 'static,
+    F: FnMut() -> Result<DeviceBackend<T>, E>,
 {
     // The single place the sandbox is entered: everything above was setup; everything
     // below reads what frontends and guests send.
@@ -190,8 +361,11 @@ where
         Frontend::Connected(connection) => (connection.as_raw_fd(), "vhost-user socket"),
         Frontend::Listening(listener) => (listener.as_raw_fd(), "listening socket"),
     };
-    let keep: Vec<_> = keep.iter().copied().chain([socket]).collect();
+    let keep: Vec<_> = std::iter::once(socket)
+        .chain(keep.iter().copied())
+        .collect();
     enter_policy(policy, &keep).context("cannot enter the sandbox")?;
+    let mut new_device = setup()?;
 
     match frontend {
         Frontend::Connected(connection) => {

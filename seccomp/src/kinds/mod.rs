@@ -5,6 +5,7 @@
 //! - [`inflight`]: what a device that tracks in-flight requests adds.
 //! - one module per kind for the rest and for its Landlock rules.
 
+mod blk;
 mod inflight;
 mod p9;
 mod rng;
@@ -23,6 +24,7 @@ pub fn policy_for(kind: WorkerKind) -> Policy {
     match kind {
         WorkerKind::Rng => rng::policy(),
         WorkerKind::P9 => p9::policy(None, false),
+        WorkerKind::Blk => blk::policy(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! a watchdog if a test overruns - so that a hung worker fails a test instead of hanging it.
 
 use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -103,6 +104,22 @@ impl WorkerProcess {
         device: DeviceConfig,
     ) -> Result<(Self, UnixStream), WorkerError> {
         Self::launched_with(device_name, device, &[])
+    }
+
+    /// [`launched`](Self::launched) with the device's own files: `files[i]` is inherited at
+    /// the descriptor number `device.descriptors()[i]` names, as the VMM passes a disk
+    /// image and its backing chain.
+    pub fn launched_with_files(
+        device_name: &str,
+        device: DeviceConfig,
+        files: &[&File],
+    ) -> Result<(Self, UnixStream), WorkerError> {
+        let inherit: Vec<(RawFd, RawFd)> = files
+            .iter()
+            .map(|file| file.as_raw_fd())
+            .zip(device.descriptors())
+            .collect();
+        Self::launched_with(device_name, device, &inherit)
     }
 
     /// [`launched`](Self::launched), also passing each `(descriptor, number)` of

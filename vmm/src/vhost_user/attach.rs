@@ -2,6 +2,7 @@
 //! vhost-user frontend, and put a virtio-mmio transport for it on the MMIO bus with an
 //! ioeventfd per queue and an irqfd for its interrupt.
 
+use std::fs::File;
 use std::path::Path;
 use std::process::Child;
 use std::sync::{Arc, Mutex};
@@ -71,7 +72,10 @@ fn new_eventfd() -> std::io::Result<EventFd> {
 }
 
 /// Attaches the `index`th virtio-mmio device, served by a `worker` process started with
-/// `launch`.
+/// `launch` and the device's own `files`.
+// Each argument is a distinct resource of the VM the device is wired into; a struct for
+// them would only be built at the one call site and taken apart here.
+#[allow(clippy::too_many_arguments)]
 pub fn attach_worker_device(
     worker: &Path,
     vm: &VmFd,
@@ -79,6 +83,7 @@ pub fn attach_worker_device(
     memory: &GuestMemory,
     index: usize,
     launch: &WorkerLaunch,
+    files: &[File],
     shape: DeviceShape,
 ) -> Result<AttachedDevice, AttachError> {
     let device = launch.device_name.clone();
@@ -95,7 +100,7 @@ pub fn attach_worker_device(
     };
 
     let queue_count = shape.queue_sizes.len();
-    let (worker, backend) = start_backend(worker, launch, &shape, memory)?;
+    let (worker, backend) = start_backend(worker, launch, files, &shape, memory)?;
 
     let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
     let mut kicks = Vec::with_capacity(queue_count);
@@ -137,11 +142,12 @@ pub fn attach_worker_device(
 pub fn start_backend(
     binary: &Path,
     launch: &WorkerLaunch,
+    files: &[File],
     shape: &DeviceShape,
     memory: &GuestMemory,
 ) -> Result<(Child, VhostUserDevice), AttachError> {
     let device = &launch.device_name;
-    let worker = spawn_worker(binary, launch).map_err(|source| AttachError::Launch {
+    let worker = spawn_worker(binary, launch, files).map_err(|source| AttachError::Launch {
         device: device.clone(),
         source,
     })?;

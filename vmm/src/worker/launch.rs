@@ -1,8 +1,9 @@
 //! Starting a `bulkhead-worker` process for a device.
 //!
-//! The worker inherits exactly two descriptors: fd 3, a sealed memfd holding its
-//! bincode-encoded [`WorkerLaunch`], and fd 4, its end of a connected vhost-user socket
-//! pair. Everything else the VMM has open is close-on-exec.
+//! The worker inherits fd 3, a sealed memfd holding its bincode-encoded [`WorkerLaunch`],
+//! fd 4, its end of a connected vhost-user socket pair, and the device's own files (a disk
+//! image and its backing chain) at 5, 6, ... in the order the launch config names them.
+//! Everything else the VMM has open is close-on-exec.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
@@ -20,8 +21,12 @@ use thiserror::Error;
 /// Descriptor numbers in the worker, fixed by the launch contract.
 pub const LAUNCH_FD: RawFd = 3;
 pub const VHOST_USER_FD: RawFd = 4;
-/// Where descriptors are parked before the fork, clear of 3 and 4.
-const PARKING_FD_MIN: RawFd = 10;
+/// The first of the device's own descriptors; the rest follow.
+pub const FIRST_DEVICE_FD: RawFd = 5;
+/// Most device descriptors one worker gets (a disk image and a deep backing chain).
+pub const MAX_DEVICE_FDS: usize = 32;
+/// Where descriptors are parked before the fork, clear of every target number.
+const PARKING_FD_MIN: RawFd = FIRST_DEVICE_FD + MAX_DEVICE_FDS as RawFd;
 
 #[derive(Debug, Error)]
 pub enum LaunchError {
@@ -31,6 +36,10 @@ pub enum LaunchError {
     Memfd(#[source] std::io::Error),
     #[error("creating the vhost-user socket pair")]
     SocketPair(#[source] std::io::Error),
+    #[error("the launch config names descriptors {named:?}, but {passed} files are passed at {FIRST_DEVICE_FD}..")]
+    DeviceFds { named: Vec<RawFd>, passed: usize },
+    #[error("duplicating a device file for the worker")]
+    DeviceFile(#[source] std::io::Error),
     #[error("starting worker {binary}")]
     Spawn {
         binary: PathBuf,
@@ -91,14 +100,53 @@ pub fn discard_worker(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Starts `binary <kind> --launch-fd 3` with the launch memfd and a fresh socket pair.
-pub fn spawn_worker(binary: &Path, launch: &WorkerLaunch) -> Result<WorkerChild, LaunchError> {
+/// The descriptor numbers `count` device files get in the worker: 5, 6, ...
+pub fn device_fds(count: usize) -> Vec<RawFd> {
+    (0..count.min(MAX_DEVICE_FDS))
+        .map(|i| FIRST_DEVICE_FD + i as RawFd)
+        .collect()
+}
+
+/// Starts `binary <kind> --launch-fd 3` with the launch memfd, a fresh socket pair and
+/// `files` at 5, 6, ... (which the launch config must name exactly so). The caller keeps
+/// `files` for replacements: each worker gets its own duplicates, sharing file offsets
+/// and nothing else that matters to positioned I/O.
+pub fn spawn_worker(
+    binary: &Path,
+    launch: &WorkerLaunch,
+    files: &[File],
+) -> Result<WorkerChild, LaunchError> {
     let mut launch = launch.clone();
     launch.vhost_user_fd = VHOST_USER_FD;
+    let named = launch.device.descriptors();
+    if files.len() > MAX_DEVICE_FDS || named != device_fds(files.len()) {
+        return Err(LaunchError::DeviceFds {
+            named,
+            passed: files.len(),
+        });
+    }
     let config = park(&launch_memfd(&launch)?)?;
     let (ours, theirs) = UnixStream::pair().map_err(LaunchError::SocketPair)?;
     let theirs = park(&theirs)?;
-    let (config_fd, socket_fd) = (config.as_raw_fd(), theirs.as_raw_fd());
+    let parked_files = files
+        .iter()
+        .map(|file| {
+            park(file).map_err(|e| match e {
+                LaunchError::Memfd(io) => LaunchError::DeviceFile(io),
+                other => other,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut moves = vec![
+        (config.as_raw_fd(), LAUNCH_FD),
+        (theirs.as_raw_fd(), VHOST_USER_FD),
+    ];
+    moves.extend(
+        parked_files
+            .iter()
+            .zip(device_fds(files.len()))
+            .map(|(parked, target)| (parked.as_raw_fd(), target)),
+    );
 
     let mut command = Command::new(binary);
     command
@@ -107,10 +155,11 @@ pub fn spawn_worker(binary: &Path, launch: &WorkerLaunch) -> Result<WorkerChild,
         .arg(LAUNCH_FD.to_string())
         .stdin(Stdio::null());
     // SAFETY: the closure runs in the child between fork and exec and only makes
-    // async-signal-safe calls (dup2, prctl) on descriptors that stay open until then.
+    // async-signal-safe calls (dup2, prctl) on descriptors that stay open until then; the
+    // vector it walks was allocated before the fork.
     unsafe {
         command.pre_exec(move || {
-            for (from, to) in [(config_fd, LAUNCH_FD), (socket_fd, VHOST_USER_FD)] {
+            for &(from, to) in &moves {
                 // dup2 clears close-on-exec on the new descriptor.
                 if libc::dup2(from, to) < 0 {
                     return Err(std::io::Error::last_os_error());

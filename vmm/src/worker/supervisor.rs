@@ -7,6 +7,7 @@
 //! [`VirtioMmio::replace_device`]). The guest sees a short pause. After too many
 //! crashes in a row the device is marked failed and the guest carries on without it.
 
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -146,6 +147,8 @@ impl DeviceBoard {
 
 struct Supervised {
     launch: WorkerLaunch,
+    /// The device's own files (a disk image and its chain), kept for every replacement.
+    files: Vec<File>,
     shape: DeviceShape,
     transport: Arc<Mutex<VirtioMmio>>,
     child: Child,
@@ -195,6 +198,7 @@ impl WorkerSupervisor {
     pub fn watch(
         &mut self,
         launch: WorkerLaunch,
+        files: Vec<File>,
         shape: DeviceShape,
         transport: Arc<Mutex<VirtioMmio>>,
         child: Child,
@@ -223,6 +227,7 @@ impl WorkerSupervisor {
         });
         self.devices.push(Supervised {
             launch,
+            files,
             shape,
             transport,
             child,
@@ -377,7 +382,8 @@ impl WorkerSupervisor {
 
 /// Starts a replacement worker and gives it the device.
 fn restart(binary: &Path, device: &mut Supervised, memory: &GuestMemory) -> anyhow::Result<()> {
-    let (mut child, backend) = start_backend(binary, &device.launch, &device.shape, memory)?;
+    let (mut child, backend) =
+        start_backend(binary, &device.launch, &device.files, &device.shape, memory)?;
     // The pidfd first: once the device is handed over, the worker must be watched.
     let handed_over = PidFd::open(child.id())
         .map_err(anyhow::Error::from)
@@ -474,7 +480,7 @@ mod tests {
             .spawn()
             .unwrap();
         supervisor
-            .watch(launch, shape, transport.clone(), child)
+            .watch(launch, Vec::new(), shape, transport.clone(), child)
             .unwrap();
         // The thread ends once no device is left to watch.
         supervisor.spawn().unwrap().join().unwrap();

@@ -549,6 +549,51 @@ mod tests {
             .unwrap();
     }
 
+    /// Under EVENT_IDX the guest is interrupted exactly when a batch passes its used_event.
+    #[test]
+    fn event_idx_interrupts_when_the_driver_asks() {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+        let mut guest = Guest::new();
+        // The mock packs the used ring where used_event would be: move it clear.
+        guest.used = 0x4_0000;
+        let tracking = InflightTracking::new(1);
+        let vring = guest.vring(0);
+        vring.set_queue_event_idx(true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new descriptor, checked, owned by the File alone.
+        let call_file = unsafe {
+            let fd = libc::dup(call.as_raw_fd());
+            assert!(fd >= 0);
+            std::fs::File::from_raw_fd(fd)
+        };
+        vring.set_call(Some(call_file));
+        start(&mut tracking.queue(0).unwrap(), None, &vring, &guest);
+        for head in 0..8 {
+            guest.post(head);
+        }
+        let mut queue = tracking.queue(0).unwrap();
+        assert_eq!(pop_all(&mut queue, &vring, &guest).len(), 8);
+        let used_event = GuestAddress(guest.avail + 4 + 2 * u64::from(SIZE));
+
+        guest.memory.write_obj(0u16, used_event).unwrap();
+        complete(&mut queue, &vring, &guest, &[0]);
+        assert!(call.read().is_ok(), "used_event 0 passed: interrupt");
+
+        guest.memory.write_obj(5u16, used_event).unwrap();
+        complete(&mut queue, &vring, &guest, &[1]);
+        assert!(
+            call.read().is_err(),
+            "used_event 5 not reached: no interrupt"
+        );
+        complete(&mut queue, &vring, &guest, &[2, 3, 4, 5]);
+        assert!(
+            call.read().is_ok(),
+            "a batch passing used_event 5: interrupt"
+        );
+    }
+
     #[test]
     fn event_idx_interrupts_exactly_when_used_event_is_passed() {
         let guest = Guest::new();

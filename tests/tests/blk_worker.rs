@@ -1,0 +1,1031 @@
+//! `bulkhead-worker blk` driven from userspace: the harness frontend and split-queue driver
+//! over memfd "guest RAM", the worker a real process serving raw and QCOW2 images made by
+//! qemu-img, which then checks and compares what the worker left behind.
+//!
+//! Needs the worker binary (`cargo build -p bulkhead-workers`, same profile as the tests)
+//! and qemu-img (qemu-utils).
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use bulkhead_protocol::{BackingFile, BlkConfig, DeviceConfig, ImageFormat};
+use bulkhead_tests::vhost::{
+    Buffer, DeviceSetup, SplitQueueDriver, UsedElement, UserspaceDevice, UserspaceFrontend,
+    WorkerProcess,
+};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::VhostUserFrontend;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::GuestAddress;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+const SECTOR: u64 = 512;
+const DISK_SIZE: u64 = 64 << 20;
+const QUEUE_SIZE: u16 = 128;
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "bulkhead-blk-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+fn qemu_img(args: &[&str]) -> Result<std::process::Output> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .context("run qemu-img")?;
+    Ok(out)
+}
+
+fn qemu_img_ok(args: &[&str]) -> Result<()> {
+    let out = qemu_img(args)?;
+    ensure!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// An empty image of `DISK_SIZE` in `format`.
+fn create(dir: &TempDir, name: &str, format: &str) -> Result<PathBuf> {
+    let path = dir.path(name);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        format,
+        p(&path),
+        &DISK_SIZE.to_string(),
+    ])?;
+    Ok(path)
+}
+
+/// Deterministic bytes for a sector run, different for every `seed`.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn config_flags() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+}
+
+/// A request's buffers, allocated once and reused.
+struct Slot {
+    header: GuestAddress,
+    data: GuestAddress,
+    status: GuestAddress,
+}
+
+/// A virtio-blk driver over the harness device.
+struct Blk {
+    device: UserspaceDevice,
+    slots: Vec<Slot>,
+}
+
+/// One request as the driver describes it.
+#[derive(Clone)]
+struct Req<'a> {
+    kind: u32,
+    sector: u64,
+    out: &'a [u8],
+    in_len: u32,
+}
+
+impl Blk {
+    fn start(connection: UnixStream, queues: usize, features: u64) -> Result<Blk> {
+        let mut setup = DeviceSetup::new(&vec![QUEUE_SIZE; queues]).with_features(features);
+        setup.memory_size = 96 << 20;
+        setup.protocol_features = config_flags();
+        let device = UserspaceDevice::start(connection, &setup)?;
+        let slots = (0..64)
+            .map(|_| {
+                Ok(Slot {
+                    header: device.memory.allocate(16, 16)?,
+                    data: device.memory.allocate(1 << 20, 4096)?,
+                    status: device.memory.allocate(1, 1)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Blk { device, slots })
+    }
+
+    fn header(kind: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    /// Posts `req` from `slot` on queue `q`: header, data out split in two descriptors
+    /// (so every request is a multi-descriptor chain), data in, status.
+    fn post(&mut self, q: usize, slot: usize, req: &Req<'_>) -> Result<u16> {
+        let s = &self.slots[slot];
+        let memory = &self.device.memory;
+        memory.write(s.header, &Self::header(req.kind, req.sector))?;
+        memory.write(s.status, &[0xff])?;
+        let mut buffers = vec![Buffer::readable(s.header, 16)];
+        if !req.out.is_empty() {
+            memory.write(s.data, req.out)?;
+            let half = (req.out.len() as u32 / 2).max(1).min(req.out.len() as u32);
+            buffers.push(Buffer::readable(s.data, half));
+            if (req.out.len() as u32) > half {
+                buffers.push(Buffer::readable(
+                    GuestAddress(s.data.0 + u64::from(half)),
+                    req.out.len() as u32 - half,
+                ));
+            }
+        }
+        if req.in_len > 0 {
+            memory.write(s.data, &vec![0xaa; req.in_len as usize])?;
+            buffers.push(Buffer::writable(s.data, req.in_len));
+        }
+        buffers.push(Buffer::writable(s.status, 1));
+        Ok(self.device.queues[q].post(&buffers)?)
+    }
+
+    fn status(&self, slot: usize) -> Result<u8> {
+        Ok(self.device.memory.read(self.slots[slot].status, 1)?[0])
+    }
+
+    fn data(&self, slot: usize, len: u32) -> Result<Vec<u8>> {
+        Ok(self
+            .device
+            .memory
+            .read(self.slots[slot].data, len as usize)?)
+    }
+
+    /// One request on queue `q`, waited for: its status, data in, and used length.
+    fn run(&mut self, q: usize, req: &Req<'_>) -> Result<(u8, Vec<u8>, u32)> {
+        self.post(q, 0, req)?;
+        self.device.queues[q].kick()?;
+        let used = self.device.queues[q].wait_used(1, TIMEOUT)?;
+        ensure!(used.len() == 1, "one request, {} answers", used.len());
+        Ok((self.status(0)?, self.data(0, req.in_len)?, used[0].len))
+    }
+
+    fn write(&mut self, sector: u64, data: &[u8]) -> Result<u8> {
+        let req = Req {
+            kind: VIRTIO_BLK_T_OUT,
+            sector,
+            out: data,
+            in_len: 0,
+        };
+        Ok(self.run(0, &req)?.0)
+    }
+
+    fn read(&mut self, sector: u64, len: u32) -> Result<(u8, Vec<u8>)> {
+        let req = Req {
+            kind: VIRTIO_BLK_T_IN,
+            sector,
+            out: &[],
+            in_len: len,
+        };
+        let (status, data, used) = self.run(0, &req)?;
+        if status == OK {
+            ensure!(used == len + 1, "a read of {len} bytes used {used}");
+        }
+        Ok((status, data))
+    }
+
+    fn simple(&mut self, kind: u32) -> Result<u8> {
+        let req = Req {
+            kind,
+            sector: 0,
+            out: &[],
+            in_len: 0,
+        };
+        Ok(self.run(0, &req)?.0)
+    }
+
+    fn ranges(&mut self, kind: u32, ranges: &[(u64, u32, u32)]) -> Result<u8> {
+        let mut out = Vec::new();
+        for &(sector, sectors, flags) in ranges {
+            out.extend_from_slice(&sector.to_le_bytes());
+            out.extend_from_slice(&sectors.to_le_bytes());
+            out.extend_from_slice(&flags.to_le_bytes());
+        }
+        let req = Req {
+            kind,
+            sector: 0,
+            out: &out,
+            in_len: 0,
+        };
+        Ok(self.run(0, &req)?.0)
+    }
+
+    fn config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>> {
+        let (_, payload) = self.device.frontend.inner().get_config(
+            offset,
+            size,
+            VhostUserConfigFlags::WRITABLE,
+            &vec![0u8; size as usize],
+        )?;
+        Ok(payload.to_vec())
+    }
+}
+
+fn standalone(image: &Path, extra: &[&str]) -> Result<WorkerProcess> {
+    let mut args = vec!["--image", p(image)];
+    args.extend_from_slice(extra);
+    Ok(WorkerProcess::standalone("blk", &args)?)
+}
+
+fn assert_alive(worker: &WorkerProcess) -> Result<()> {
+    ensure!(worker.is_running(), "the worker died:\n{}", worker.stderr());
+    ensure!(
+        !worker.stderr().contains("panicked"),
+        "the worker panicked:\n{}",
+        worker.stderr()
+    );
+    Ok(())
+}
+
+/// Writes the same runs through the device and into `expected` (a plain file).
+fn write_patterns(blk: &mut Blk, expected: &File) -> Result<()> {
+    // Sector runs of several sizes, one straddling a 64 KiB cluster boundary, one at the
+    // very end of the disk.
+    let runs: [(u64, usize); 5] = [
+        (0, 4096),
+        (7, 512),
+        (127, 64 << 10),
+        (1000, 1 << 20),
+        (DISK_SIZE / SECTOR - 8, 4096),
+    ];
+    for (i, &(sector, len)) in runs.iter().enumerate() {
+        let data = pattern(i as u64 + 1, len);
+        ensure!(blk.write(sector, &data)? == OK, "write at sector {sector}");
+        expected.write_all_at(&data, sector * SECTOR)?;
+        let (status, back) = blk.read(sector, len as u32)?;
+        ensure!(status == OK && back == data, "read back at sector {sector}");
+    }
+    ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK, "flush");
+    Ok(())
+}
+
+fn expected_raw(dir: &TempDir) -> Result<(PathBuf, File)> {
+    let path = dir.path("expected.raw");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    file.set_len(DISK_SIZE)?;
+    Ok((path, file))
+}
+
+fn round_trip(format: &str) -> Result<()> {
+    let dir = TempDir::new(format);
+    let image = create(&dir, &format!("disk.{format}"), format)?;
+    let (expected_path, expected) = expected_raw(&dir)?;
+    let worker = standalone(&image, &["--format", format])?;
+    let mut blk = Blk::start(worker.connect()?, 1, 1 << VIRTIO_RING_F_EVENT_IDX)?;
+    write_patterns(&mut blk, &expected).with_context(|| worker.stderr())?;
+    assert_alive(&worker)?;
+    drop(blk);
+    worker.kill()?;
+    if format == "qcow2" {
+        let out = qemu_img(&["check", p(&image)])?;
+        ensure!(
+            out.status.success(),
+            "qemu-img check: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    qemu_img_ok(&[
+        "compare",
+        "-f",
+        format,
+        "-F",
+        "raw",
+        p(&image),
+        p(&expected_path),
+    ])
+}
+
+#[test]
+fn raw_image_takes_writes_that_qemu_img_reads_back() -> Result<()> {
+    round_trip("raw")
+}
+
+#[test]
+fn qcow2_image_takes_writes_and_stays_clean() -> Result<()> {
+    round_trip("qcow2")
+}
+
+#[test]
+fn qcow2_over_a_backing_file_copies_on_write() -> Result<()> {
+    let dir = TempDir::new("chain");
+    let base = create(&dir, "base.raw", "raw")?;
+    let base_data = pattern(99, 1 << 20);
+    OpenOptions::new()
+        .write(true)
+        .open(&base)?
+        .write_all_at(&base_data, 0)?;
+    let top = dir.path("top.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&top),
+    ])?;
+    let worker = standalone(&top, &["--format", "qcow2"])?;
+    let mut blk = Blk::start(worker.connect()?, 1, 0)?;
+    let (status, back) = blk.read(0, 1 << 20)?;
+    ensure!(
+        status == OK && back == base_data,
+        "the backing file shows through"
+    );
+    let data = pattern(5, 4096);
+    ensure!(blk.write(8, &data)? == OK);
+    ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK);
+    drop(blk);
+    worker.kill()?;
+    let mut after = vec![0u8; 1 << 20];
+    File::open(&base)?.read_exact_at(&mut after, 0)?;
+    ensure!(after == base_data, "the backing file was written");
+    qemu_img_ok(&["check", p(&top)])
+}
+
+#[test]
+fn config_space_and_features_describe_the_disk() -> Result<()> {
+    let dir = TempDir::new("config");
+    let image = create(&dir, "disk.qcow2", "qcow2")?;
+    let worker = standalone(&image, &["--queues", "3"])?;
+    let mut blk = Blk::start(worker.connect()?, 3, u64::MAX)?;
+    let features = blk.device.negotiated.features;
+    for bit in [
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+    ] {
+        ensure!(features & (1 << bit) != 0, "feature {bit} not offered");
+    }
+    ensure!(
+        features & (1 << VIRTIO_BLK_F_RO) == 0,
+        "a writable disk offers RO"
+    );
+    let config = blk.config(0, 60)?;
+    let u64_at = |at: usize| u64::from_le_bytes(config[at..at + 8].try_into().unwrap());
+    let u32_at = |at: usize| u32::from_le_bytes(config[at..at + 4].try_into().unwrap());
+    ensure!(u64_at(0) == DISK_SIZE / SECTOR, "capacity {}", u64_at(0));
+    ensure!(u32_at(20) == 512, "blk_size {}", u32_at(20));
+    ensure!(
+        u16::from_le_bytes([config[34], config[35]]) == 3,
+        "num_queues"
+    );
+    // The QCOW2 cluster (64 KiB) is the discard alignment.
+    ensure!(u32_at(44) == 128, "discard alignment {}", u32_at(44));
+    ensure!(
+        blk.device.frontend.inner().get_queue_num()? == 3,
+        "GET_QUEUE_NUM"
+    );
+    // Every queue serves, and they all see one disk.
+    for q in 0..3 {
+        let data = pattern(q as u64 + 10, 4096);
+        let req = Req {
+            kind: VIRTIO_BLK_T_OUT,
+            sector: q as u64 * 8,
+            out: &data,
+            in_len: 0,
+        };
+        ensure!(blk.run(q, &req)?.0 == OK, "write on queue {q}");
+    }
+    for q in 0..3 {
+        let req = Req {
+            kind: VIRTIO_BLK_T_IN,
+            sector: ((q + 1) % 3) as u64 * 8,
+            out: &[],
+            in_len: 4096,
+        };
+        let (status, data, _) = blk.run(q, &req)?;
+        ensure!(
+            status == OK && data == pattern((q + 1) as u64 % 3 + 10, 4096),
+            "queue {q} reads what another queue wrote"
+        );
+    }
+    assert_alive(&worker)
+}
+
+#[test]
+fn read_only_disk_refuses_writes_with_ioerr() -> Result<()> {
+    let dir = TempDir::new("ro");
+    let image = create(&dir, "disk.raw", "raw")?;
+    let before = fs::read(&image)?;
+    let worker = standalone(&image, &["--ro"])?;
+    let mut blk = Blk::start(worker.connect()?, 1, u64::MAX)?;
+    ensure!(
+        blk.device.negotiated.features & (1 << VIRTIO_BLK_F_RO) != 0,
+        "RO not offered"
+    );
+    ensure!(
+        blk.device.negotiated.features & (1 << VIRTIO_BLK_F_DISCARD) == 0,
+        "a read-only disk offers DISCARD"
+    );
+    ensure!(
+        blk.write(0, &pattern(1, 4096))? == IOERR,
+        "a write was accepted"
+    );
+    ensure!(blk.ranges(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 0)])? != OK);
+    let (status, data) = blk.read(0, 4096)?;
+    ensure!(
+        status == OK && data.iter().all(|&b| b == 0),
+        "read of the ro disk"
+    );
+    ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK, "flush of a ro disk");
+    assert_alive(&worker)?;
+    drop(blk);
+    worker.kill()?;
+    ensure!(fs::read(&image)? == before, "the ro image changed");
+    Ok(())
+}
+
+#[test]
+fn cow_disk_takes_writes_and_leaves_the_file_identical() -> Result<()> {
+    let dir = TempDir::new("cow");
+    for format in ["raw", "qcow2"] {
+        let image = create(&dir, &format!("disk.{format}"), format)?;
+        let before = fs::read(&image)?;
+        let worker = standalone(&image, &["--cow", "--format", format])?;
+        let mut blk = Blk::start(worker.connect()?, 1, 0)?;
+        let data = pattern(3, 128 << 10);
+        ensure!(blk.write(64, &data)? == OK, "{format}: cow write");
+        let (status, back) = blk.read(64, 128 << 10)?;
+        ensure!(status == OK && back == data, "{format}: cow read back");
+        ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK);
+        ensure!(blk.ranges(VIRTIO_BLK_T_DISCARD, &[(64, 128, 0)])? == OK);
+        drop(blk);
+        worker.kill()?;
+        ensure!(
+            fs::read(&image)? == before,
+            "{format}: the cow image changed"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn get_id_answers_the_serial() -> Result<()> {
+    let dir = TempDir::new("id");
+    let image = create(&dir, "disk.raw", "raw")?;
+    let worker = standalone(&image, &["--serial", "bulkhead-serial-0042"])?;
+    let mut blk = Blk::start(worker.connect()?, 1, 0)?;
+    let req = Req {
+        kind: VIRTIO_BLK_T_GET_ID,
+        sector: 0,
+        out: &[],
+        in_len: 20,
+    };
+    let (status, id, used) = blk.run(0, &req)?;
+    ensure!(
+        status == OK && used == 21,
+        "GET_ID: status {status}, used {used}"
+    );
+    ensure!(
+        &id == b"bulkhead-serial-0042",
+        "serial {:?}",
+        String::from_utf8_lossy(&id)
+    );
+    let too_long = WorkerProcess::standalone(
+        "blk",
+        &["--image", p(&image), "--serial", "012345678901234567890"],
+    );
+    // Refused at startup: the worker exits (possibly before it is seen listening).
+    if let Ok(w) = too_long {
+        ensure!(
+            w.wait_exit(TIMEOUT)?.code() == Some(1),
+            "a 21-byte serial was taken"
+        );
+        ensure!(w.stderr().contains("serial"), "{}", w.stderr());
+    }
+    Ok(())
+}
+
+#[test]
+fn discard_and_write_zeroes() -> Result<()> {
+    let dir = TempDir::new("discard");
+    for format in ["raw", "qcow2"] {
+        let image = create(&dir, &format!("disk.{format}"), format)?;
+        let worker = standalone(&image, &["--format", format])?;
+        let mut blk = Blk::start(worker.connect()?, 1, u64::MAX)?;
+        let data = pattern(7, 1 << 20);
+        ensure!(blk.write(0, &data)? == OK);
+        // Zero 64 KiB at 128 KiB, with and without unmap, in one request of two ranges.
+        let status = blk.ranges(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            &[
+                (256, 128, 0),
+                (1024, 128, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
+            ],
+        )?;
+        ensure!(status == OK, "{format}: write zeroes: {status}");
+        let (_, back) = blk.read(0, 1 << 20)?;
+        let mut expected = data.clone();
+        expected[256 * 512..384 * 512].fill(0);
+        expected[1024 * 512..1152 * 512].fill(0);
+        ensure!(back == expected, "{format}: zeroed ranges read back wrong");
+        ensure!(
+            blk.ranges(VIRTIO_BLK_T_DISCARD, &[(1536, 256, 0)])? == OK,
+            "{format}: discard"
+        );
+        // Unmap is not a discard flag; unknown flags are unsupported.
+        ensure!(blk.ranges(VIRTIO_BLK_T_DISCARD, &[(0, 8, 1)])? == UNSUPP);
+        ensure!(blk.ranges(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 2)])? == UNSUPP);
+        // Out of range, or too many sectors: IOERR, and nothing changed.
+        ensure!(
+            blk.ranges(
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                &[(0, 8, 0), (DISK_SIZE / SECTOR, 8, 0)]
+            )? == IOERR
+        );
+        ensure!(blk.ranges(VIRTIO_BLK_T_DISCARD, &[(0, u32::MAX, 0)])? == IOERR);
+        let (_, first) = blk.read(0, 4096)?;
+        ensure!(
+            first == expected[..4096],
+            "{format}: a refused request changed the disk"
+        );
+        ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK);
+        assert_alive(&worker)?;
+        drop(blk);
+        worker.kill()?;
+        if format == "qcow2" {
+            qemu_img_ok(&["check", p(&image)])?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_requests_get_a_status_not_a_crash() -> Result<()> {
+    let dir = TempDir::new("bad");
+    let image = create(&dir, "disk.qcow2", "qcow2")?;
+    let worker = standalone(&image, &[])?;
+    let mut blk = Blk::start(worker.connect()?, 1, 0)?;
+    let capacity = DISK_SIZE / SECTOR;
+    let cases: [(&str, Req<'_>, u8); 6] = [
+        (
+            "read past the end",
+            Req {
+                kind: VIRTIO_BLK_T_IN,
+                sector: capacity - 1,
+                out: &[],
+                in_len: 1024,
+            },
+            IOERR,
+        ),
+        (
+            "sector overflowing",
+            Req {
+                kind: VIRTIO_BLK_T_IN,
+                sector: u64::MAX - 1,
+                out: &[],
+                in_len: 1024,
+            },
+            IOERR,
+        ),
+        (
+            "write past the end",
+            Req {
+                kind: VIRTIO_BLK_T_OUT,
+                sector: capacity,
+                out: &[1; 512],
+                in_len: 0,
+            },
+            IOERR,
+        ),
+        (
+            "partial sector",
+            Req {
+                kind: VIRTIO_BLK_T_OUT,
+                sector: 0,
+                out: &[1; 100],
+                in_len: 0,
+            },
+            IOERR,
+        ),
+        (
+            "unknown type",
+            Req {
+                kind: 99,
+                sector: 0,
+                out: &[],
+                in_len: 0,
+            },
+            UNSUPP,
+        ),
+        (
+            "empty range list",
+            Req {
+                kind: VIRTIO_BLK_T_DISCARD,
+                sector: 0,
+                out: &[],
+                in_len: 0,
+            },
+            IOERR,
+        ),
+    ];
+    for (what, req, want) in &cases {
+        let (status, _, _) = blk.run(0, req)?;
+        ensure!(status == *want, "{what}: status {status}, wanted {want}");
+    }
+    let memory = blk.device.memory.clone();
+    let s = &blk.slots[0];
+    // A header cut short: 8 bytes, then the status.
+    memory.write(s.status, &[0xff])?;
+    blk.device.queues[0].post(&[Buffer::readable(s.header, 8), Buffer::writable(s.status, 1)])?;
+    blk.device.queues[0].kick()?;
+    blk.device.queues[0].wait_used(1, TIMEOUT)?;
+    ensure!(memory.read(s.status, 1)?[0] == IOERR, "short header");
+    // No writable byte for the status: returned with nothing written.
+    blk.device.queues[0].post(&[Buffer::readable(s.header, 16)])?;
+    blk.device.queues[0].kick()?;
+    let used: Vec<UsedElement> = blk.device.queues[0].wait_used(1, TIMEOUT)?;
+    ensure!(
+        used[0].len == 0,
+        "a request without status used {}",
+        used[0].len
+    );
+    // Status only readable (the driver forgot WRITE): the same.
+    memory.write(s.header, &Blk::header(VIRTIO_BLK_T_IN, 0))?;
+    blk.device.queues[0].post(&[
+        Buffer::readable(s.header, 16),
+        Buffer::readable(s.status, 1),
+    ])?;
+    blk.device.queues[0].kick()?;
+    let used = blk.device.queues[0].wait_used(1, TIMEOUT)?;
+    ensure!(used[0].len == 0, "a readable status used {}", used[0].len);
+    // And the worker still serves.
+    let data = pattern(11, 4096);
+    ensure!(blk.write(16, &data)? == OK);
+    ensure!(blk.read(16, 4096)? == (OK, data));
+    assert_alive(&worker)
+}
+
+/// The worker as the VMM launches it: the image and its backing file arrive as inherited
+/// descriptors named in the launch config.
+#[test]
+fn launched_worker_serves_inherited_image_and_backing_file() -> Result<()> {
+    let dir = TempDir::new("launched");
+    let base = create(&dir, "base.qcow2", "qcow2")?;
+    let top = dir.path("top.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+    ])?;
+    let image = OpenOptions::new().read(true).write(true).open(&top)?;
+    let backing = File::open(&base)?;
+    let config = DeviceConfig::Blk(BlkConfig {
+        image_fd: 5,
+        backing: vec![BackingFile {
+            name: "base.qcow2".into(),
+            fd: 6,
+        }],
+        format: Some(ImageFormat::Qcow2),
+        read_only: false,
+        copy_on_write: false,
+        num_queues: 2,
+        serial: "launched".into(),
+    });
+    let (worker, connection) =
+        WorkerProcess::launched_with_files("blk0", config, &[&image, &backing])?;
+    let mut blk = Blk::start(connection, 2, 0)?;
+    let data = pattern(21, 64 << 10);
+    ensure!(blk.write(100, &data)? == OK, "launched write");
+    ensure!(blk.read(100, 64 << 10)? == (OK, data), "launched read");
+    ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK);
+    assert_alive(&worker)?;
+    drop(blk);
+    worker.kill()?;
+    qemu_img_ok(&["check", p(&top)])
+}
+
+/// Counts the requests an inflight region (libvhost-user's layout) records as in flight
+/// on queue 0.
+fn in_flight_in_region(region: &File, queue_size: u16) -> Result<usize> {
+    // Per queue: features u64, version u16, desc_num u16, last_batch_head u16, used_idx
+    // u16, then desc_num descriptors of 16 bytes whose first byte is `inflight`.
+    let mut bytes = vec![0u8; 16 + 16 * usize::from(queue_size)];
+    region.read_exact_at(&mut bytes, 0)?;
+    Ok((0..usize::from(queue_size))
+        .filter(|i| bytes[16 + 16 * i] != 0)
+        .count())
+}
+
+/// kill -9 with requests in flight; a replacement given the same inflight region completes
+/// exactly those: every request answered once, none lost, none twice, data on disk. A raw
+/// image, so that every write completed by the killed worker is in the file (QCOW2 metadata
+/// is only promised durable by a FLUSH, which a crash test of the engine covers).
+#[test]
+fn killed_worker_with_requests_in_flight_is_replaced_without_loss() -> Result<()> {
+    const REQUESTS: usize = 40;
+    const LEN: usize = 256 << 10;
+    let dir = TempDir::new("inflight");
+    let image = create(&dir, "disk.raw", "raw")?;
+    let open_image =
+        || -> Result<File> { Ok(OpenOptions::new().read(true).write(true).open(&image)?) };
+    let config = || {
+        DeviceConfig::Blk(BlkConfig {
+            image_fd: 5,
+            backing: Vec::new(),
+            format: Some(ImageFormat::Raw),
+            read_only: false,
+            copy_on_write: false,
+            num_queues: 1,
+            serial: String::new(),
+        })
+    };
+    // Several tries: the kill must land while requests are in flight, which the region
+    // itself tells.
+    for attempt in 0..20 {
+        let file = open_image()?;
+        let (first, connection) = WorkerProcess::launched_with_files("blk0", config(), &[&file])?;
+        let mut setup = DeviceSetup::new(&[]);
+        setup.memory_size = 96 << 20;
+        let memory = std::sync::Arc::new(bulkhead_tests::vhost::SharedMemory::new(
+            setup.memory_base,
+            setup.memory_size,
+        )?);
+        let mut frontend = UserspaceFrontend::new(connection, 1);
+        frontend.negotiate(0, config_flags())?;
+        frontend.set_mem_table(&memory)?;
+        let (inflight, region) = frontend.get_inflight_fd(1, QUEUE_SIZE)?;
+        let mut queue = SplitQueueDriver::new(memory.clone(), QUEUE_SIZE)?;
+        frontend.start_queue(0, &queue)?;
+
+        let mut heads = Vec::new();
+        for i in 0..REQUESTS {
+            let header = memory.allocate(16, 16)?;
+            let data = memory.allocate(LEN as u64, 4096)?;
+            let status = memory.allocate(1, 1)?;
+            let sector = (i * LEN) as u64 / SECTOR;
+            memory.write(header, &Blk::header(VIRTIO_BLK_T_OUT, sector))?;
+            memory.write(data, &pattern(i as u64 + 1000, LEN))?;
+            memory.write(status, &[0xff])?;
+            let head = queue.post(&[
+                Buffer::readable(header, 16),
+                Buffer::readable(data, LEN as u32),
+                Buffer::writable(status, 1),
+            ])?;
+            heads.push((head, status, sector));
+        }
+        queue.kick()?;
+        std::thread::sleep(Duration::from_millis(2 + attempt));
+        first.kill()?;
+        let mut answered: Vec<u32> = queue.collect_used()?.iter().map(|u| u.id).collect();
+        let left = in_flight_in_region(&region, QUEUE_SIZE)?;
+        // Best: a kill between completions, some answered and some in flight.
+        if left == 0 || (answered.is_empty() && attempt < 15) {
+            continue;
+        }
+
+        let (second, connection) =
+            WorkerProcess::launched_with_files("blk0", config(), &[&open_image()?])?;
+        let mut frontend = UserspaceFrontend::new(connection, 1);
+        frontend.negotiate(0, config_flags())?;
+        frontend.set_mem_table(&memory)?;
+        frontend.set_inflight_fd(&inflight, &region)?;
+        let used_ring = queue.layout().used_ring;
+        let used_idx = memory.read(GuestAddress(used_ring.0 + 2), 2)?;
+        frontend.resume_queue(0, &queue, u16::from_le_bytes([used_idx[0], used_idx[1]]))?;
+        queue.kick()?;
+        let rest = queue.wait_used(REQUESTS - answered.len(), TIMEOUT)?;
+        answered.extend(rest.iter().map(|u| u.id));
+        std::thread::sleep(Duration::from_millis(100));
+        let extra = queue.collect_used()?;
+        ensure!(extra.is_empty(), "requests completed twice: {extra:?}");
+        let mut sorted = answered.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        ensure!(
+            sorted.len() == REQUESTS && answered.len() == REQUESTS,
+            "{REQUESTS} requests, answers {answered:?}"
+        );
+        for &(_, status, _) in &heads {
+            ensure!(
+                memory.read(status, 1)?[0] == OK,
+                "a request failed around the restart"
+            );
+        }
+        // Everything written is on disk.
+        let flush_header = memory.allocate(16, 16)?;
+        let flush_status = memory.allocate(1, 1)?;
+        memory.write(flush_header, &Blk::header(VIRTIO_BLK_T_FLUSH, 0))?;
+        queue.post(&[
+            Buffer::readable(flush_header, 16),
+            Buffer::writable(flush_status, 1),
+        ])?;
+        queue.kick()?;
+        queue.wait_used(1, TIMEOUT)?;
+        ensure!(
+            memory.read(flush_status, 1)?[0] == OK,
+            "flush after the restart"
+        );
+        // Before hanging up: a launched worker exits when its frontend goes.
+        assert_alive(&second)?;
+        drop(frontend);
+        second.kill()?;
+        let expected_path = dir.path("expected.raw");
+        let expected = File::create(&expected_path)?;
+        expected.set_len(DISK_SIZE)?;
+        for i in 0..REQUESTS {
+            expected.write_all_at(&pattern(i as u64 + 1000, LEN), (i * LEN) as u64)?;
+        }
+        qemu_img_ok(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            p(&image),
+            p(&expected_path),
+        ])?;
+        eprintln!(
+            "killed with {} requests answered and {left} in flight on attempt {attempt}",
+            REQUESTS - left
+        );
+        return Ok(());
+    }
+    anyhow::bail!("no kill landed with requests in flight")
+}
+
+/// Runs `bulkhead-worker blk --socket <dir>/s.sock <args>`, which must exit by itself
+/// (within the timeout) with status 1; returns its stderr.
+fn worker_refuses(dir: &TempDir, args: &[&str]) -> Result<String> {
+    use std::io::Read;
+    let mut child = Command::new(bulkhead_tests::vhost::worker_bin())
+        .arg("blk")
+        .arg("--socket")
+        .arg(dir.path("s.sock"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("bulkhead-worker blk {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_string(&mut stderr)?;
+    }
+    ensure!(
+        status.code() == Some(1),
+        "{args:?}: exit {status}: {stderr}"
+    );
+    ensure!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    ensure!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    Ok(stderr)
+}
+
+#[test]
+fn bad_images_and_options_are_clear_errors_at_startup() -> Result<()> {
+    let dir = TempDir::new("refuse");
+    let missing = dir.path("missing.qcow2");
+    let stderr = worker_refuses(&dir, &["--image", p(&missing)])?;
+    ensure!(stderr.contains(p(&missing)), "{stderr}");
+
+    // QCOW2 magic, version 3, absurd cluster_bits.
+    let bad = dir.path("bad.qcow2");
+    let mut header = vec![0u8; 512];
+    header[0..4].copy_from_slice(b"QFI\xfb");
+    header[4..8].copy_from_slice(&3u32.to_be_bytes());
+    header[20..24].copy_from_slice(&40u32.to_be_bytes());
+    fs::write(&bad, &header)?;
+    let stderr = worker_refuses(&dir, &["--image", p(&bad)])?;
+    ensure!(stderr.contains("cluster"), "{stderr}");
+
+    // A backing chain that loops: b names a, a names b.
+    let a = dir.path("a.qcow2");
+    let b = create(&dir, "b.qcow2", "qcow2")?;
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        p(&a),
+    ])?;
+    qemu_img_ok(&["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", p(&b)])?;
+    let stderr = worker_refuses(&dir, &["--image", p(&a)])?;
+    ensure!(
+        stderr.contains("deeper") || stderr.contains("loop"),
+        "{stderr}"
+    );
+
+    let image = create(&dir, "ok.raw", "raw")?;
+    let stderr = worker_refuses(&dir, &["--image", p(&image), "--queues", "0"])?;
+    ensure!(stderr.contains("queues"), "{stderr}");
+    let tiny = dir.path("tiny.raw");
+    fs::write(&tiny, [0u8; 100])?;
+    let stderr = worker_refuses(&dir, &["--image", p(&tiny), "--format", "raw"])?;
+    ensure!(stderr.contains("smaller"), "{stderr}");
+    Ok(())
+}
+
+/// A raw disk whose bytes are a QCOW2 header (a guest can write one) names no backing
+/// file: the worker must not open the path it names - here a FIFO, which would block the
+/// open forever.
+#[test]
+fn a_raw_disk_that_looks_like_qcow2_opens_nothing_else() -> Result<()> {
+    let dir = TempDir::new("lookalike");
+    let base = create(&dir, "base.raw", "raw")?;
+    let disk = dir.path("disk.raw");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&disk),
+    ])?;
+    fs::remove_file(&base)?;
+    let status = Command::new("mkfifo").arg(&base).status()?;
+    ensure!(status.success(), "mkfifo");
+    let worker = standalone(&disk, &["--format", "raw"])?;
+    let mut blk = Blk::start(worker.connect()?, 1, 0)?;
+    let (status, header) = blk.read(0, 512)?;
+    ensure!(
+        status == OK && header.starts_with(b"QFI\xfb"),
+        "the raw bytes read back"
+    );
+    assert_alive(&worker)
+}
