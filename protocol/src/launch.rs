@@ -11,14 +11,16 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum WorkerKind {
     Rng,
+    Net,
 }
 
 impl WorkerKind {
-    pub const ALL: [WorkerKind; 1] = [WorkerKind::Rng];
+    pub const ALL: [WorkerKind; 2] = [WorkerKind::Rng, WorkerKind::Net];
 
     pub fn name(self) -> &'static str {
         match self {
             WorkerKind::Rng => "rng",
+            WorkerKind::Net => "net",
         }
     }
 
@@ -26,6 +28,7 @@ impl WorkerKind {
     pub fn virtio_device_id(self) -> u32 {
         match self {
             WorkerKind::Rng => 4,
+            WorkerKind::Net => 1,
         }
     }
 }
@@ -59,15 +62,30 @@ pub struct RngConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// A virtio-net device on a host TAP device the VMM opened.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Descriptor number of the TAP (opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, one
+    /// queue); the worker sets its vnet header size and offloads, nothing else.
+    pub tap_fd: i32,
+    pub mac: [u8; 6],
+    /// Receive/transmit queue pairs; the worker serves one today and refuses more.
+    pub queue_pairs: u16,
+    /// The MTU the guest is told (VIRTIO_NET_F_MTU), if any.
+    pub mtu: Option<u16>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub enum DeviceConfig {
     Rng(RngConfig),
+    Net(NetConfig),
 }
 
 impl DeviceConfig {
     pub fn kind(&self) -> WorkerKind {
         match self {
             DeviceConfig::Rng(_) => WorkerKind::Rng,
+            DeviceConfig::Net(_) => WorkerKind::Net,
         }
     }
 }
@@ -102,6 +120,19 @@ mod tests {
         let bytes = encode(&launch).unwrap();
         assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
         assert_eq!(launch.device.kind(), WorkerKind::Rng);
+        let net = WorkerLaunch {
+            device_name: "net0".into(),
+            device: DeviceConfig::Net(NetConfig {
+                tap_fd: 5,
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+                queue_pairs: 1,
+                mtu: Some(1500),
+            }),
+            vhost_user_fd: 4,
+        };
+        let bytes = encode(&net).unwrap();
+        assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), net);
+        assert_eq!(net.device.kind(), WorkerKind::Net);
     }
 
     #[test]
@@ -135,5 +166,7 @@ mod tests {
         assert_eq!("rng".parse::<WorkerKind>().unwrap(), WorkerKind::Rng);
         assert!("disk".parse::<WorkerKind>().is_err());
         assert_eq!(WorkerKind::Rng.virtio_device_id(), 4);
+        assert_eq!("net".parse::<WorkerKind>().unwrap(), WorkerKind::Net);
+        assert_eq!(WorkerKind::Net.virtio_device_id(), 1);
     }
 }

@@ -33,7 +33,7 @@ pub enum LaunchError {
         expected: WorkerKind,
         found: WorkerKind,
     },
-    #[error("vhost_user_fd {0} is the launch descriptor itself")]
+    #[error("descriptor {0} is named twice in the launch config")]
     SameDescriptor(RawFd),
     #[error("vhost_user_fd {0} is not a connected Unix stream socket")]
     NotAUnixStream(RawFd),
@@ -47,6 +47,8 @@ pub struct Launch {
     pub device: DeviceConfig,
     /// The connected vhost-user socket; the VMM is at the other end.
     pub connection: UnixStream,
+    /// The TAP descriptor of a net worker.
+    pub tap: Option<OwnedFd>,
 }
 
 /// Reads the launch config from descriptor `launch_fd` and takes the descriptors it names.
@@ -68,10 +70,20 @@ pub fn read_launch(launch_fd: RawFd, expected: WorkerKind) -> Result<Launch, Lau
     if !is_unix_stream(&connection) || connection.peer_addr().is_err() {
         return Err(LaunchError::NotAUnixStream(fd));
     }
+    let tap = match &launch.device {
+        DeviceConfig::Net(net) => {
+            if net.tap_fd == launch_fd || net.tap_fd == fd {
+                return Err(LaunchError::SameDescriptor(net.tap_fd));
+            }
+            Some(take_inherited(net.tap_fd, "TAP")?)
+        }
+        DeviceConfig::Rng(_) => None,
+    };
     Ok(Launch {
         device_name: launch.device_name,
         device: launch.device,
         connection,
+        tap,
     })
 }
 

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::IsTerminal;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use bulkhead_protocol::{DeviceConfig, RngConfig, WorkerKind};
 use bulkhead_workers::cli::{Cli, Endpoint, P9Args, WorkerCommand};
 use bulkhead_workers::launch::read_launch;
+use bulkhead_workers::net::{mac_from_name, NetDevice, NetSettings, Tap};
 use bulkhead_workers::p9::{transport_unix, Export, Root};
 use bulkhead_workers::rng::RngDevice;
 use bulkhead_workers::sandbox::enter_sandbox;
@@ -72,13 +73,70 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let launch = read_launch(fd, WorkerKind::Rng)
                         .with_context(|| format!("--launch-fd {fd}"))?;
                     tracing::info!("serving {}", launch.device_name);
-                    let DeviceConfig::Rng(config) = launch.device;
+                    let DeviceConfig::Rng(config) = launch.device else {
+                        bail!("--launch-fd {fd}: not an rng launch config");
+                    };
                     (Frontend::Connected(launch.connection), config)
                 }
                 Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
             };
-            serve(WorkerKind::Rng, frontend, || {
+            serve(WorkerKind::Rng, frontend, &[], || {
                 RngDevice::new(&config).map(RngDevice::into_backend)
+            })
+        }
+        WorkerCommand::Net(args) => {
+            let (frontend, tap, settings) = match args.endpoint {
+                Endpoint {
+                    socket: Some(path), ..
+                } => {
+                    let Some(name) = args.tap else {
+                        bail!("--tap is required with --socket");
+                    };
+                    if args.queues != 1 {
+                        bail!("--queues {}: this worker serves 1 queue pair", args.queues);
+                    }
+                    // Attached before the sandbox: opening /dev/net/tun is not allowed after.
+                    let tap = Tap::open(&name, false).with_context(|| format!("--tap {name}"))?;
+                    let settings = NetSettings {
+                        mac: args.mac.unwrap_or_else(|| mac_from_name(&name)),
+                        mtu: None,
+                    };
+                    (Frontend::Listening(bind(&path)?), tap, settings)
+                }
+                Endpoint {
+                    launch_fd: Some(fd),
+                    ..
+                } => {
+                    let launch = read_launch(fd, WorkerKind::Net)
+                        .with_context(|| format!("--launch-fd {fd}"))?;
+                    tracing::info!("serving {}", launch.device_name);
+                    let DeviceConfig::Net(config) = launch.device else {
+                        bail!("--launch-fd {fd}: not a net launch config");
+                    };
+                    if config.queue_pairs != 1 {
+                        bail!(
+                            "--launch-fd {fd}: {} queue pairs; this worker serves 1",
+                            config.queue_pairs
+                        );
+                    }
+                    let Some(tap) = launch.tap else {
+                        bail!("--launch-fd {fd}: no TAP descriptor");
+                    };
+                    let tap = Tap::from_fd(tap).with_context(|| format!("--launch-fd {fd}"))?;
+                    let settings = NetSettings {
+                        mac: config.mac,
+                        mtu: config.mtu,
+                    };
+                    (Frontend::Connected(launch.connection), tap, settings)
+                }
+                Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
+            };
+            tracing::info!("TAP {}", tap.name());
+            let tap = std::sync::Arc::new(tap);
+            let keep = [(tap.as_raw_fd(), "TAP")];
+            serve(WorkerKind::Net, frontend, &keep, || {
+                NetDevice::new(tap.clone(), settings, Default::default())
+                    .and_then(NetDevice::into_backend)
             })
         }
         WorkerCommand::P9(args) => serve_p9_debug(&args),
@@ -113,6 +171,7 @@ fn serve_p9_debug(args: &P9Args) -> anyhow::Result<()> {
 fn serve<T, E>(
     kind: WorkerKind,
     frontend: Frontend,
+    also_keep: &[(RawFd, &'static str)],
     mut new_device: impl FnMut() -> Result<DeviceBackend<T>, E>,
 ) -> anyhow::Result<()>
 where
@@ -126,7 +185,10 @@ where
         Frontend::Connected(connection) => (connection.as_raw_fd(), "vhost-user socket"),
         Frontend::Listening(listener) => (listener.as_raw_fd(), "listening socket"),
     };
-    enter_sandbox(kind, &[keep]).context("cannot enter the sandbox")?;
+    let keep: Vec<_> = std::iter::once(keep)
+        .chain(also_keep.iter().copied())
+        .collect();
+    enter_sandbox(kind, &keep).context("cannot enter the sandbox")?;
 
     match frontend {
         Frontend::Connected(connection) => {

@@ -6,6 +6,7 @@
 //! - one module per kind for the rest and for its Landlock rules.
 
 mod inflight;
+mod net;
 mod rng;
 mod runtime;
 mod vhost_user;
@@ -19,5 +20,6 @@ use crate::policy::Policy;
 pub fn policy_for(kind: WorkerKind) -> Policy {
     match kind {
         WorkerKind::Rng => rng::policy(),
+        WorkerKind::Net => net::policy(),
     }
 }
