@@ -102,6 +102,18 @@ impl WorkerProcess {
         device_name: &str,
         device: DeviceConfig,
     ) -> Result<(Self, UnixStream), WorkerError> {
+        Self::launched_with(device_name, device, &[], &[])
+    }
+
+    /// [`launched`](Self::launched), with more inherited descriptors - each `(fd, number)`
+    /// is `fd` of this process, inherited as `number` (at least 5) - and environment
+    /// variables for the worker (`BULKHEAD_LOG`).
+    pub fn launched_with(
+        device_name: &str,
+        device: DeviceConfig,
+        extra_fds: &[(RawFd, RawFd)],
+        env: &[(&str, &str)],
+    ) -> Result<(Self, UnixStream), WorkerError> {
         let launch = WorkerLaunch {
             device_name: device_name.to_owned(),
             device: device.clone(),
@@ -113,15 +125,26 @@ impl WorkerProcess {
         let launch_src = dup_above(memfd.as_raw_fd(), 10).map_err(WorkerError::Setup)?;
         let socket_src = dup_above(worker_end.as_raw_fd(), 10).map_err(WorkerError::Setup)?;
         let (launch_raw, socket_raw) = (launch_src.as_raw_fd(), socket_src.as_raw_fd());
+        let extra_src = extra_fds
+            .iter()
+            .map(|&(fd, target)| Ok((dup_above(fd, 10)?, target)))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(WorkerError::Setup)?;
+        let extra_raw: Vec<(RawFd, RawFd)> = extra_src
+            .iter()
+            .map(|(fd, target)| (fd.as_raw_fd(), *target))
+            .collect();
 
         let mut command = Command::new(worker_bin());
         command
             .arg(device.kind().name())
             .arg("--launch-fd")
             .arg(LAUNCH_FD.to_string());
+        command.envs(env.iter().copied());
         // SAFETY: the closure runs in the child between fork and exec and only calls dup2,
-        // which is async-signal-safe; dup2 also clears close-on-exec on the new numbers, so
-        // exactly these two descriptors are inherited.
+        // which is async-signal-safe (the Vec it reads was allocated before the fork); dup2
+        // also clears close-on-exec on the new numbers, so exactly these descriptors are
+        // inherited.
         unsafe {
             command.pre_exec(move || {
                 if libc::dup2(launch_raw, LAUNCH_FD) < 0
@@ -129,13 +152,18 @@ impl WorkerProcess {
                 {
                     return Err(io::Error::last_os_error());
                 }
+                for &(fd, target) in &extra_raw {
+                    if libc::dup2(fd, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
         let worker = Self::spawn(command)?;
         // The parent's copies go now: only the worker holds its end of the socketpair, so
         // the frontend sees EOF when the worker dies.
-        drop((launch_src, socket_src, worker_end, memfd));
+        drop((launch_src, socket_src, worker_end, memfd, extra_src));
         Ok((worker, frontend_end))
     }
 
