@@ -245,3 +245,60 @@ pub fn parse_udp(frame: &[u8]) -> Option<(u16, &[u8])> {
     let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
     Some((dport, udp.get(8..len)?))
 }
+
+/// A TCP segment from the guest to the host (header without options unless `options`),
+/// checksummed, or with only the pseudo-header sum when `partial`.
+#[allow(clippy::too_many_arguments)]
+pub fn guest_tcp(
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    options: &[u8],
+    payload: &[u8],
+    partial: bool,
+) -> Vec<u8> {
+    let header_len = 20 + options.len();
+    let tcp_len = header_len + payload.len();
+    let mut frame = eth_ipv4(GUEST_MAC, HOST_MAC, GUEST_IP, HOST_IP, 6, tcp_len);
+    let mut tcp = Vec::with_capacity(tcp_len);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&ack.to_be_bytes());
+    tcp.push(((header_len / 4) as u8) << 4);
+    tcp.push(flags);
+    tcp.extend_from_slice(&0xffffu16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]);
+    tcp.extend_from_slice(options);
+    tcp.extend_from_slice(payload);
+    let pseudo = pseudo_header_sum(GUEST_IP, HOST_IP, 6, tcp_len);
+    let sum = if partial {
+        !checksum(&[], pseudo)
+    } else {
+        checksum(&tcp, pseudo)
+    };
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+/// A TCP segment to the guest: (source port, seq, ack, flags, payload).
+pub fn parse_tcp(frame: &[u8]) -> Option<(u16, u32, u32, u8, &[u8])> {
+    if frame.len() < 54 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let tcp = frame.get(14 + ihl..14 + total)?;
+    let be32 = |i: usize| u32::from_be_bytes([tcp[i], tcp[i + 1], tcp[i + 2], tcp[i + 3]]);
+    let data = usize::from(tcp[12] >> 4) * 4;
+    Some((
+        u16::from_be_bytes([tcp[0], tcp[1]]),
+        be32(4),
+        be32(8),
+        tcp[13],
+        tcp.get(data..)?,
+    ))
+}
