@@ -582,6 +582,33 @@ fn malformed_receive_chains_are_given_back_and_counted() -> Result<()> {
     lab.assert_alive()
 }
 
+/// A bad chain in the middle of the buffers a mergeable frame is being spread over: the
+/// buffers taken so far go back empty, the frame is dropped, and the next one arrives.
+#[test]
+fn a_bad_chain_inside_a_mergeable_frame_drops_only_that_frame() -> Result<()> {
+    let mut lab = Lab::new(1 << VIRTIO_NET_F_MRG_RXBUF)?;
+    let socket = lab.host_socket(5010)?;
+    let memory = lab.guest.device.memory.clone();
+    let good = memory.allocate(1024, 8)?;
+    let bad = memory.allocate(1024, 8)?;
+    let queue = &mut lab.guest.device.queues[RX];
+    queue.post(&[Buffer::writable(good, 1024)])?;
+    queue.post(&[Buffer::readable(bad, 1024)])?;
+    queue.kick()?;
+    send_to_guest(&socket, 6005, &[7; 3000])?;
+    let used = lab.guest.device.queues[RX].wait_used(2, TIMEOUT)?;
+    ensure!(used.iter().all(|u| u.len == 0), "{used:?}");
+    lab.guest.post_rx(8, 1024)?;
+    send_to_guest(&socket, 6005, &[8; 3000])?;
+    let (payload, _, buffers) = lab.guest.receive_udp(6005)?;
+    ensure!(
+        payload == [8; 3000],
+        "the frame after the bad chain is wrong"
+    );
+    ensure!(buffers >= 3, "{buffers} buffers");
+    lab.assert_alive()
+}
+
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

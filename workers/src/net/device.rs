@@ -254,6 +254,8 @@ impl NetDevice {
     // ---- transmit ----
 
     fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        // Set again below if the TAP is still full; a stopped ring waits for nothing.
+        self.tx_blocked = false;
         let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
             return Ok(());
         };
@@ -278,7 +280,6 @@ impl NetDevice {
         memory: &GuestMemoryMmap,
         completed: &mut u32,
     ) -> Result<(), QueueFault> {
-        self.tx_blocked = false;
         loop {
             if self.event_idx {
                 state.disable_notification()?;
@@ -422,6 +423,19 @@ impl NetDevice {
         let mut chains: Vec<(u16, DescriptorChain<&GuestMemoryMmap>)> = Vec::new();
         let mut capacity = 0usize;
         while capacity < total {
+            if chains.len() >= usize::from(size) {
+                // Every buffer the ring can hold would not fit this frame: it would wait
+                // forever. The buffers go back for the next frame; this one is dropped.
+                for _ in 0..chains.len() {
+                    queue.go_to_previous_position();
+                }
+                let dropped = self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!(
+                    "rx frame of {total} bytes dropped: a full ring of buffers holds {capacity} \
+                     ({dropped} so far)"
+                );
+                return Ok(Delivery::Dropped);
+            }
             let Some(chain) = queue.iter(memory)?.next() else {
                 // Not enough room yet: the chains taken go back, the frame waits.
                 for _ in 0..chains.len() {
@@ -430,18 +444,32 @@ impl NetDevice {
                 return Ok(Delivery::NoBuffers);
             };
             let head = chain.head_index();
-            if head >= size {
-                self.stats.rx_bad_chains.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let len = match writable_len(chain.clone(), size) {
+            let len = if head >= size {
+                Err("head index out of range".to_string())
+            } else {
+                writable_len(chain.clone(), size).map_err(|e| e.to_string())
+            };
+            let len = match len {
                 Ok(len) => len as usize,
                 Err(e) => {
                     let bad = self.stats.rx_bad_chains.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::debug!("rx chain {head} given back unused: {e} ({bad} so far)");
-                    queue.add_used(memory, head, 0)?;
-                    *completed = completed.saturating_add(1);
-                    continue;
+                    // A head outside the table has no descriptor to give back.
+                    if head < size {
+                        queue.add_used(memory, head, 0)?;
+                        *completed = completed.saturating_add(1);
+                    }
+                    if chains.is_empty() {
+                        continue;
+                    }
+                    // The ring cannot be rewound past a chain already given back, so the
+                    // buffers taken for this frame go back empty and the frame is dropped.
+                    for (taken, _) in chains {
+                        queue.add_used(memory, taken, 0)?;
+                        *completed = completed.saturating_add(1);
+                    }
+                    self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Delivery::Dropped);
                 }
             };
             if !mergeable && len < total {
