@@ -360,6 +360,11 @@ fn worker_rx(netns: &Netns, tap: &Tap, size: Size, duration: Duration) -> Result
                 bytes += u64::from(element.len);
             }
             chains_left_in_frame -= 1;
+        }
+        // Only after the whole batch is read: a new post may take the slot of an element
+        // of this batch not read yet.
+        let returned: Vec<GuestAddress> = used.iter().map(|e| at_head[e.id as usize]).collect();
+        for addr in returned {
             let head = queue.post(&[Buffer::writable(addr, RX_BUFFER)])?;
             at_head[usize::from(head)] = addr;
         }
