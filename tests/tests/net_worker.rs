@@ -609,6 +609,66 @@ fn a_bad_chain_inside_a_mergeable_frame_drops_only_that_frame() -> Result<()> {
     lab.assert_alive()
 }
 
+/// Without mergeable buffers a frame larger than the posted chain cannot be delivered:
+/// the chain goes back empty, the frame is counted as dropped, and smaller frames go on.
+#[test]
+fn a_frame_too_large_for_a_single_chain_is_dropped() -> Result<()> {
+    let mut lab = Lab::new(0)?;
+    let socket = lab.host_socket(5011)?;
+    lab.guest.post_rx(1, 1024)?;
+    send_to_guest(&socket, 6006, &[1; 1400])?;
+    let used = lab.guest.device.queues[RX].wait_used(1, TIMEOUT)?;
+    ensure!(used[0].len == 0, "{used:?}");
+    lab.guest.rx_buffers.clear();
+    wait_stderr(&lab.worker, "rx frame of")?;
+    lab.guest.post_rx(4, 1024)?;
+    send_to_guest(&socket, 6006, &[2; 200])?;
+    let (payload, _, _) = lab.guest.receive_udp(6006)?;
+    ensure!(payload == [2; 200]);
+    lab.assert_alive()
+}
+
+/// The value of `field` in /proc/PID/status.
+fn proc_status(pid: u32, field: &str) -> Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .map(|value| value.trim().to_owned())
+        .context("no such field")
+}
+
+#[test]
+fn a_serving_net_worker_is_sandboxed_and_holds_only_its_tap_and_socket() -> Result<()> {
+    let mut lab = Lab::new(1 << VIRTIO_NET_F_CSUM)?;
+    let socket = lab.host_socket(5012)?;
+    lab.guest.transmit(
+        VnetHeader::default(),
+        &guest_udp(4000, 5012, b"sandboxed", false),
+    )?;
+    ensure!(recv_datagram(&socket)?.is_some());
+    let pid = lab.worker.pid();
+    ensure!(proc_status(pid, "Seccomp")? == "2", "no seccomp filter");
+    ensure!(
+        proc_status(pid, "NoNewPrivs")? == "1",
+        "no_new_privs is not set"
+    );
+    let targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.display().to_string())
+        .collect();
+    ensure!(
+        targets.iter().filter(|t| *t == "/dev/net/tun").count() == 1,
+        "the TAP is not held exactly once: {targets:?}"
+    );
+    ensure!(
+        !targets.iter().any(|t| t.contains("bulkhead-worker-launch")),
+        "the launch memfd is still open: {targets:?}"
+    );
+    lab.assert_alive()
+}
+
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
