@@ -273,7 +273,14 @@ fn guest_udp_datagram_reaches_a_host_socket() -> Result<()> {
     ensure!(used.len == 0, "transmit chains complete with length 0");
     let got = recv_datagram(&socket)?.context("the host never got the datagram")?;
     ensure!(got == b"hello from the guest", "got {got:?}");
-    lab.assert_alive()
+    lab.assert_alive()?;
+    // The VMM hanging up ends a launched worker cleanly, with its counters in the log.
+    let Lab { worker, guest, .. } = lab;
+    drop(guest);
+    let status = worker.wait_exit(TIMEOUT)?;
+    ensure!(status.success(), "{status}:\n{}", worker.stderr());
+    wait_stderr(&worker, "sent 1 frames")?;
+    Ok(())
 }
 
 #[test]

@@ -326,7 +326,9 @@ impl NetDevice {
     }
 
     /// Copies one transmitted chain out of guest memory, checks it and writes it to the
-    /// TAP; returns the frame's length.
+    /// TAP; returns the frame's length. Copied rather than written with writev straight
+    /// from guest memory: the header the kernel acts on must be the one checked here, and
+    /// another vCPU could rewrite guest memory in between.
     fn send_chain(
         &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
@@ -528,6 +530,25 @@ impl NetDevice {
             want |= EventSet::OUT;
         }
         self.set_interest(want)
+    }
+}
+
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        let s = &self.stats;
+        let n = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        tracing::info!(
+            "TAP {}: sent {} frames ({} bytes), {} dropped; received {} frames ({} bytes), \
+             {} dropped, {} bad receive chains",
+            self.tap.name(),
+            n(&s.tx_frames),
+            n(&s.tx_bytes),
+            n(&s.tx_dropped),
+            n(&s.rx_frames),
+            n(&s.rx_bytes),
+            n(&s.rx_dropped),
+            n(&s.rx_bad_chains)
+        );
     }
 }
 
