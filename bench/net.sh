@@ -9,8 +9,8 @@
 #           memfd memory) against a launched `bulkhead-worker net` on the TAP
 #   plain   one process doing write(2)/read(2) of the same frames on the same TAP
 #
-# and prints the ratio. Needs root, /dev/net/tun and iproute2. NET_BENCH_SECONDS sets the
-# length of each measurement (default 2).
+# and prints the ratio. Each cell is the median of NET_BENCH_RUNS (default 3) alternating
+# runs of NET_BENCH_SECONDS (default 1). Needs root, /dev/net/tun and iproute2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

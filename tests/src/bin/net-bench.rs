@@ -1,7 +1,8 @@
 //! `net-bench`: packets/s and Gbit/s through `bulkhead-worker net`, driven by the harness
 //! (a userspace frontend and split-queue driver in this process playing the guest), side
 //! by side with the limit of plain TAP reads and writes from one process on the same TAP.
-//! Run by bench/net.sh, which builds it and the worker in release mode.
+//! Run by bench/net.sh, which builds it and the worker in release mode. Each cell is the
+//! median of NET_BENCH_RUNS (default 3) alternating runs of NET_BENCH_SECONDS (default 1).
 //!
 //! - TX: frames the guest posts go out of the TAP into the host stack, addressed to a MAC
 //!   that is not the host's so the stack drops them at once; the limit is `write(2)` of the
@@ -102,8 +103,13 @@ fn main() -> Result<()> {
     let seconds: f64 = std::env::var("NET_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
+        .unwrap_or(1.0);
     let duration = Duration::from_secs_f64(seconds);
+    let runs: usize = std::env::var("NET_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let netns = Netns::new().context("network namespace (needs root and iproute2)")?;
     let tap = netns.host_tap()?;
     // As the worker sets them for a guest with GUEST_CSUM and GUEST_TSO4, so that the
@@ -116,14 +122,20 @@ fn main() -> Result<()> {
     );
     for dir in ["TX", "RX"] {
         for size in [Size::Small, Size::Mtu, Size::Tso] {
-            let plain = match dir {
-                "TX" => plain_tx(&tap, size, duration)?,
-                _ => plain_rx(&netns, &tap, size, duration)?,
-            };
-            let worker = match dir {
-                "TX" => worker_tx(&tap, size, duration)?,
-                _ => worker_rx(&netns, &tap, size, duration)?,
-            };
+            // Alternating runs, the median of each side: on a shared machine one run can
+            // lose half its CPU to a neighbour.
+            let (mut plains, mut workers) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                plains.push(match dir {
+                    "TX" => plain_tx(&tap, size, duration)?,
+                    _ => plain_rx(&netns, &tap, size, duration)?,
+                });
+                workers.push(match dir {
+                    "TX" => worker_tx(&tap, size, duration)?,
+                    _ => worker_rx(&netns, &tap, size, duration)?,
+                });
+            }
+            let (plain, worker) = (median(plains), median(workers));
             println!(
                 "{:<6} {:<11} {:>13.0} {:>10.2} {:>13.0} {:>10.2} {:>7.2}",
                 dir,
@@ -137,6 +149,12 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn median(mut rates: Vec<Rate>) -> Rate {
+    rates.sort_by(|a, b| a.pps().total_cmp(&b.pps()));
+    let middle = rates.len() / 2;
+    rates.swap_remove(middle)
 }
 
 fn plain_tx(tap: &Tap, size: Size, duration: Duration) -> Result<Rate> {
@@ -297,7 +315,8 @@ fn plain_rx(netns: &Netns, tap: &Tap, size: Size, duration: Duration) -> Result<
                 frames += 1;
                 bytes += (n - VNET_HDR_LEN) as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            // Sleep as the worker does, leaving the CPU to the sender.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(tap),
             Err(e) => return Err(e.into()),
         }
     }
@@ -312,6 +331,16 @@ fn plain_rx(netns: &Netns, tap: &Tap, size: Size, duration: Duration) -> Result<
         bytes,
         seconds,
     })
+}
+
+fn wait_readable(tap: &Tap) {
+    let mut poll = libc::pollfd {
+        fd: tap.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one pollfd we own.
+    unsafe { libc::poll(&mut poll, 1, 100) };
 }
 
 fn drain(tap: &Tap) {
