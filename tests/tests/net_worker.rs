@@ -283,6 +283,32 @@ fn guest_udp_datagram_reaches_a_host_socket() -> Result<()> {
     Ok(())
 }
 
+/// The header and frame may be cut anywhere: here the header spans two descriptors and
+/// the second also holds the frame's start.
+#[test]
+fn a_frame_split_over_descriptors_arrives_whole() -> Result<()> {
+    let mut lab = Lab::new(0)?;
+    let socket = lab.host_socket(5013)?;
+    let mut bytes = VnetHeader::default().to_bytes().to_vec();
+    bytes.extend(guest_udp(4000, 5013, &[0x5a; 300], false));
+    let memory = lab.guest.device.memory.clone();
+    let cuts = [0, 5, 22, bytes.len()];
+    let mut buffers = Vec::new();
+    for window in cuts.windows(2) {
+        let part = &bytes[window[0]..window[1]];
+        let addr = memory.allocate(part.len() as u64, 8)?;
+        memory.write(addr, part)?;
+        buffers.push(Buffer::readable(addr, part.len() as u32));
+    }
+    let queue = &mut lab.guest.device.queues[TX];
+    queue.post(&buffers)?;
+    queue.kick()?;
+    queue.wait_used(1, TIMEOUT)?;
+    let got = recv_datagram(&socket)?.context("nothing arrived")?;
+    ensure!(got == [0x5a; 300], "the datagram came out different");
+    lab.assert_alive()
+}
+
 #[test]
 fn host_udp_datagram_arrives_on_the_receive_queue() -> Result<()> {
     let mut lab = Lab::new(0)?;

@@ -17,7 +17,7 @@
 //! with writable buffers on the transmit queue - is dropped and counted in [`NetStats`],
 //! never fatal.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -32,8 +32,10 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::header::{VnetHeader, MAX_FRAME_LEN};
@@ -131,7 +133,6 @@ pub struct NetDevice {
     rx_frame: Vec<u8>,
     /// Length of the frame in `rx_frame` read from the TAP but not yet delivered; 0: none.
     rx_len: usize,
-    tx_frame: Vec<u8>,
     /// The TAP's queue was full: the device waits for it to be writable.
     tx_blocked: bool,
     ring_fault_reported: [bool; NUM_QUEUES],
@@ -155,7 +156,6 @@ impl NetDevice {
             stats,
             rx_frame: vec![0; MAX_CHAIN_LEN],
             rx_len: 0,
-            tx_frame: vec![0; MAX_CHAIN_LEN],
             tx_blocked: false,
             ring_fault_reported: [false; NUM_QUEUES],
         })
@@ -325,16 +325,18 @@ impl NetDevice {
         }
     }
 
-    /// Copies one transmitted chain out of guest memory, checks it and writes it to the
-    /// TAP; returns the frame's length. Copied rather than written with writev straight
-    /// from guest memory: the header the kernel acts on must be the one checked here, and
-    /// another vCPU could rewrite guest memory in between.
+    /// Checks one transmitted chain and writes it to the TAP; returns the frame's length.
+    /// The vnet header is copied out of guest memory and checked, and the TAP gets that
+    /// copy: another vCPU rewriting the header in guest memory meanwhile changes nothing.
+    /// The frame itself goes from guest memory straight into the kernel (writev), which
+    /// copies it once; its contents are the kernel's to parse, as on a real NIC.
     fn send_chain(
         &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
         memory: &GuestMemoryMmap,
     ) -> Result<usize, TxDrop> {
-        let total = readable_len(chain.clone())?;
+        let descriptors = readable_descriptors(chain)?;
+        let total: u64 = descriptors.iter().map(|&(_, len)| len as u64).sum();
         if total > MAX_CHAIN_LEN as u64 {
             return Err(TxDrop::Oversized(total));
         }
@@ -342,15 +344,46 @@ impl NetDevice {
         if total < VNET_HDR_LEN {
             return Err(TxDrop::ShortHeader(total));
         }
-        let mut reader = Reader::new(memory, chain).map_err(|e| TxDrop::Memory(e.to_string()))?;
-        let buf = &mut self.tx_frame[..total];
-        reader
-            .read_exact(buf)
-            .map_err(|e| TxDrop::Memory(e.to_string()))?;
-        let mut header = [0; VNET_HDR_LEN];
-        header.copy_from_slice(&buf[..VNET_HDR_LEN]);
+        let memory_error = |e: vm_memory::GuestMemoryError| TxDrop::Memory(e.to_string());
+        let mut header = [0u8; VNET_HDR_LEN];
+        let mut filled = 0;
+        let mut slices = Vec::with_capacity(descriptors.len());
+        for (mut addr, mut len) in descriptors {
+            if filled < VNET_HDR_LEN {
+                let n = (VNET_HDR_LEN - filled).min(len);
+                memory
+                    .read_slice(&mut header[filled..filled + n], addr)
+                    .map_err(memory_error)?;
+                filled += n;
+                addr = addr.unchecked_add(n as u64);
+                len -= n;
+            }
+            if len > 0 {
+                for slice in GuestMemoryBackend::get_slices(memory, addr, len) {
+                    slices.push(slice.map_err(memory_error)?);
+                }
+            }
+        }
         VnetHeader::parse(&header).check_tx(total - VNET_HDR_LEN, self.features)?;
-        match self.tap.write(buf) {
+        let guards: Vec<_> = slices.iter().map(|slice| slice.ptr_guard()).collect();
+        let mut iov = Vec::with_capacity(guards.len() + 1);
+        iov.push(libc::iovec {
+            iov_base: header.as_mut_ptr().cast(),
+            iov_len: VNET_HDR_LEN,
+        });
+        iov.extend(
+            guards
+                .iter()
+                .zip(&slices)
+                .map(|(guard, slice)| libc::iovec {
+                    iov_base: guard.as_ptr() as *mut libc::c_void,
+                    iov_len: slice.len(),
+                }),
+        );
+        // SAFETY: the first iovec is `header`, the others point into guest memory mapped
+        // for as long as `memory` (held by the caller) lives, each within a region
+        // (get_slices checked the ranges); the guards keep them valid across the call.
+        match unsafe { self.tap.writev(&iov) } {
             Ok(_) => Ok(total - VNET_HDR_LEN),
             Err(e) => Err(TxDrop::Refused(e)),
         }
@@ -590,23 +623,29 @@ fn notify(state: &mut VringState, always: bool) -> Result<(), QueueFault> {
     Ok(())
 }
 
-/// Total length of a chain made only of device-readable buffers.
-fn readable_len(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<u64, TxDrop> {
-    let mut count = 0u32;
+/// The buffers of a chain made only of device-readable buffers, (address, length) each.
+fn readable_descriptors(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Result<Vec<(GuestAddress, usize)>, TxDrop> {
+    let mut descriptors = Vec::new();
     let mut total = 0u64;
     let mut ended = false;
     for descriptor in chain {
         if descriptor.is_write_only() {
-            return Err(TxDrop::Writable(count));
+            return Err(TxDrop::Writable(descriptors.len() as u32));
         }
-        count += 1;
         total += u64::from(descriptor.len());
+        // Stop collecting early: the caller refuses a chain this long anyway.
+        if total > MAX_CHAIN_LEN as u64 {
+            return Err(TxDrop::Oversized(total));
+        }
+        descriptors.push((descriptor.addr(), descriptor.len() as usize));
         ended = !descriptor.has_next();
     }
-    if count == 0 || !ended {
+    if descriptors.is_empty() || !ended {
         return Err(TxDrop::Unterminated);
     }
-    Ok(total)
+    Ok(descriptors)
 }
 
 impl VhostUserBackendMut for NetDevice {

@@ -210,6 +210,24 @@ impl Tap {
     }
 }
 
+impl Tap {
+    /// Writes one frame gathered from `iov` (vnet header first).
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must point to memory valid for reads of its length for the whole call.
+    pub unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the caller guarantees the iovecs; the kernel only reads through them.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
