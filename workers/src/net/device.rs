@@ -1,9 +1,10 @@
 //! The virtio-net device (virtio 1.2, section 5.1): one receive and one transmit queue on
 //! one TAP queue.
 //!
-//! Transmit: each chain is a vnet header and a frame, both device-readable; the header is
-//! checked ([`VnetHeader::check_tx`]) and the whole chain written to the TAP as one frame -
-//! the kernel does whatever offload work the header asks for. When the TAP's queue is full
+//! Transmit: each chain is a vnet header and a frame, both device-readable; a copy of the
+//! header is checked ([`VnetHeader::check_tx`]) and written to the TAP with the frame, one
+//! writev straight from guest memory - the kernel does whatever offload work the header
+//! asks for. When the TAP's queue is full
 //! the chain goes back on the ring and the device waits for the TAP to become writable.
 //!
 //! Receive: the TAP is watched in the queue thread, through an epoll set of the device's
@@ -57,8 +58,6 @@ const CONFIG_LEN: usize = 12;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("{0} queue pairs asked for; this worker serves exactly 1")]
-    QueuePairs(u16),
     #[error("cannot create the device's epoll set: {0}")]
     Epoll(io::Error),
 }

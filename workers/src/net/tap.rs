@@ -148,7 +148,11 @@ impl Tap {
         if ret < 0 || request.flags & wanted != wanted {
             return Err(TapError::NotAVnetTap { fd: raw });
         }
-        let len = request.name.iter().position(|&b| b == 0).unwrap_or(0);
+        let len = request
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(request.name.len());
         let tap = Tap {
             fd,
             name: String::from_utf8_lossy(&request.name[..len]).into_owned(),
