@@ -13,16 +13,23 @@ pub enum WorkerKind {
     Rng,
     P9,
     Blk,
+    Net,
 }
 
 impl WorkerKind {
-    pub const ALL: [WorkerKind; 3] = [WorkerKind::Rng, WorkerKind::P9, WorkerKind::Blk];
+    pub const ALL: [WorkerKind; 4] = [
+        WorkerKind::Rng,
+        WorkerKind::P9,
+        WorkerKind::Blk,
+        WorkerKind::Net,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             WorkerKind::Rng => "rng",
             WorkerKind::P9 => "p9",
             WorkerKind::Blk => "blk",
+            WorkerKind::Net => "net",
         }
     }
 
@@ -32,6 +39,7 @@ impl WorkerKind {
             WorkerKind::Rng => 4,
             WorkerKind::P9 => 9,
             WorkerKind::Blk => 2,
+            WorkerKind::Net => 1,
         }
     }
 }
@@ -120,11 +128,25 @@ impl BlkConfig {
     }
 }
 
+/// A virtio-net device on a host TAP device the VMM opened.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Descriptor number of the TAP (opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, one
+    /// queue); the worker sets its vnet header size and offloads, nothing else.
+    pub tap_fd: i32,
+    pub mac: [u8; 6],
+    /// Receive/transmit queue pairs; the worker serves one today and refuses more.
+    pub queue_pairs: u16,
+    /// The MTU the guest is told (VIRTIO_NET_F_MTU), if any.
+    pub mtu: Option<u16>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub enum DeviceConfig {
     Rng(RngConfig),
     P9(P9Config),
     Blk(BlkConfig),
+    Net(NetConfig),
 }
 
 impl DeviceConfig {
@@ -133,6 +155,7 @@ impl DeviceConfig {
             DeviceConfig::Rng(_) => WorkerKind::Rng,
             DeviceConfig::P9(_) => WorkerKind::P9,
             DeviceConfig::Blk(_) => WorkerKind::Blk,
+            DeviceConfig::Net(_) => WorkerKind::Net,
         }
     }
 
@@ -143,6 +166,7 @@ impl DeviceConfig {
             DeviceConfig::Rng(_) => Vec::new(),
             DeviceConfig::P9(p9) => vec![p9.root_fd],
             DeviceConfig::Blk(blk) => blk.descriptors().collect(),
+            DeviceConfig::Net(net) => vec![net.tap_fd],
         }
     }
 }
@@ -177,6 +201,19 @@ mod tests {
         let bytes = encode(&launch).unwrap();
         assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
         assert_eq!(launch.device.kind(), WorkerKind::Rng);
+        let net = WorkerLaunch {
+            device_name: "net0".into(),
+            device: DeviceConfig::Net(NetConfig {
+                tap_fd: 5,
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+                queue_pairs: 1,
+                mtu: Some(1500),
+            }),
+            vhost_user_fd: 4,
+        };
+        let bytes = encode(&net).unwrap();
+        assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), net);
+        assert_eq!(net.device.kind(), WorkerKind::Net);
     }
 
     #[test]
@@ -214,6 +251,8 @@ mod tests {
         assert_eq!("p9".parse::<WorkerKind>().unwrap(), WorkerKind::P9);
         assert_eq!(WorkerKind::P9.virtio_device_id(), 9);
         assert_eq!(WorkerKind::Blk.virtio_device_id(), 2);
+        assert_eq!("net".parse::<WorkerKind>().unwrap(), WorkerKind::Net);
+        assert_eq!(WorkerKind::Net.virtio_device_id(), 1);
         for kind in WorkerKind::ALL {
             assert_eq!(kind.name().parse::<WorkerKind>().unwrap(), kind);
         }

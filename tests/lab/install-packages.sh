@@ -7,6 +7,8 @@
 #   binutils          fetch-assets.sh: objcopy reads module dependencies from .modinfo
 #   diod              tests/tests/p9_server.rs: diodls, diodcat and diodload, real 9P2000.L
 #                     clients for bulkhead-worker p9's debug transport
+#   iproute2 procps   tests/tests/net_worker.rs and bench/net.sh: `ip netns`, `ip link`,
+#                     `ip addr`, `ip neigh` and `sysctl` for each test's network namespace
 #
 # The trap: these machines ship qemu-utils 10 from backports, and bookworm's
 # qemu-system-x86 7.2 breaks it. A plain `apt-get install qemu-system-x86 qemu-utils` fails
@@ -17,4 +19,5 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends --allow-downgrades \
-    qemu-system-x86 qemu-utils/bookworm busybox-static xz-utils binutils diod
+    qemu-system-x86 qemu-utils/bookworm busybox-static xz-utils binutils diod \
+    iproute2 procps

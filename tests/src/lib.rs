@@ -4,10 +4,12 @@
 //!   the real `bulkhead` binary on this machine's /dev/kvm in milliseconds.
 //! - [`lab`]: the nested lab, which runs `bulkhead` inside QEMU TCG (with kvm-amd in the L1
 //!   guest) to boot a real Debian Linux kernel as the L2 guest.
+//! - [`net`]: network namespaces, a TAP in them, frames for the net worker tests.
 //! - [`p9`]: a small 9P2000.L client and a `bulkhead-worker p9` debug server to point it at.
 
 pub mod lab;
 pub mod micro;
+pub mod net;
 pub mod p9;
 pub mod p9_virtio;
 pub mod vhost;

@@ -464,7 +464,7 @@ fn a_launched_worker_serves_the_directory_it_was_handed() -> Result<()> {
         read_only: false,
     });
     let (worker, connection) =
-        WorkerProcess::launched_with("p9-0", config, &[(dir.as_raw_fd(), 5)])?;
+        WorkerProcess::launched_with("p9-0", config, &[(dir.as_raw_fd(), 5)], &[])?;
     drop(dir);
     let mut c = Client::over(Box::new(VirtioP9::start(connection, MSIZE)?));
     let (msize, _) = c.version(MSIZE, "9P2000.L")?;

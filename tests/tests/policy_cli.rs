@@ -44,3 +44,20 @@ fn unknown_kinds_are_refused() -> Result<()> {
     outcome.assert_error_mentioning(&["unknown worker kind"]);
     Ok(())
 }
+
+#[test]
+fn prints_the_net_workers_policy() -> Result<()> {
+    let outcome = BulkheadCommand::new().args(["policy", "net"]).run()?;
+    assert!(outcome.status.success(), "{outcome}");
+    let text = &outcome.stdout;
+    // The TAP's offloads are the one ioctl beyond FIONBIO; the worker reaches the network
+    // only through the TAP it was given.
+    assert!(text.contains("TUNSETOFFLOAD"), "{text}");
+    for forbidden in ["execve", "openat ", "socket ", "connect "] {
+        assert!(
+            !text.lines().any(|l| l.trim_start().starts_with(forbidden)),
+            "{forbidden} must not be allowed:\n{text}"
+        );
+    }
+    Ok(())
+}

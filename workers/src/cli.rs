@@ -8,6 +8,8 @@
 //! bulkhead-worker blk --launch-fd N                           started by the bulkhead VMM
 //! bulkhead-worker p9 --socket PATH --dir DIR [--tag TAG] [--ro]  standalone virtio-9p backend
 //! bulkhead-worker p9 --launch-fd N                           started by the bulkhead VMM
+//! bulkhead-worker net --socket PATH --tap NAME [--mac MAC]  standalone vhost-user-net backend
+//! bulkhead-worker net --launch-fd N                           started by the bulkhead VMM
 //! bulkhead-worker p9 --listen unix:PATH --dir DIR [--ro]      9P over a socket, for debugging
 //! ```
 
@@ -17,6 +19,7 @@ use std::path::PathBuf;
 use bulkhead_protocol::{ImageFormat, RateLimit};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
+use crate::net::parse_mac;
 use crate::rng::MAX_PERIOD_MS;
 
 #[derive(Debug, Parser)]
@@ -36,6 +39,8 @@ pub enum WorkerCommand {
     Rng(RngArgs),
     /// virtio-blk: a raw or QCOW2 disk image.
     Blk(BlkArgs),
+    /// virtio-net on a host TAP device.
+    Net(NetArgs),
     /// virtio-9p: a 9P2000.L file server sharing one directory (or, with --listen, 9P
     /// itself over a Unix socket, for debugging).
     P9(P9Args),
@@ -63,6 +68,33 @@ pub struct RngArgs {
     /// worker takes its limit from the launch config).
     #[arg(long, value_name = "BYTES/MS", value_parser = parse_rate_limit, conflicts_with = "launch_fd")]
     pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Standalone mode: the TAP interface to attach to, created if it does not exist (a
+    /// launched worker gets the VMM's TAP descriptor instead).
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "launch_fd",
+        required_unless_present = "launch_fd"
+    )]
+    pub tap: Option<String>,
+    /// The guest's MAC address; by default 52:54:00 and a hash of the TAP's name, the same
+    /// on every run.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac, conflicts_with = "launch_fd")]
+    pub mac: Option<[u8; 6]>,
+    /// Queue pairs; only 1 is served today.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        conflicts_with = "launch_fd"
+    )]
+    pub queues: u16,
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +254,39 @@ mod tests {
         assert!(parse(&["rng"]).is_err());
         assert!(parse(&["rng", "--socket", "a", "--launch-fd", "3"]).is_err());
         assert!(parse(&["rng", "--launch-fd", "3", "--rate-limit", "1/1"]).is_err());
+    }
+
+    #[test]
+    fn net_takes_a_tap_in_standalone_mode_only() {
+        let cli = parse(&[
+            "net",
+            "--socket",
+            "/tmp/net.sock",
+            "--tap",
+            "tap0",
+            "--mac",
+            "52:54:00:01:02:03",
+        ])
+        .unwrap();
+        let WorkerCommand::Net(args) = cli.worker else {
+            panic!("not net")
+        };
+        assert_eq!(args.tap.as_deref(), Some("tap0"));
+        assert_eq!(args.mac, Some([0x52, 0x54, 0, 1, 2, 3]));
+        assert_eq!(args.queues, 1);
+        assert!(parse(&["net", "--launch-fd", "3"]).is_ok());
+        assert!(parse(&["net", "--socket", "/tmp/net.sock"]).is_err());
+        assert!(parse(&["net", "--launch-fd", "3", "--tap", "tap0"]).is_err());
+        assert!(parse(&[
+            "net",
+            "--socket",
+            "a",
+            "--tap",
+            "t",
+            "--mac",
+            "01:00:5e:0:0:1"
+        ])
+        .is_err());
     }
 
     #[test]

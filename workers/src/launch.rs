@@ -34,7 +34,7 @@ pub enum LaunchError {
         expected: WorkerKind,
         found: WorkerKind,
     },
-    #[error("vhost_user_fd {0} is the launch descriptor itself")]
+    #[error("descriptor {0} is named twice in the launch config")]
     SameDescriptor(RawFd),
     #[error("vhost_user_fd {0} is not a connected Unix stream socket")]
     NotAUnixStream(RawFd),

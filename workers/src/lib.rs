@@ -10,6 +10,7 @@
 //! - [`p9`]: a 9P2000.L file server confined to one host directory, and its Unix socket
 //!   debug transport.
 //! - [`blk`]: virtio-blk on the disk engine, inflight-tracked so a restart loses no request.
+//! - [`net`]: virtio-net on a host TAP device, offloads passed through in the vnet header.
 //! - [`rng`]: virtio-rng, entropy from the host's getrandom(2), optionally rate limited.
 //! - [`disk`]: the disk engine behind the block worker: raw and QCOW2 images, read-only
 //!   and in-memory copy-on-write modes, opened from files the VMM hands over.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod disk;
 mod fd;
 pub mod launch;
+pub mod net;
 pub mod p9;
 pub mod rng;
 pub mod sandbox;

@@ -18,6 +18,7 @@ use bulkhead_workers::blk::{BlkDevice, BlkOptions};
 use bulkhead_workers::cli::{BlkArgs, Cli, Endpoint, P9Args, WorkerCommand};
 use bulkhead_workers::disk::{self, Format, Mode, PreopenedBacking, MAX_BACKING_DEPTH};
 use bulkhead_workers::launch::read_launch;
+use bulkhead_workers::net::{mac_from_name, NetDevice, NetSettings, Tap};
 use bulkhead_workers::p9::{transport_unix, Export, P9Device, Root};
 use bulkhead_workers::rng::RngDevice;
 use bulkhead_workers::sandbox::enter_policy;
@@ -88,6 +89,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         WorkerCommand::Blk(args) => serve_blk(args),
+        WorkerCommand::Net(args) => {
+            let (frontend, tap, settings) = match args.endpoint {
+                Endpoint {
+                    socket: Some(path), ..
+                } => {
+                    let Some(name) = args.tap else {
+                        bail!("--tap is required with --socket");
+                    };
+                    if args.queues != 1 {
+                        bail!("--queues {}: this worker serves 1 queue pair", args.queues);
+                    }
+                    // Attached before the sandbox: opening /dev/net/tun is not allowed after.
+                    let tap = Tap::open(&name, false).with_context(|| format!("--tap {name}"))?;
+                    let settings = NetSettings {
+                        mac: args.mac.unwrap_or_else(|| mac_from_name(&name)),
+                        mtu: None,
+                    };
+                    (Frontend::Listening(bind(&path)?), tap, settings)
+                }
+                Endpoint {
+                    launch_fd: Some(fd),
+                    ..
+                } => {
+                    let launch = read_launch(fd, WorkerKind::Net)
+                        .with_context(|| format!("--launch-fd {fd}"))?;
+                    tracing::info!("serving {}", launch.device_name);
+                    let DeviceConfig::Net(config) = launch.device else {
+                        bail!("--launch-fd {fd}: not a net launch config");
+                    };
+                    if config.queue_pairs != 1 {
+                        bail!(
+                            "--launch-fd {fd}: {} queue pairs; this worker serves 1",
+                            config.queue_pairs
+                        );
+                    }
+                    let Some(tap) = launch.files.into_iter().next() else {
+                        bail!("--launch-fd {fd}: no TAP descriptor");
+                    };
+                    let tap = Tap::from_fd(OwnedFd::from(tap))
+                        .with_context(|| format!("--launch-fd {fd}"))?;
+                    let settings = NetSettings {
+                        mac: config.mac,
+                        mtu: config.mtu,
+                    };
+                    (Frontend::Connected(launch.connection), tap, settings)
+                }
+                Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
+            };
+            tracing::info!("TAP {}", tap.name());
+            let tap = std::sync::Arc::new(tap);
+            let keep = [(tap.as_raw_fd(), "TAP")];
+            serve(policy_for(WorkerKind::Net), frontend, &keep, || {
+                Ok(move || {
+                    NetDevice::new(tap.clone(), settings, Default::default())
+                        .and_then(NetDevice::into_backend)
+                })
+            })
+        }
         WorkerCommand::P9(args) => serve_p9(args),
     }
 }

@@ -7,6 +7,7 @@
 
 mod blk;
 mod inflight;
+mod net;
 mod p9;
 mod rng;
 mod runtime;
@@ -25,6 +26,7 @@ pub fn policy_for(kind: WorkerKind) -> Policy {
         WorkerKind::Rng => rng::policy(),
         WorkerKind::P9 => p9::policy(None, false),
         WorkerKind::Blk => blk::policy(),
+        WorkerKind::Net => net::policy(),
     }
 }
 

@@ -61,6 +61,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // read_launch checked the kind already.
     let DeviceConfig::Rng(config) = launch.device else {
         eprintln!("rogue-worker: not an rng launch config");
         return ExitCode::FAILURE;

@@ -103,7 +103,7 @@ impl WorkerProcess {
         device_name: &str,
         device: DeviceConfig,
     ) -> Result<(Self, UnixStream), WorkerError> {
-        Self::launched_with(device_name, device, &[])
+        Self::launched_with(device_name, device, &[], &[])
     }
 
     /// [`launched`](Self::launched) with the device's own files: `files[i]` is inherited at
@@ -119,15 +119,17 @@ impl WorkerProcess {
             .map(|file| file.as_raw_fd())
             .zip(device.descriptors())
             .collect();
-        Self::launched_with(device_name, device, &inherit)
+        Self::launched_with(device_name, device, &inherit, &[])
     }
 
     /// [`launched`](Self::launched), also passing each `(descriptor, number)` of
-    /// `inherit` as that number (the p9 worker's shared directory, say).
+    /// `inherit` as that number (the p9 worker's shared directory, say), and environment
+    /// variables for the worker (`BULKHEAD_LOG`).
     pub fn launched_with(
         device_name: &str,
         device: DeviceConfig,
         inherit: &[(RawFd, RawFd)],
+        env: &[(&str, &str)],
     ) -> Result<(Self, UnixStream), WorkerError> {
         let launch = WorkerLaunch {
             device_name: device_name.to_owned(),
@@ -159,6 +161,7 @@ impl WorkerProcess {
             .arg(device.kind().name())
             .arg("--launch-fd")
             .arg(LAUNCH_FD.to_string());
+        command.envs(env.iter().copied());
         // SAFETY: the closure runs in the child between fork and exec and only calls dup2,
         // which is async-signal-safe; dup2 also clears close-on-exec on the new numbers, so
         // exactly these descriptors are inherited.

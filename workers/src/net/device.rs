@@ -1,0 +1,769 @@
+//! The virtio-net device (virtio 1.2, section 5.1): one receive and one transmit queue on
+//! one TAP queue.
+//!
+//! Transmit: each chain is a vnet header and a frame, both device-readable; a copy of the
+//! header is checked ([`VnetHeader::check_tx`]) and written to the TAP with the frame, one
+//! writev straight from guest memory - the kernel does whatever offload work the header
+//! asks for. When the TAP's queue is full
+//! the chain goes back on the ring and the device waits for the TAP to become writable.
+//!
+//! Receive: the TAP is watched in the queue thread, through an epoll set of the device's
+//! own so that the device can stop watching it. A frame read from the TAP goes into one
+//! chain or, with mergeable buffers, into as many as it takes (`num_buffers` says how
+//! many). With no buffer posted the frame waits in the device and the TAP is not watched
+//! until the guest posts more: the kernel's queue holds further frames (and drops what
+//! overflows it, as a NIC without descriptors would); the worker neither spins nor drops.
+//!
+//! Whatever a guest sends that is malformed - a bad header, an oversized frame, a chain
+//! with writable buffers on the transmit queue - is dropped and counted in [`NetStats`],
+//! never fatal.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use thiserror::Error;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringState, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::header::{VnetHeader, MAX_FRAME_LEN};
+use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
+use crate::vhost_user::{DeviceBackend, EventSource, GuestRam};
+use crate::virtio::writable_len;
+
+pub const NUM_QUEUES: usize = 2;
+pub const MAX_QUEUE_SIZE: usize = 1024;
+pub const RX_QUEUE: u16 = 0;
+pub const TX_QUEUE: u16 = 1;
+/// The device's own epoll set (holding the TAP); event ids up to `NUM_QUEUES` belong to
+/// the server.
+const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Largest chain either way: header and the largest frame.
+const MAX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+/// The virtio-net configuration space served: mac, status, max_virtqueue_pairs, mtu.
+const CONFIG_LEN: usize = 12;
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("cannot create the device's epoll set: {0}")]
+    Epoll(io::Error),
+}
+
+/// What the device has done, shared with whoever wants to look (logs, tests).
+#[derive(Debug, Default)]
+pub struct NetStats {
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Transmitted chains dropped: bad header, oversized, malformed chain, or refused by
+    /// the kernel.
+    pub tx_dropped: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Received frames dropped: no mergeable buffers and a chain too small for the frame.
+    pub rx_dropped: AtomicU64,
+    /// Receive chains given back unused because they were malformed.
+    pub rx_bad_chains: AtomicU64,
+}
+
+/// What the guest is told in the configuration space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetSettings {
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
+}
+
+/// Why a transmitted chain was dropped.
+#[derive(Debug, Error)]
+enum TxDrop {
+    #[error("descriptor {0} of the chain is device-writable")]
+    Writable(u32),
+    #[error("the chain does not end, or is longer than the queue")]
+    Unterminated,
+    #[error("the chain holds {0} bytes, fewer than the 12-byte vnet header")]
+    ShortHeader(usize),
+    #[error("the chain holds {0} bytes, more than a header and a {MAX_FRAME_LEN}-byte frame")]
+    Oversized(u64),
+    #[error("the chain's buffers are not in guest memory: {0}")]
+    Memory(String),
+    #[error("bad vnet header: {0}")]
+    Header(#[from] super::header::HeaderError),
+    #[error("the TAP refused the frame: {0}")]
+    Refused(io::Error),
+}
+
+#[derive(Debug, Error)]
+enum QueueFault {
+    #[error("the guest's ring is unusable: {0}")]
+    Ring(#[from] virtio_queue::Error),
+    #[error(transparent)]
+    Host(#[from] io::Error),
+}
+
+/// How delivering the pending received frame went.
+enum Delivery {
+    Delivered,
+    Dropped,
+    NoBuffers,
+}
+
+pub struct NetDevice {
+    tap: Arc<Tap>,
+    /// Holds the TAP with `interest`; empty interest means the TAP is not in the set.
+    poll: Epoll,
+    interest: EventSet,
+    settings: NetSettings,
+    memory: Option<GuestRam>,
+    features: u64,
+    event_idx: bool,
+    stats: Arc<NetStats>,
+    rx_frame: Vec<u8>,
+    /// Length of the frame in `rx_frame` read from the TAP but not yet delivered; 0: none.
+    rx_len: usize,
+    /// The TAP's queue was full: the device waits for it to be writable.
+    tx_blocked: bool,
+    ring_fault_reported: [bool; NUM_QUEUES],
+}
+
+impl NetDevice {
+    pub fn new(
+        tap: Arc<Tap>,
+        settings: NetSettings,
+        stats: Arc<NetStats>,
+    ) -> Result<NetDevice, NetError> {
+        let poll = Epoll::new().map_err(NetError::Epoll)?;
+        Ok(NetDevice {
+            tap,
+            poll,
+            interest: EventSet::empty(),
+            settings,
+            memory: None,
+            features: 0,
+            event_idx: false,
+            stats,
+            rx_frame: vec![0; MAX_CHAIN_LEN],
+            rx_len: 0,
+            tx_blocked: false,
+            ring_fault_reported: [false; NUM_QUEUES],
+        })
+    }
+
+    pub fn into_backend(mut self) -> Result<DeviceBackend<Arc<RwLock<NetDevice>>>, NetError> {
+        // Watch the TAP from the start; the first event with no receive ring running just
+        // stops watching it again until the ring starts.
+        self.set_interest(EventSet::IN).map_err(NetError::Epoll)?;
+        let event_sources = vec![EventSource {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.poll),
+            id: TAP_EVENT,
+            thread: 0,
+        }];
+        Ok(DeviceBackend {
+            backend: Arc::new(RwLock::new(self)),
+            event_sources,
+            // Chains complete in order; the used index says all there is.
+            inflight: None,
+        })
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.features & (1 << bit) != 0
+    }
+
+    fn set_interest(&mut self, want: EventSet) -> io::Result<()> {
+        if want == self.interest {
+            return Ok(());
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.tap);
+        let op = if self.interest.is_empty() {
+            ControlOperation::Add
+        } else if want.is_empty() {
+            ControlOperation::Delete
+        } else {
+            ControlOperation::Modify
+        };
+        self.poll.ctl(op, fd, EpollEvent::new(want, 0))?;
+        self.interest = want;
+        Ok(())
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut config = [0; CONFIG_LEN];
+        config[0..6].copy_from_slice(&self.settings.mac);
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&self.settings.mtu.unwrap_or(0).to_le_bytes());
+        config
+    }
+
+    /// The TUN_F_* offloads matching what the guest can receive.
+    fn tap_offloads(&self) -> u32 {
+        let mut flags = 0;
+        // The kernel refuses TSO without checksum offload, and so does virtio.
+        if self.has(VIRTIO_NET_F_GUEST_CSUM) {
+            flags |= TUN_F_CSUM;
+            if self.has(VIRTIO_NET_F_GUEST_TSO4) {
+                flags |= TUN_F_TSO4;
+            }
+            if self.has(VIRTIO_NET_F_GUEST_TSO6) {
+                flags |= TUN_F_TSO6;
+            }
+            if self.has(VIRTIO_NET_F_GUEST_ECN) && flags & (TUN_F_TSO4 | TUN_F_TSO6) != 0 {
+                flags |= TUN_F_TSO_ECN;
+            }
+            if self.has(VIRTIO_NET_F_GUEST_UFO) {
+                flags |= TUN_F_UFO;
+            }
+        }
+        flags
+    }
+
+    fn running(vring: &VringRwLock) -> bool {
+        let state = vring.get_ref();
+        state.is_enabled() && state.get_queue().ready()
+    }
+
+    fn handle_fault(&mut self, queue: u16, result: Result<(), QueueFault>) -> io::Result<()> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(QueueFault::Ring(e)) => {
+                // Only the guest suffers: its ring stays stuck until the driver resets it.
+                if let Some(reported) = self.ring_fault_reported.get_mut(usize::from(queue)) {
+                    if !std::mem::replace(reported, true) {
+                        tracing::warn!("queue {queue}: {e}");
+                    }
+                }
+                Ok(())
+            }
+            Err(QueueFault::Host(e)) => Err(e),
+        }
+    }
+
+    // ---- transmit ----
+
+    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        // Set again below if the TAP is still full; a stopped ring waits for nothing.
+        self.tx_blocked = false;
+        let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        if !Self::running(vring) {
+            return Ok(());
+        }
+        let mut state = vring.get_mut();
+        let mut completed = 0u32;
+        let result = self.serve_tx(&mut state, &memory, &mut completed);
+        let notified = if completed > 0 {
+            notify(&mut state, false)
+        } else {
+            Ok(())
+        };
+        drop(state);
+        self.handle_fault(TX_QUEUE, result.and(notified))
+    }
+
+    fn serve_tx(
+        &mut self,
+        state: &mut VringState,
+        memory: &GuestMemoryMmap,
+        completed: &mut u32,
+    ) -> Result<(), QueueFault> {
+        loop {
+            if self.event_idx {
+                state.disable_notification()?;
+            }
+            let queue = state.get_queue_mut();
+            let size = queue.size();
+            while let Some(chain) = queue.iter(memory)?.next() {
+                let head = chain.head_index();
+                if head >= size {
+                    self.tx_drop(&format!("head index {head} out of range"));
+                    continue;
+                }
+                match self.send_chain(chain, memory) {
+                    Ok(len) => {
+                        self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                        self.stats.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    Err(TxDrop::Refused(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Back on the ring: read again from guest memory when the TAP has
+                        // room, so that the ring's state is all there is to it (a stop or
+                        // a restart in between loses nothing).
+                        queue.go_to_previous_position();
+                        self.tx_blocked = true;
+                        return Ok(());
+                    }
+                    Err(reason) => self.tx_drop(&reason.to_string()),
+                }
+                queue.add_used(memory, head, 0)?;
+                *completed = completed.saturating_add(1);
+            }
+            if !self.event_idx || !state.enable_notification()? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn tx_drop(&self, reason: &str) {
+        let dropped = self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if dropped == 1 {
+            tracing::warn!("tx frame dropped: {reason} ({dropped} tx frames dropped so far; further drops are logged at debug level)");
+        } else {
+            tracing::debug!("tx frame dropped: {reason} ({dropped} tx frames dropped so far)");
+        }
+    }
+
+    /// Checks one transmitted chain and writes it to the TAP; returns the frame's length.
+    /// The vnet header is copied out of guest memory and checked, and the TAP gets that
+    /// copy: another vCPU rewriting the header in guest memory meanwhile changes nothing.
+    /// The frame itself goes from guest memory straight into the kernel (writev), which
+    /// copies it once; its contents are the kernel's to parse, as on a real NIC.
+    fn send_chain(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        memory: &GuestMemoryMmap,
+    ) -> Result<usize, TxDrop> {
+        let descriptors = readable_descriptors(chain)?;
+        let total: u64 = descriptors.iter().map(|&(_, len)| len as u64).sum();
+        if total > MAX_CHAIN_LEN as u64 {
+            return Err(TxDrop::Oversized(total));
+        }
+        let total = total as usize;
+        if total < VNET_HDR_LEN {
+            return Err(TxDrop::ShortHeader(total));
+        }
+        let memory_error = |e: vm_memory::GuestMemoryError| TxDrop::Memory(e.to_string());
+        let mut header = [0u8; VNET_HDR_LEN];
+        let mut filled = 0;
+        let mut slices = Vec::with_capacity(descriptors.len());
+        for (mut addr, mut len) in descriptors {
+            if filled < VNET_HDR_LEN {
+                let n = (VNET_HDR_LEN - filled).min(len);
+                memory
+                    .read_slice(&mut header[filled..filled + n], addr)
+                    .map_err(memory_error)?;
+                filled += n;
+                addr = addr.unchecked_add(n as u64);
+                len -= n;
+            }
+            if len > 0 {
+                for slice in GuestMemoryBackend::get_slices(memory, addr, len) {
+                    slices.push(slice.map_err(memory_error)?);
+                }
+            }
+        }
+        VnetHeader::parse(&header).check_tx(total - VNET_HDR_LEN, self.features)?;
+        let guards: Vec<_> = slices.iter().map(|slice| slice.ptr_guard()).collect();
+        let mut iov = Vec::with_capacity(guards.len() + 1);
+        iov.push(libc::iovec {
+            iov_base: header.as_mut_ptr().cast(),
+            iov_len: VNET_HDR_LEN,
+        });
+        iov.extend(
+            guards
+                .iter()
+                .zip(&slices)
+                .map(|(guard, slice)| libc::iovec {
+                    iov_base: guard.as_ptr() as *mut libc::c_void,
+                    iov_len: slice.len(),
+                }),
+        );
+        // SAFETY: the first iovec is `header`, the others point into guest memory mapped
+        // for as long as `memory` (held by the caller) lives, each within a region
+        // (get_slices checked the ranges); the guards keep them valid across the call.
+        match unsafe { self.tap.writev(&iov) } {
+            Ok(_) => Ok(total - VNET_HDR_LEN),
+            Err(e) => Err(TxDrop::Refused(e)),
+        }
+    }
+
+    // ---- receive ----
+
+    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        if !Self::running(vring) {
+            return Ok(());
+        }
+        let mut state = vring.get_mut();
+        let mut completed = 0u32;
+        let mut batched = false;
+        let result = self.serve_rx(&mut state, &memory, &mut completed, &mut batched);
+        let notified = if completed > 0 {
+            notify(&mut state, batched)
+        } else {
+            Ok(())
+        };
+        drop(state);
+        self.handle_fault(RX_QUEUE, result.and(notified))
+    }
+
+    /// Moves frames from the TAP to the ring until either runs dry. True in `batched` when
+    /// a frame used several chains at once (event-index bookkeeping then under-counts).
+    fn serve_rx(
+        &mut self,
+        state: &mut VringState,
+        memory: &GuestMemoryMmap,
+        completed: &mut u32,
+        batched: &mut bool,
+    ) -> Result<(), QueueFault> {
+        loop {
+            if self.rx_len == 0 {
+                match self.tap.read(&mut self.rx_frame) {
+                    Ok(n) if n <= VNET_HDR_LEN => continue,
+                    Ok(n) => self.rx_len = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(QueueFault::Host(e)),
+                }
+            }
+            match self.deliver(state, memory, completed, batched)? {
+                Delivery::Delivered | Delivery::Dropped => self.rx_len = 0,
+                Delivery::NoBuffers => {
+                    // Ask for a kick when the guest posts more, then look once more: a
+                    // buffer posted in between would otherwise wait for the next kick.
+                    if state.enable_notification()? {
+                        continue;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        state: &mut VringState,
+        memory: &GuestMemoryMmap,
+        completed: &mut u32,
+        batched: &mut bool,
+    ) -> Result<Delivery, QueueFault> {
+        let mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF);
+        let total = self.rx_len;
+        let queue = state.get_queue_mut();
+        let size = queue.size();
+        let mut chains: Vec<(u16, DescriptorChain<&GuestMemoryMmap>)> = Vec::new();
+        let mut capacity = 0usize;
+        while capacity < total {
+            if chains.len() >= usize::from(size) {
+                // Every buffer the ring can hold would not fit this frame: it would wait
+                // forever. The buffers go back for the next frame; this one is dropped.
+                for _ in 0..chains.len() {
+                    queue.go_to_previous_position();
+                }
+                let dropped = self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!(
+                    "rx frame of {total} bytes dropped: a full ring of buffers holds {capacity} \
+                     ({dropped} so far)"
+                );
+                return Ok(Delivery::Dropped);
+            }
+            let Some(chain) = queue.iter(memory)?.next() else {
+                // Not enough room yet: the chains taken go back, the frame waits.
+                for _ in 0..chains.len() {
+                    queue.go_to_previous_position();
+                }
+                return Ok(Delivery::NoBuffers);
+            };
+            let head = chain.head_index();
+            let len = if head >= size {
+                Err("head index out of range".to_string())
+            } else {
+                writable_len(chain.clone(), size).map_err(|e| e.to_string())
+            };
+            let len = match len {
+                Ok(len) => len as usize,
+                Err(e) => {
+                    let bad = self.stats.rx_bad_chains.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::debug!("rx chain {head} given back unused: {e} ({bad} so far)");
+                    // A head outside the table has no descriptor to give back.
+                    if head < size {
+                        queue.add_used(memory, head, 0)?;
+                        *completed = completed.saturating_add(1);
+                    }
+                    if chains.is_empty() {
+                        continue;
+                    }
+                    // The ring cannot be rewound past a chain already given back, so the
+                    // buffers taken for this frame go back empty and the frame is dropped.
+                    for (taken, _) in chains {
+                        queue.add_used(memory, taken, 0)?;
+                        *completed = completed.saturating_add(1);
+                    }
+                    self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Delivery::Dropped);
+                }
+            };
+            if !mergeable && len < total {
+                // Without mergeable buffers one chain must hold the whole frame.
+                let dropped = self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!(
+                    "rx frame of {total} bytes dropped: chain {head} holds {len} ({dropped} so far)"
+                );
+                queue.add_used(memory, head, 0)?;
+                *completed = completed.saturating_add(1);
+                return Ok(Delivery::Dropped);
+            }
+            chains.push((head, chain));
+            capacity += len;
+        }
+
+        let num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+        self.rx_frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+        let mut offset = 0;
+        let mut used = Vec::with_capacity(chains.len());
+        for (head, chain) in chains {
+            let written = match Writer::new(memory, chain) {
+                Ok(mut writer) => {
+                    let n = writer.available_bytes().min(total - offset);
+                    match writer.write_all(&self.rx_frame[offset..offset + n]) {
+                        Ok(()) => n,
+                        // Buffers outside guest memory: the guest sees a short frame.
+                        Err(_) => writer.bytes_written(),
+                    }
+                }
+                Err(_) => 0,
+            };
+            offset += written;
+            used.push((head, written as u32));
+        }
+        publish_used(queue, memory, &used)?;
+        if used.len() > 1 {
+            *batched = true;
+        }
+        *completed = completed.saturating_add(used.len() as u32);
+        self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .rx_bytes
+            .fetch_add((total - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+        Ok(Delivery::Delivered)
+    }
+
+    /// Watches the TAP for what the device can act on now.
+    fn update_interest(&mut self, rx_running: bool) -> io::Result<()> {
+        let mut want = EventSet::empty();
+        // A frame still waiting means no buffers: reading on would only pile up more.
+        if rx_running && self.rx_len == 0 {
+            want |= EventSet::IN;
+        }
+        if self.tx_blocked {
+            want |= EventSet::OUT;
+        }
+        self.set_interest(want)
+    }
+}
+
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        let s = &self.stats;
+        let n = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        tracing::info!(
+            "TAP {}: sent {} frames ({} bytes), {} dropped; received {} frames ({} bytes), \
+             {} dropped, {} bad receive chains",
+            self.tap.name(),
+            n(&s.tx_frames),
+            n(&s.tx_bytes),
+            n(&s.tx_dropped),
+            n(&s.rx_frames),
+            n(&s.rx_bytes),
+            n(&s.rx_dropped),
+            n(&s.rx_bad_chains)
+        );
+    }
+}
+
+/// Adds the chains of one frame to the used ring and makes them visible at once: a guest
+/// reading the first of them must find all `num_buffers` there.
+fn publish_used<Q: QueueT>(
+    queue: &mut Q,
+    memory: &GuestMemoryMmap,
+    used: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    let Some((&(last_head, last_len), first)) = used.split_last() else {
+        return Ok(());
+    };
+    let size = queue.size();
+    let ring = queue.used_ring();
+    let start = queue.next_used();
+    // All but the last element are written without moving the used index...
+    for (i, &(head, len)) in first.iter().enumerate() {
+        let slot = u64::from(start.wrapping_add(i as u16) % size);
+        let addr = GuestAddress(ring)
+            .checked_add(4 + 8 * slot)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let element = (u64::from(len) << 32) | u64::from(head);
+        memory
+            .write_obj(element.to_le(), addr)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    // ...then the last one moves it past all of them, with a release store.
+    queue.set_next_used(start.wrapping_add(first.len() as u16));
+    queue.add_used(memory, last_head, last_len)
+}
+
+/// Tells the guest about completed chains; `always` when the event index bookkeeping
+/// cannot be trusted (several chains published at once).
+fn notify(state: &mut VringState, always: bool) -> Result<(), QueueFault> {
+    if always || state.needs_notification()? {
+        state.signal_used_queue()?;
+    }
+    Ok(())
+}
+
+/// The buffers of a chain made only of device-readable buffers, (address, length) each.
+fn readable_descriptors(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Result<Vec<(GuestAddress, usize)>, TxDrop> {
+    let mut descriptors = Vec::new();
+    let mut total = 0u64;
+    let mut ended = false;
+    for descriptor in chain {
+        if descriptor.is_write_only() {
+            return Err(TxDrop::Writable(descriptors.len() as u32));
+        }
+        total += u64::from(descriptor.len());
+        // Stop collecting early: the caller refuses a chain this long anyway.
+        if total > MAX_CHAIN_LEN as u64 {
+            return Err(TxDrop::Oversized(total));
+        }
+        descriptors.push((descriptor.addr(), descriptor.len() as usize));
+        ended = !descriptor.has_next();
+    }
+    if descriptors.is_empty() || !ended {
+        return Err(TxDrop::Unterminated);
+    }
+    Ok(descriptors)
+}
+
+impl VhostUserBackendMut for NetDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let bits = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_ECN,
+            VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_HOST_ECN,
+            VIRTIO_NET_F_HOST_UFO,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_MAC,
+        ];
+        let mut features = bits.iter().fold(0u64, |acc, &bit| acc | (1 << bit))
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.settings.mtu.is_some() {
+            features |= 1 << VIRTIO_NET_F_MTU;
+        }
+        features
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.features = features;
+        let offloads = self.tap_offloads();
+        if let Err(e) = self.tap.set_offload(offloads) {
+            // Older kernels know no UFO; the guest then just never gets UFO frames.
+            let fallback = offloads & !(TUN_F_UFO | TUN_F_TSO_ECN);
+            match self.tap.set_offload(fallback) {
+                Ok(()) => {
+                    tracing::debug!("TAP offloads {offloads:#x} refused ({e}); using {fallback:#x}")
+                }
+                Err(e) => tracing::warn!("cannot set the TAP's offloads {offloads:#x}: {e}"),
+            }
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&mut self) {
+        // A frame read from the TAP but not delivered is kept for the next driver.
+        self.event_idx = false;
+        self.features = 0;
+        self.tx_blocked = false;
+        self.ring_fault_reported = [false; NUM_QUEUES];
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config_space();
+        // Bytes past the fields this device has read as zero.
+        (offset..offset.saturating_add(size))
+            .map(|i| config.get(i as usize).copied().unwrap_or(0))
+            .collect()
+    }
+
+    fn update_memory(&mut self, memory: GuestRam) -> io::Result<()> {
+        self.memory = Some(memory);
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
+        else {
+            return Ok(());
+        };
+        match device_event {
+            RX_QUEUE => self.process_rx(rx)?,
+            TX_QUEUE => self.process_tx(tx)?,
+            TAP_EVENT => {
+                // Level-triggered: collect the set's readiness so it is re-evaluated, then
+                // serve whichever direction can move.
+                let mut events = [EpollEvent::default(); 1];
+                self.poll.wait(0, &mut events)?;
+                if self.tx_blocked {
+                    self.process_tx(tx)?;
+                }
+                self.process_rx(rx)?;
+            }
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unknown device event {other}"),
+                ))
+            }
+        }
+        let rx_running = self.memory.is_some() && Self::running(rx);
+        self.update_interest(rx_running)
+    }
+}
