@@ -11,14 +11,16 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum WorkerKind {
     Rng,
+    Display,
 }
 
 impl WorkerKind {
-    pub const ALL: [WorkerKind; 1] = [WorkerKind::Rng];
+    pub const ALL: [WorkerKind; 2] = [WorkerKind::Rng, WorkerKind::Display];
 
     pub fn name(self) -> &'static str {
         match self {
             WorkerKind::Rng => "rng",
+            WorkerKind::Display => "display",
         }
     }
 
@@ -26,6 +28,8 @@ impl WorkerKind {
     pub fn virtio_device_id(self) -> u32 {
         match self {
             WorkerKind::Rng => 4,
+            // virtio-gpu: the display worker's framebuffer device.
+            WorkerKind::Display => 16,
         }
     }
 }
@@ -59,15 +63,28 @@ pub struct RngConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// The display worker: virtio-gpu 2D plus a VNC server on a listening socket the VMM
+/// opened (TCP on 127.0.0.1 or a Unix socket), so the worker itself creates no socket.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct DisplayConfig {
+    /// Descriptor number of the listening VNC socket the worker inherited.
+    pub vnc_listen_fd: i32,
+    /// The mode the device reports to the guest (GET_DISPLAY_INFO, EDID).
+    pub width: u32,
+    pub height: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub enum DeviceConfig {
     Rng(RngConfig),
+    Display(DisplayConfig),
 }
 
 impl DeviceConfig {
     pub fn kind(&self) -> WorkerKind {
         match self {
             DeviceConfig::Rng(_) => WorkerKind::Rng,
+            DeviceConfig::Display(_) => WorkerKind::Display,
         }
     }
 }
@@ -135,5 +152,26 @@ mod tests {
         assert_eq!("rng".parse::<WorkerKind>().unwrap(), WorkerKind::Rng);
         assert!("disk".parse::<WorkerKind>().is_err());
         assert_eq!(WorkerKind::Rng.virtio_device_id(), 4);
+        assert_eq!(
+            "display".parse::<WorkerKind>().unwrap(),
+            WorkerKind::Display
+        );
+        assert_eq!(WorkerKind::Display.virtio_device_id(), 16);
+    }
+
+    #[test]
+    fn display_config_round_trips() {
+        let launch = WorkerLaunch {
+            device_name: "display0".into(),
+            device: DeviceConfig::Display(DisplayConfig {
+                vnc_listen_fd: 5,
+                width: 1024,
+                height: 768,
+            }),
+            vhost_user_fd: 4,
+        };
+        let bytes = encode(&launch).unwrap();
+        assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
+        assert_eq!(launch.device.kind(), WorkerKind::Display);
     }
 }

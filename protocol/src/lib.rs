@@ -13,5 +13,5 @@ pub mod launch;
 pub mod wire;
 
 pub use audit::AuditEvent;
-pub use launch::{DeviceConfig, RateLimit, RngConfig, WorkerKind, WorkerLaunch};
+pub use launch::{DeviceConfig, DisplayConfig, RateLimit, RngConfig, WorkerKind, WorkerLaunch};
 pub use wire::{decode, encode, WireError, MAX_MESSAGE_SIZE};

@@ -72,7 +72,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let launch = read_launch(fd, WorkerKind::Rng)
                         .with_context(|| format!("--launch-fd {fd}"))?;
                     tracing::info!("serving {}", launch.device_name);
-                    let DeviceConfig::Rng(config) = launch.device;
+                    // read_launch checked the kind.
+                    let DeviceConfig::Rng(config) = launch.device else {
+                        bail!("not an rng launch config");
+                    };
                     (Frontend::Connected(launch.connection), config)
                 }
                 Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),

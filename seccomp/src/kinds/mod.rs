@@ -5,6 +5,7 @@
 //! - [`inflight`]: what a device that tracks in-flight requests adds.
 //! - one module per kind for the rest and for its Landlock rules.
 
+mod display;
 mod inflight;
 mod rng;
 mod runtime;
@@ -19,5 +20,6 @@ use crate::policy::Policy;
 pub fn policy_for(kind: WorkerKind) -> Policy {
     match kind {
         WorkerKind::Rng => rng::policy(),
+        WorkerKind::Display => display::policy(),
     }
 }

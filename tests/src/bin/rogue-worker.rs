@@ -61,7 +61,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let DeviceConfig::Rng(config) = launch.device;
+    // read_launch checked the kind.
+    let DeviceConfig::Rng(config) = launch.device else {
+        eprintln!("rogue-worker: not an rng launch config");
+        return ExitCode::FAILURE;
+    };
     let keep = [(launch.connection.as_raw_fd(), "vhost-user socket")];
     if let Err(e) = enter_sandbox(WorkerKind::Rng, &keep) {
         eprintln!("rogue-worker: {e}");
