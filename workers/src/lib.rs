@@ -18,6 +18,7 @@
 
 pub mod cli;
 pub mod disk;
+pub mod display;
 mod fd;
 pub mod launch;
 pub mod p9;
