@@ -4,16 +4,21 @@
 
 use std::fs;
 use std::io::IsTerminal;
-use std::os::fd::AsRawFd;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use bulkhead_protocol::{DeviceConfig, RngConfig, WorkerKind};
-use bulkhead_workers::cli::{Cli, Endpoint, P9Args, WorkerCommand};
-use bulkhead_workers::launch::read_launch;
+use std::sync::Arc;
+
+use bulkhead_protocol::{DeviceConfig, DisplayConfig, RngConfig, WorkerKind};
+use bulkhead_workers::cli::{Cli, DisplayArgs, Endpoint, P9Args, VncListen, WorkerCommand};
+use bulkhead_workers::display::vnc::VncServer;
+use bulkhead_workers::display::{Framebuffer, GpuDevice, GpuLimits, LoggingInputSink};
+use bulkhead_workers::launch::{read_launch, take_listening_socket};
 use bulkhead_workers::p9::{transport_unix, Export, Root};
 use bulkhead_workers::rng::RngDevice;
 use bulkhead_workers::sandbox::enter_sandbox;
@@ -80,12 +85,100 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
             };
-            serve(WorkerKind::Rng, frontend, || {
-                RngDevice::new(&config).map(RngDevice::into_backend)
-            })
+            serve(
+                WorkerKind::Rng,
+                frontend,
+                &[],
+                || Ok(()),
+                || RngDevice::new(&config).map(RngDevice::into_backend),
+            )
         }
         WorkerCommand::P9(args) => serve_p9_debug(&args),
+        WorkerCommand::Display(args) => serve_display(args),
     }
+}
+
+/// The display worker: the VNC listener (bound here standalone, inherited when launched)
+/// and the virtio-gpu device share one framebuffer; the VNC server starts inside the
+/// sandbox, on its own thread.
+fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
+    let (frontend, vnc_listener, config) = match args.endpoint {
+        Endpoint {
+            socket: Some(path), ..
+        } => {
+            let Some(listen) = &args.vnc_listen else {
+                bail!("--vnc-listen is required with --socket");
+            };
+            // The VNC socket first: once the vhost-user socket exists, viewers can connect.
+            let vnc = bind_vnc(listen)?;
+            let config = DisplayConfig {
+                vnc_listen_fd: vnc.as_raw_fd(),
+                width: args.width,
+                height: args.height,
+            };
+            (Frontend::Listening(bind(&path)?), vnc, config)
+        }
+        Endpoint {
+            launch_fd: Some(fd),
+            ..
+        } => {
+            let launch = read_launch(fd, WorkerKind::Display)
+                .with_context(|| format!("--launch-fd {fd}"))?;
+            tracing::info!("serving {}", launch.device_name);
+            let DeviceConfig::Display(config) = launch.device.clone() else {
+                bail!("not a display launch config");
+            };
+            let range = bulkhead_workers::cli::MIN_DIMENSION..=bulkhead_workers::cli::MAX_DIMENSION;
+            if !range.contains(&config.width) || !range.contains(&config.height) {
+                bail!(
+                    "display mode {}x{} is out of range",
+                    config.width,
+                    config.height
+                );
+            }
+            let vnc = take_listening_socket(config.vnc_listen_fd, &launch)
+                .context("the VNC listening socket")?;
+            (Frontend::Connected(launch.connection), vnc, config)
+        }
+        Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
+    };
+    let framebuffer = Arc::new(Framebuffer::new(config.width, config.height));
+    let keep: [(RawFd, &'static str); 1] = [(vnc_listener.as_raw_fd(), "VNC listening socket")];
+    let vnc = VncServer::new(
+        vnc_listener,
+        framebuffer.clone(),
+        Arc::new(LoggingInputSink::default()),
+        "bulkhead".to_owned(),
+    );
+    let start_vnc = move || {
+        std::thread::Builder::new()
+            .name("vnc".into())
+            .spawn(move || {
+                if let Err(e) = vnc.run() {
+                    tracing::error!("vnc: the listening socket failed: {e}");
+                }
+            })
+            .context("cannot start the VNC server")?;
+        Ok(())
+    };
+    let (width, height) = (config.width, config.height);
+    serve(WorkerKind::Display, frontend, &keep, start_vnc, move || {
+        Ok::<_, std::convert::Infallible>(
+            GpuDevice::new(framebuffer.clone(), width, height, GpuLimits::default()).into_backend(),
+        )
+    })
+}
+
+/// Binds the standalone VNC listener.
+fn bind_vnc(listen: &VncListen) -> anyhow::Result<OwnedFd> {
+    let fd = match listen {
+        VncListen::Tcp(addr) => OwnedFd::from(
+            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        VncListen::Unix(path) => OwnedFd::from(bind(path)?),
+    };
+    tracing::info!("vnc: listening on {listen:?}");
+    Ok(fd)
 }
 
 /// The 9p server over its debug transport. Not sandboxed: the worker's seccomp and
@@ -111,11 +204,14 @@ fn serve_p9_debug(args: &P9Args) -> anyhow::Result<()> {
 }
 
 /// Confines the worker, then serves its frontend(s) with a fresh device each. Every
-/// worker kind ends up here. Devices are made inside the sandbox: whatever descriptors
+/// worker kind ends up here; `also_keep` are other descriptors the kind serves and
+/// `start` starts what it runs beside the frontend. Devices are made inside the sandbox: whatever descriptors
 /// they own (a rate limiter's timer) would otherwise be among those the sandbox closes.
 fn serve<T, E>(
     kind: WorkerKind,
     frontend: Frontend,
+    also_keep: &[(RawFd, &'static str)],
+    start: impl FnOnce() -> anyhow::Result<()>,
     mut new_device: impl FnMut() -> Result<DeviceBackend<T>, E>,
 ) -> anyhow::Result<()>
 where
@@ -129,7 +225,13 @@ where
         Frontend::Connected(connection) => (connection.as_raw_fd(), "vhost-user socket"),
         Frontend::Listening(listener) => (listener.as_raw_fd(), "listening socket"),
     };
-    enter_sandbox(kind, &[keep]).context("cannot enter the sandbox")?;
+    let keep: Vec<_> = std::iter::once(keep)
+        .chain(also_keep.iter().copied())
+        .collect();
+    enter_sandbox(kind, &keep).context("cannot enter the sandbox")?;
+    // Threads the kind runs beside the frontend's (the display's VNC server) start here,
+    // sandboxed like everything else.
+    start()?;
 
     match frontend {
         Frontend::Connected(connection) => {
