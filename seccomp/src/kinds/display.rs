@@ -19,12 +19,10 @@ use crate::sys;
 use crate::syscall_rule::SyscallRule;
 
 pub fn policy() -> Policy {
-    let display = [
-        SyscallRule::allow(sys!(SYS_accept4)).because(
-            "VNC viewers on the listening socket the VMM passed (and, standalone, the next \
+    let display = [SyscallRule::allow(sys!(SYS_accept4)).because(
+        "VNC viewers on the listening socket the VMM passed (and, standalone, the next \
              vhost-user frontend); accepting creates no socket of the worker's own",
-        ),
-    ];
+    )];
     Policy {
         kind: WorkerKind::Display,
         syscalls: runtime::rules()

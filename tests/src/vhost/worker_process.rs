@@ -102,6 +102,17 @@ impl WorkerProcess {
         device_name: &str,
         device: DeviceConfig,
     ) -> Result<(Self, UnixStream), WorkerError> {
+        Self::launched_with_fds(device_name, device, &[])
+    }
+
+    /// Like [`WorkerProcess::launched`], with more descriptors the config names: each
+    /// `(fd, number)` is inherited as `number` (above 4), e.g. the display worker's VNC
+    /// listening socket.
+    pub fn launched_with_fds(
+        device_name: &str,
+        device: DeviceConfig,
+        extra: &[(RawFd, RawFd)],
+    ) -> Result<(Self, UnixStream), WorkerError> {
         let launch = WorkerLaunch {
             device_name: device_name.to_owned(),
             device: device.clone(),
@@ -113,6 +124,15 @@ impl WorkerProcess {
         let launch_src = dup_above(memfd.as_raw_fd(), 10).map_err(WorkerError::Setup)?;
         let socket_src = dup_above(worker_end.as_raw_fd(), 10).map_err(WorkerError::Setup)?;
         let (launch_raw, socket_raw) = (launch_src.as_raw_fd(), socket_src.as_raw_fd());
+        let extra_src = extra
+            .iter()
+            .map(|&(fd, number)| Ok((dup_above(fd, 10)?, number)))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(WorkerError::Setup)?;
+        let extra_raw: Vec<(RawFd, RawFd)> = extra_src
+            .iter()
+            .map(|(fd, number)| (fd.as_raw_fd(), *number))
+            .collect();
 
         let mut command = Command::new(worker_bin());
         command
@@ -120,8 +140,8 @@ impl WorkerProcess {
             .arg("--launch-fd")
             .arg(LAUNCH_FD.to_string());
         // SAFETY: the closure runs in the child between fork and exec and only calls dup2,
-        // which is async-signal-safe; dup2 also clears close-on-exec on the new numbers, so
-        // exactly these two descriptors are inherited.
+        // which is async-signal-safe (the extra descriptors' list was built before the fork); dup2
+        // also clears close-on-exec on the new numbers, so exactly these are inherited.
         unsafe {
             command.pre_exec(move || {
                 if libc::dup2(launch_raw, LAUNCH_FD) < 0
@@ -129,13 +149,18 @@ impl WorkerProcess {
                 {
                     return Err(io::Error::last_os_error());
                 }
+                for &(fd, number) in &extra_raw {
+                    if libc::dup2(fd, number) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
         let worker = Self::spawn(command)?;
         // The parent's copies go now: only the worker holds its end of the socketpair, so
         // the frontend sees EOF when the worker dies.
-        drop((launch_src, socket_src, worker_end, memfd));
+        drop((launch_src, socket_src, worker_end, memfd, extra_src));
         Ok((worker, frontend_end))
     }
 
