@@ -47,7 +47,7 @@ fn draw(frame: u32, width: u32, height: u32, out: &mut [u8]) {
             let (cx, cy) = (x / 8, y / 16);
             let cell =
                 cx.wrapping_mul(73) ^ cy.wrapping_mul(151) ^ frame.wrapping_mul(2_654_435_761);
-            let on = cell % 3 > 0 && (x % 8 + y % 16 + cell) & 3 == 0;
+            let on = matches!(cell % 3, 1 | 2) && (x % 8 + y % 16 + cell) & 3 == 0;
             let i = ((y * width + x) * 4) as usize;
             let colour = if on {
                 [0xaa, 0xaa, (cell % 7) as u8 * 36, 0]
