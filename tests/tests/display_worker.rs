@@ -460,6 +460,10 @@ fn every_bad_command_gets_an_error_and_the_device_keeps_working() -> Result<()> 
         ERR_INVALID_PARAMETER,
     )?;
     d.expect(&set_scanout(5, 1, (0, 0, 32, 32)), ERR_INVALID_SCANOUT_ID)?;
+    // A scanout wider than the device shows (every viewer copies whole scanouts).
+    d.expect(&create_2d(2, FORMAT_B8G8R8X8, 5000, 8), OK_NODATA)?;
+    d.expect(&set_scanout(0, 2, (0, 0, 5000, 8)), ERR_INVALID_PARAMETER)?;
+    d.expect(&with(RESOURCE_UNREF, &[2, 0]), OK_NODATA)?;
     d.expect(&flush(1, (0, 0, 32, 33)), ERR_INVALID_PARAMETER)?;
     d.expect(&with(MOVE_CURSOR, &[9, 0, 0, 0]), ERR_INVALID_SCANOUT_ID)?;
     // Commands that are short or unknown.

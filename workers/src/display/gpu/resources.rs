@@ -33,6 +33,8 @@ pub enum CommandError {
     BackingTooSmall { have: u64, need: u64 },
     #[error("resource {0} has no backing")]
     NoBacking(u32),
+    #[error("scanout rectangle {0:?} is larger than the device shows")]
+    ScanoutTooLarge(Rect),
     #[error("scanout {0} does not exist")]
     NoSuchScanout(u32),
     #[error("guest memory could not be read: {0}")]
@@ -52,6 +54,7 @@ impl CommandError {
             CommandError::BadFormat(_)
             | CommandError::BadSize { .. }
             | CommandError::RectOutside(_)
+            | CommandError::ScanoutTooLarge(_)
             | CommandError::BackingOutsideMemory { .. }
             | CommandError::BackingTooSmall { .. } => RESP_ERR_INVALID_PARAMETER,
             CommandError::NoBacking(_) | CommandError::GuestMemory(_) => RESP_ERR_UNSPEC,

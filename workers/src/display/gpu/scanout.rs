@@ -15,6 +15,10 @@ pub struct Cursor {
     pub hot_y: u32,
 }
 
+/// Largest scanout width or height. Every viewer copies and encodes whole scanouts, so
+/// their size, not just the resources', bounds what a guest can make the worker allocate.
+pub const MAX_SCANOUT_DIMENSION: u32 = 4096;
+
 pub struct Scanout {
     /// 0 when the scanout is disabled.
     resource_id: u32,
@@ -53,6 +57,9 @@ impl Scanout {
         let resource = resources.get(resource_id)?;
         if rect.is_empty() || !rect.fits_in(resource.width, resource.height) {
             return Err(CommandError::RectOutside(rect));
+        }
+        if rect.width > MAX_SCANOUT_DIMENSION || rect.height > MAX_SCANOUT_DIMENSION {
+            return Err(CommandError::ScanoutTooLarge(rect));
         }
         self.resource_id = resource_id;
         self.rect = rect;
