@@ -72,6 +72,9 @@ pub struct DisplayConfig {
     /// The mode the device reports to the guest (GET_DISPLAY_INFO, EDID).
     pub width: u32,
     pub height: u32,
+    /// When set, viewers must pass VNC authentication with this password (only its first
+    /// 8 bytes count, as in every VNC implementation).
+    pub vnc_password: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
@@ -167,6 +170,7 @@ mod tests {
                 vnc_listen_fd: 5,
                 width: 1024,
                 height: 768,
+                vnc_password: Some("secret".into()),
             }),
             vhost_user_fd: 4,
         };

@@ -17,6 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bulkhead_protocol::{DeviceConfig, DisplayConfig};
 use bulkhead_tests::micro::ScratchDir;
 use bulkhead_tests::vhost::{worker_bin, Buffer, DeviceSetup, UserspaceDevice, WorkerProcess};
+use bulkhead_workers::display::vnc::des::vnc_response;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend as _;
 
@@ -65,6 +66,10 @@ struct Display {
 
 impl Display {
     fn start() -> Result<Display> {
+        Self::start_with(&[])
+    }
+
+    fn start_with(args: &[&std::ffi::OsStr]) -> Result<Display> {
         let port = free_port()?;
         let scratch = ScratchDir::new("display")?;
         let socket = scratch.path().join("gpu.sock");
@@ -76,6 +81,7 @@ impl Display {
             .arg("--vnc-listen")
             .arg(format!("127.0.0.1:{port}"))
             // The input sink logs keys at debug level: the test hook for typed keys.
+            .args(args)
             .env("BULKHEAD_LOG", "debug");
         let worker = WorkerProcess::listening_command(command, socket)?;
         let device = gpu_device(worker.connect()?)?;
@@ -506,6 +512,11 @@ struct Rectangle {
 
 impl Viewer {
     fn connect(port: u16) -> Result<Viewer> {
+        Self::connect_with(port, None)
+    }
+
+    /// Connects, with VNC authentication when a password is given.
+    fn connect_with(port: u16, password: Option<&[u8]>) -> Result<Viewer> {
         let mut socket = TcpStream::connect(("127.0.0.1", port))?;
         socket.set_read_timeout(Some(TIMEOUT))?;
         let mut version = [0u8; 12];
@@ -516,8 +527,19 @@ impl Viewer {
         socket.read_exact(&mut count)?;
         let mut types = vec![0u8; usize::from(count[0])];
         socket.read_exact(&mut types)?;
-        ensure!(types.contains(&1), "no security type None: {types:?}");
-        socket.write_all(&[1])?;
+        match password {
+            None => {
+                ensure!(types.contains(&1), "no security type None: {types:?}");
+                socket.write_all(&[1])?;
+            }
+            Some(password) => {
+                ensure!(types.contains(&2), "no VNC authentication: {types:?}");
+                socket.write_all(&[2])?;
+                let mut challenge = [0u8; 16];
+                socket.read_exact(&mut challenge)?;
+                socket.write_all(&vnc_response(password, &challenge))?;
+            }
+        }
         let mut result = [0u8; 4];
         socket.read_exact(&mut result)?;
         ensure!(result == [0; 4], "security result {result:?}");
@@ -843,6 +865,7 @@ fn launched_worker_serves_vnc_on_the_listener_it_was_given() -> Result<()> {
         vnc_listen_fd: VNC_FD,
         width: 800,
         height: 600,
+        vnc_password: Some("s3cret".into()),
     });
     let (worker, connection) =
         WorkerProcess::launched_with_fds("display0", config, &[(listener.as_raw_fd(), VNC_FD)])?;
@@ -854,7 +877,7 @@ fn launched_worker_serves_vnc_on_the_listener_it_was_given() -> Result<()> {
         "mode {:?}",
         &info[24..48]
     );
-    let viewer = Viewer::connect(port)?;
+    let viewer = Viewer::connect_with(port, Some(b"s3cret"))?;
     ensure!((viewer.width, viewer.height) == (800, 600));
     drop(viewer);
     drop(device);
@@ -870,15 +893,66 @@ fn launched_worker_refuses_a_descriptor_that_is_not_listening() -> Result<()> {
         vnc_listen_fd: 5,
         width: 800,
         height: 600,
+        vnc_password: None,
     });
     let (worker, _connection) =
         WorkerProcess::launched_with_fds("display0", config, &[(a.as_raw_fd(), 5)])?;
     let status = worker.wait_exit(TIMEOUT)?;
     ensure!(!status.success());
-    ensure!(
-        worker.stderr().contains("not a listening stream socket"),
-        "{}",
-        worker.stderr()
-    );
+    // The stderr pipe may still be draining after the exit.
+    let deadline = Instant::now() + TIMEOUT;
+    while !worker.stderr().contains("not a listening stream socket") {
+        ensure!(Instant::now() < deadline, "stderr: {}", worker.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
+}
+
+#[test]
+fn a_password_keeps_out_viewers_without_it() -> Result<()> {
+    let dir = ScratchDir::new("display-password")?;
+    let file = dir.path().join("password");
+    std::fs::write(&file, "hunter2\n")?;
+    let mut d = Display::start_with(&["--vnc-password-file".as_ref(), file.as_os_str()])?;
+    d.draw_pattern(1, 320, 240)?;
+    // vncdotool answers the DES challenge itself.
+    let png = dir.path().join("auth.png");
+    vncdo(
+        d.port,
+        &["-p", "hunter2", "capture", png.to_str().context("path")?],
+    )?;
+    check_capture(&png, 320, 240)?;
+    ensure!(
+        vncdo(d.port, &["-p", "wrong", "capture", "/dev/null"]).is_err(),
+        "a wrong password got in"
+    );
+    // A wrong answer gets SecurityResult 1 with a reason, and the connection ends.
+    let mut s = TcpStream::connect(("127.0.0.1", d.port))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf)?;
+    s.write_all(b"RFB 003.008\n")?;
+    let mut types = [0u8; 2];
+    s.read_exact(&mut types)?;
+    ensure!(
+        types == [1, 2],
+        "offered {types:?}: with a password only VNC authentication"
+    );
+    s.write_all(&[2])?;
+    let mut challenge = [0u8; 16];
+    s.read_exact(&mut challenge)?;
+    s.write_all(&vnc_response(b"hunter3", &challenge))?;
+    let mut result = [0u8; 4];
+    s.read_exact(&mut result)?;
+    ensure!(result == [0, 0, 0, 1], "security result {result:?}");
+    // Choosing None instead is refused too.
+    let mut s = TcpStream::connect(("127.0.0.1", d.port))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.read_exact(&mut buf)?;
+    s.write_all(b"RFB 003.008\n")?;
+    s.read_exact(&mut types)?;
+    s.write_all(&[1])?;
+    s.read_exact(&mut result)?;
+    ensure!(result == [0, 0, 0, 1], "None accepted: {result:?}");
+    d.assert_alive()
 }

@@ -58,6 +58,10 @@ pub struct DisplayArgs {
     #[arg(long, value_name = "ADDR:PORT|unix:PATH", value_parser = parse_vnc_listen,
           required_unless_present = "launch_fd", conflicts_with = "launch_fd")]
     pub vnc_listen: Option<VncListen>,
+    /// Viewers must give the password in the first line of FILE (VNC authentication; its
+    /// first 8 bytes count). Read before the sandbox goes on.
+    #[arg(long, value_name = "FILE", conflicts_with = "launch_fd")]
+    pub vnc_password_file: Option<PathBuf>,
     /// The display's width in pixels, as reported to the guest.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(i64::from(MIN_DIMENSION)..=i64::from(MAX_DIMENSION)), conflicts_with = "launch_fd")]
     pub width: u32,

@@ -111,10 +111,16 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
             };
             // The VNC socket first: once the vhost-user socket exists, viewers can connect.
             let vnc = bind_vnc(listen)?;
+            let vnc_password = args
+                .vnc_password_file
+                .as_deref()
+                .map(read_password)
+                .transpose()?;
             let config = DisplayConfig {
                 vnc_listen_fd: vnc.as_raw_fd(),
                 width: args.width,
                 height: args.height,
+                vnc_password,
             };
             (Frontend::Listening(bind(&path)?), vnc, config)
         }
@@ -156,6 +162,7 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
         framebuffer.clone(),
         Arc::new(LoggingInputSink::default()),
         "bulkhead".to_owned(),
+        config.vnc_password.clone().map(String::into_bytes),
     );
     let start_vnc = move || {
         std::thread::Builder::new()
@@ -174,6 +181,17 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
             GpuDevice::new(framebuffer.clone(), width, height, GpuLimits::default()).into_backend(),
         )
     })
+}
+
+/// The first line of a password file; an empty one is refused rather than meaning none.
+fn read_password(path: &Path) -> anyhow::Result<String> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read the VNC password from {}", path.display()))?;
+    let password = text.lines().next().unwrap_or("").to_owned();
+    if password.is_empty() {
+        bail!("{} holds no password", path.display());
+    }
+    Ok(password)
 }
 
 /// Binds the standalone VNC listener.

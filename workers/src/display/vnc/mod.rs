@@ -7,7 +7,9 @@
 //! - [`update`]: deciding what a viewer needs and sending FramebufferUpdates.
 //! - [`pixel_format`]: converting the framebuffer's pixels to the format a viewer asked for.
 //! - [`zrle`]: the ZRLE encoding, one zlib stream per connection.
+//! - [`des`]: the DES block VNC authentication (an optional password) checks answers with.
 
+pub mod des;
 pub mod pixel_format;
 mod server;
 mod session;

@@ -19,6 +19,8 @@ pub struct VncServer {
     framebuffer: Arc<Framebuffer>,
     input: Arc<dyn InputSink>,
     name: String,
+    /// When set, viewers must pass VNC authentication.
+    password: Option<Arc<[u8]>>,
 }
 
 impl VncServer {
@@ -28,12 +30,14 @@ impl VncServer {
         framebuffer: Arc<Framebuffer>,
         input: Arc<dyn InputSink>,
         name: String,
+        password: Option<Vec<u8>>,
     ) -> Self {
         VncServer {
             listener,
             framebuffer,
             input,
             name,
+            password: password.map(Arc::from),
         }
     }
 
@@ -75,13 +79,14 @@ impl VncServer {
             let framebuffer = self.framebuffer.clone();
             let input = self.input.clone();
             let name = self.name.clone();
+            let password = self.password.clone();
             let count = viewers.clone();
             let id = next_id;
             let spawned = std::thread::Builder::new()
                 .name(format!("vnc-{id}"))
                 .spawn(move || {
                     tracing::info!("vnc: viewer {id} connected");
-                    match run_session(id, socket, framebuffer, input, &name) {
+                    match run_session(id, socket, framebuffer, input, &name, password.as_deref()) {
                         Ok(()) => tracing::info!("vnc: viewer {id} left"),
                         Err(e) => tracing::info!("vnc: viewer {id} dropped: {e}"),
                     }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
+use super::des::vnc_response;
 use super::pixel_format::PixelFormat;
 use super::update::run_updates;
 use super::{ENCODING_DESKTOP_SIZE, ENCODING_RAW, ENCODING_ZRLE};
@@ -25,6 +26,8 @@ pub enum SessionError {
     Version(String),
     #[error("security type {0} was not offered")]
     Security(u8),
+    #[error("wrong VNC password")]
+    AuthFailed,
     #[error("unsupported pixel format {0:?}")]
     PixelFormat([u8; 16]),
     #[error("unknown message type {0}")]
@@ -72,8 +75,9 @@ pub fn run_session(
     framebuffer: Arc<Framebuffer>,
     input: Arc<dyn InputSink>,
     name: &str,
+    password: Option<&[u8]>,
 ) -> Result<(), SessionError> {
-    handshake(&mut socket, &framebuffer, name)?;
+    handshake(&mut socket, &framebuffer, name, password)?;
     let (width, height) = {
         let fb = framebuffer.lock();
         (fb.width, fb.height)
@@ -122,7 +126,12 @@ fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
-fn handshake(socket: &mut File, framebuffer: &Framebuffer, name: &str) -> Result<(), SessionError> {
+fn handshake(
+    socket: &mut File,
+    framebuffer: &Framebuffer,
+    name: &str,
+    password: Option<&[u8]>,
+) -> Result<(), SessionError> {
     socket.write_all(b"RFB 003.008\n")?;
     let mut version = [0u8; 12];
     socket.read_exact(&mut version)?;
@@ -137,14 +146,16 @@ fn handshake(socket: &mut File, framebuffer: &Framebuffer, name: &str) -> Result
             ))
         }
     };
+    // 1: None; 2: VNC authentication, the only type offered when there is a password.
+    let offered: u8 = if password.is_some() { 2 } else { 1 };
     if minor == 3 {
-        // 3.3: the server decides; None.
-        socket.write_all(&1u32.to_be_bytes())?;
+        // 3.3: the server decides.
+        socket.write_all(&u32::from(offered).to_be_bytes())?;
     } else {
-        socket.write_all(&[1, 1])?;
+        socket.write_all(&[1, offered])?;
         let mut chosen = [0u8; 1];
         socket.read_exact(&mut chosen)?;
-        if chosen[0] != 1 {
+        if chosen[0] != offered {
             if minor == 8 {
                 let reason = b"security type not offered";
                 let mut msg = 1u32.to_be_bytes().to_vec();
@@ -154,9 +165,23 @@ fn handshake(socket: &mut File, framebuffer: &Framebuffer, name: &str) -> Result
             }
             return Err(SessionError::Security(chosen[0]));
         }
-        if minor == 8 {
-            socket.write_all(&0u32.to_be_bytes())?;
+    }
+    let passed = match password {
+        Some(password) => authenticate(socket, password)?,
+        None => true,
+    };
+    // 3.8 always sends the result; earlier versions only for VNC authentication.
+    if minor == 8 || password.is_some() {
+        let mut result = u32::from(!passed).to_be_bytes().to_vec();
+        if !passed && minor == 8 {
+            let reason = b"authentication failed";
+            result.extend_from_slice(&(reason.len() as u32).to_be_bytes());
+            result.extend_from_slice(reason);
         }
+        socket.write_all(&result)?;
+    }
+    if !passed {
+        return Err(SessionError::AuthFailed);
     }
     // ClientInit's shared flag: every viewer shares the screen anyway.
     let mut shared = [0u8; 1];
@@ -173,6 +198,26 @@ fn handshake(socket: &mut File, framebuffer: &Framebuffer, name: &str) -> Result
     init.extend_from_slice(name.as_bytes());
     socket.write_all(&init)?;
     Ok(())
+}
+
+/// Sends a random challenge and checks the viewer's DES answer.
+fn authenticate(socket: &mut File, password: &[u8]) -> Result<bool, SessionError> {
+    let mut challenge = [0u8; 16];
+    // SAFETY: getrandom writes at most `challenge.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(challenge.as_mut_ptr().cast(), challenge.len(), 0) };
+    if n != challenge.len() as isize {
+        return Err(io::Error::last_os_error().into());
+    }
+    socket.write_all(&challenge)?;
+    let mut answer = [0u8; 16];
+    socket.read_exact(&mut answer)?;
+    let expected = vnc_response(password, &challenge);
+    // Compared in full whatever differs first: the time taken says nothing.
+    let difference = expected
+        .iter()
+        .zip(&answer)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    Ok(difference == 0)
 }
 
 fn read_messages(
