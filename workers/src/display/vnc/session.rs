@@ -77,11 +77,9 @@ pub fn run_session(
     name: &str,
     password: Option<&[u8]>,
 ) -> Result<(), SessionError> {
-    handshake(&mut socket, &framebuffer, name, password)?;
-    let (width, height) = {
-        let fb = framebuffer.lock();
-        (fb.width, fb.height)
-    };
+    // The size the viewer was told, which the updater starts from (a mode change right
+    // after ServerInit then still reaches it).
+    let (width, height) = handshake(&mut socket, &framebuffer, name, password)?;
     let client = Arc::new(Client {
         state: Mutex::new(ClientState {
             pixel_format: PixelFormat::SERVER,
@@ -131,7 +129,7 @@ fn handshake(
     framebuffer: &Framebuffer,
     name: &str,
     password: Option<&[u8]>,
-) -> Result<(), SessionError> {
+) -> Result<(u32, u32), SessionError> {
     socket.write_all(b"RFB 003.008\n")?;
     let mut version = [0u8; 12];
     socket.read_exact(&mut version)?;
@@ -197,7 +195,7 @@ fn handshake(
     init.extend_from_slice(&(name.len() as u32).to_be_bytes());
     init.extend_from_slice(name.as_bytes());
     socket.write_all(&init)?;
-    Ok(())
+    Ok((width, height))
 }
 
 /// Sends a random challenge and checks the viewer's DES answer.
