@@ -14,14 +14,16 @@ pub enum WorkerKind {
     P9,
     Blk,
     Net,
+    Display,
 }
 
 impl WorkerKind {
-    pub const ALL: [WorkerKind; 4] = [
+    pub const ALL: [WorkerKind; 5] = [
         WorkerKind::Rng,
         WorkerKind::P9,
         WorkerKind::Blk,
         WorkerKind::Net,
+        WorkerKind::Display,
     ];
 
     pub fn name(self) -> &'static str {
@@ -30,6 +32,7 @@ impl WorkerKind {
             WorkerKind::P9 => "p9",
             WorkerKind::Blk => "blk",
             WorkerKind::Net => "net",
+            WorkerKind::Display => "display",
         }
     }
 
@@ -40,6 +43,8 @@ impl WorkerKind {
             WorkerKind::P9 => 9,
             WorkerKind::Blk => 2,
             WorkerKind::Net => 1,
+            // virtio-gpu: the display worker's framebuffer device.
+            WorkerKind::Display => 16,
         }
     }
 }
@@ -141,12 +146,27 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
 }
 
+/// The display worker: virtio-gpu 2D plus a VNC server on a listening socket the VMM
+/// opened (TCP on 127.0.0.1 or a Unix socket), so the worker itself creates no socket.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct DisplayConfig {
+    /// Descriptor number of the listening VNC socket the worker inherited.
+    pub vnc_listen_fd: i32,
+    /// The mode the device reports to the guest (GET_DISPLAY_INFO, EDID).
+    pub width: u32,
+    pub height: u32,
+    /// When set, viewers must pass VNC authentication with this password (only its first
+    /// 8 bytes count, as in every VNC implementation).
+    pub vnc_password: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub enum DeviceConfig {
     Rng(RngConfig),
     P9(P9Config),
     Blk(BlkConfig),
     Net(NetConfig),
+    Display(DisplayConfig),
 }
 
 impl DeviceConfig {
@@ -156,6 +176,7 @@ impl DeviceConfig {
             DeviceConfig::P9(_) => WorkerKind::P9,
             DeviceConfig::Blk(_) => WorkerKind::Blk,
             DeviceConfig::Net(_) => WorkerKind::Net,
+            DeviceConfig::Display(_) => WorkerKind::Display,
         }
     }
 
@@ -167,6 +188,9 @@ impl DeviceConfig {
             DeviceConfig::P9(p9) => vec![p9.root_fd],
             DeviceConfig::Blk(blk) => blk.descriptors().collect(),
             DeviceConfig::Net(net) => vec![net.tap_fd],
+            // Taken apart, with its own check that it is a listening socket
+            // (`take_listening_socket` in the worker).
+            DeviceConfig::Display(_) => Vec::new(),
         }
     }
 }
@@ -253,6 +277,11 @@ mod tests {
         assert_eq!(WorkerKind::Blk.virtio_device_id(), 2);
         assert_eq!("net".parse::<WorkerKind>().unwrap(), WorkerKind::Net);
         assert_eq!(WorkerKind::Net.virtio_device_id(), 1);
+        assert_eq!(
+            "display".parse::<WorkerKind>().unwrap(),
+            WorkerKind::Display
+        );
+        assert_eq!(WorkerKind::Display.virtio_device_id(), 16);
         for kind in WorkerKind::ALL {
             assert_eq!(kind.name().parse::<WorkerKind>().unwrap(), kind);
         }
@@ -299,5 +328,22 @@ mod tests {
         let bytes = encode(&launch).unwrap();
         assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
         assert_eq!(launch.device.kind(), WorkerKind::P9);
+    }
+
+    #[test]
+    fn display_config_round_trips() {
+        let launch = WorkerLaunch {
+            device_name: "display0".into(),
+            device: DeviceConfig::Display(DisplayConfig {
+                vnc_listen_fd: 5,
+                width: 1024,
+                height: 768,
+                vnc_password: Some("secret".into()),
+            }),
+            vhost_user_fd: 4,
+        };
+        let bytes = encode(&launch).unwrap();
+        assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
+        assert_eq!(launch.device.kind(), WorkerKind::Display);
     }
 }

@@ -11,8 +11,11 @@
 //! bulkhead-worker net --socket PATH --tap NAME [--mac MAC]  standalone vhost-user-net backend
 //! bulkhead-worker net --launch-fd N                           started by the bulkhead VMM
 //! bulkhead-worker p9 --listen unix:PATH --dir DIR [--ro]      9P over a socket, for debugging
+//! bulkhead-worker display --socket PATH --vnc-listen 127.0.0.1:PORT|unix:PATH [--width W --height H]
+//! bulkhead-worker display --launch-fd N                       started by the bulkhead VMM
 //! ```
 
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
@@ -44,6 +47,50 @@ pub enum WorkerCommand {
     /// virtio-9p: a 9P2000.L file server sharing one directory (or, with --listen, 9P
     /// itself over a Unix socket, for debugging).
     P9(P9Args),
+    /// virtio-gpu 2D, its screen served to VNC viewers (RFB 3.8).
+    Display(DisplayArgs),
+}
+
+/// Where VNC viewers connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VncListen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// The display modes a worker may be configured with (EDID states at most 4095).
+pub const MIN_DIMENSION: u32 = 64;
+pub const MAX_DIMENSION: u32 = 4095;
+
+#[derive(Debug, Args)]
+pub struct DisplayArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Serve VNC viewers on ADDR:PORT (TCP) or unix:PATH; bound before the sandbox goes on
+    /// (standalone mode; a launched worker is handed its listening socket).
+    #[arg(long, value_name = "ADDR:PORT|unix:PATH", value_parser = parse_vnc_listen,
+          required_unless_present = "launch_fd", conflicts_with = "launch_fd")]
+    pub vnc_listen: Option<VncListen>,
+    /// Viewers must give the password in the first line of FILE (VNC authentication; its
+    /// first 8 bytes count). Read before the sandbox goes on.
+    #[arg(long, value_name = "FILE", conflicts_with = "launch_fd")]
+    pub vnc_password_file: Option<PathBuf>,
+    /// The display's width in pixels, as reported to the guest.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(i64::from(MIN_DIMENSION)..=i64::from(MAX_DIMENSION)), conflicts_with = "launch_fd")]
+    pub width: u32,
+    /// The display's height in pixels.
+    #[arg(long, default_value_t = 768, value_parser = clap::value_parser!(u32).range(i64::from(MIN_DIMENSION)..=i64::from(MAX_DIMENSION)), conflicts_with = "launch_fd")]
+    pub height: u32,
+}
+
+/// Parses `unix:PATH` or a TCP `ADDR:PORT`.
+pub fn parse_vnc_listen(text: &str) -> Result<VncListen, String> {
+    if text.starts_with("unix:") {
+        return parse_listen(text).map(VncListen::Unix);
+    }
+    text.parse::<SocketAddr>()
+        .map(VncListen::Tcp)
+        .map_err(|_| format!("{text:?} is neither ADDR:PORT nor unix:PATH"))
 }
 
 /// Where the frontend is: every worker kind takes exactly one of these.
@@ -362,6 +409,53 @@ mod tests {
         assert!(parse(&["blk", "--launch-fd", "3", "--image", "d"]).is_err());
         assert!(parse(&["blk", "--socket", "s", "--image", "d", "--ro", "--cow"]).is_err());
         assert!(parse(&["blk", "--socket", "s", "--image", "d", "--format", "vmdk"]).is_err());
+    }
+
+    #[test]
+    fn display_takes_a_vnc_address_and_a_mode() {
+        let cli = parse(&[
+            "display",
+            "--socket",
+            "/tmp/gpu.sock",
+            "--vnc-listen",
+            "127.0.0.1:5900",
+            "--width",
+            "1920",
+            "--height",
+            "1080",
+        ])
+        .unwrap();
+        let WorkerCommand::Display(args) = cli.worker else {
+            panic!("not display")
+        };
+        assert_eq!(
+            args.vnc_listen,
+            Some(VncListen::Tcp("127.0.0.1:5900".parse().unwrap()))
+        );
+        assert_eq!((args.width, args.height), (1920, 1080));
+        let WorkerCommand::Display(args) =
+            parse(&["display", "--socket", "a", "--vnc-listen", "unix:/tmp/v"])
+                .unwrap()
+                .worker
+        else {
+            panic!("not display")
+        };
+        assert_eq!(args.vnc_listen, Some(VncListen::Unix("/tmp/v".into())));
+        assert_eq!((args.width, args.height), (1024, 768));
+        assert!(parse(&["display", "--socket", "a"]).is_err());
+        assert!(parse(&["display", "--socket", "a", "--vnc-listen", "5900"]).is_err());
+        assert!(parse(&[
+            "display",
+            "--socket",
+            "a",
+            "--vnc-listen",
+            "unix:/v",
+            "--width",
+            "9999"
+        ])
+        .is_err());
+        assert!(parse(&["display", "--launch-fd", "3"]).is_ok());
+        assert!(parse(&["display", "--launch-fd", "3", "--vnc-listen", "unix:/v"]).is_err());
     }
 
     #[test]

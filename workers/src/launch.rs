@@ -40,6 +40,10 @@ pub enum LaunchError {
     NotAUnixStream(RawFd),
     #[error("descriptor {0} is named twice in the launch config")]
     DuplicateDescriptor(RawFd),
+    #[error("descriptor {0} is not a listening stream socket")]
+    NotListening(RawFd),
+    #[error("descriptor {0} is already the worker's vhost-user socket")]
+    Reused(RawFd),
 }
 
 /// What a launched worker serves, and where.
@@ -130,6 +134,38 @@ fn read_all(file: &File) -> Result<Vec<u8>, LaunchError> {
     }
     buf.truncate(len);
     Ok(buf)
+}
+
+/// Takes a listening stream socket (TCP or Unix) the VMM passed besides the vhost-user
+/// one, e.g. the display worker's VNC listener. Call it right after [`read_launch`].
+pub fn take_listening_socket(fd: RawFd, launch: &Launch) -> Result<OwnedFd, LaunchError> {
+    use std::os::fd::AsRawFd;
+    if fd == launch.connection.as_raw_fd() {
+        return Err(LaunchError::Reused(fd));
+    }
+    let socket = take_inherited(fd, "listening socket")?;
+    let listening = socket_option(socket.as_raw_fd(), libc::SO_ACCEPTCONN) == Some(1)
+        && socket_option(socket.as_raw_fd(), libc::SO_TYPE) == Some(libc::SOCK_STREAM);
+    if !listening {
+        return Err(LaunchError::NotListening(fd));
+    }
+    Ok(socket)
+}
+
+fn socket_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for the kernel to write an int option into.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (ret == 0).then_some(value)
 }
 
 fn is_unix_stream(socket: &UnixStream) -> bool {

@@ -21,6 +21,7 @@
 pub mod blk;
 pub mod cli;
 pub mod disk;
+pub mod display;
 mod fd;
 pub mod launch;
 pub mod net;

@@ -4,6 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::IsTerminal;
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,12 +13,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use bulkhead_protocol::{DeviceConfig, ImageFormat, RngConfig, WorkerKind};
+use bulkhead_protocol::{DeviceConfig, DisplayConfig, ImageFormat, RngConfig, WorkerKind};
 use bulkhead_seccomp::{policy_for, Policy};
 use bulkhead_workers::blk::{BlkDevice, BlkOptions};
-use bulkhead_workers::cli::{BlkArgs, Cli, Endpoint, P9Args, WorkerCommand};
+use bulkhead_workers::cli::{
+    BlkArgs, Cli, DisplayArgs, Endpoint, P9Args, VncListen, WorkerCommand,
+};
 use bulkhead_workers::disk::{self, Format, Mode, PreopenedBacking, MAX_BACKING_DEPTH};
-use bulkhead_workers::launch::read_launch;
+use bulkhead_workers::display::vnc::VncServer;
+use bulkhead_workers::display::{Framebuffer, GpuDevice, GpuLimits, LoggingInputSink};
+use bulkhead_workers::launch::{read_launch, take_listening_socket};
 use bulkhead_workers::net::{mac_from_name, NetDevice, NetSettings, Tap};
 use bulkhead_workers::p9::{transport_unix, Export, P9Device, Root};
 use bulkhead_workers::rng::RngDevice;
@@ -148,7 +153,125 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         WorkerCommand::P9(args) => serve_p9(args),
+        WorkerCommand::Display(args) => serve_display(args),
     }
+}
+
+/// The display worker: the VNC listener (bound here standalone, inherited when launched)
+/// and the virtio-gpu device share one framebuffer; the VNC server starts inside the
+/// sandbox, on its own thread.
+fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
+    let (frontend, vnc_listener, config) = match args.endpoint {
+        Endpoint {
+            socket: Some(path), ..
+        } => {
+            let Some(listen) = &args.vnc_listen else {
+                bail!("--vnc-listen is required with --socket");
+            };
+            // The VNC socket first: once the vhost-user socket exists, viewers can connect.
+            let vnc = bind_vnc(listen)?;
+            let vnc_password = args
+                .vnc_password_file
+                .as_deref()
+                .map(read_password)
+                .transpose()?;
+            let config = DisplayConfig {
+                vnc_listen_fd: vnc.as_raw_fd(),
+                width: args.width,
+                height: args.height,
+                vnc_password,
+            };
+            (Frontend::Listening(bind(&path)?), vnc, config)
+        }
+        Endpoint {
+            launch_fd: Some(fd),
+            ..
+        } => {
+            let launch = read_launch(fd, WorkerKind::Display)
+                .with_context(|| format!("--launch-fd {fd}"))?;
+            tracing::info!("serving {}", launch.device_name);
+            let DeviceConfig::Display(config) = launch.device.clone() else {
+                bail!("not a display launch config");
+            };
+            let range = bulkhead_workers::cli::MIN_DIMENSION..=bulkhead_workers::cli::MAX_DIMENSION;
+            if !range.contains(&config.width) || !range.contains(&config.height) {
+                bail!(
+                    "display mode {}x{} is out of range",
+                    config.width,
+                    config.height
+                );
+            }
+            let vnc = take_listening_socket(config.vnc_listen_fd, &launch)
+                .context("the VNC listening socket")?;
+            (Frontend::Connected(launch.connection), vnc, config)
+        }
+        Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
+    };
+    // Every viewer's threads allocate frame-sized buffers. In a per-thread malloc arena,
+    // glibc's first heap shrink opens /proc/sys/vm/overcommit_memory, which the sandbox
+    // kills the worker for; one arena (the main, brk-based one) never does that.
+    // SAFETY: mallopt only sets a malloc tunable; the process is still single-threaded.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        tracing::warn!("cannot limit malloc to one arena");
+    }
+    let framebuffer = Arc::new(Framebuffer::new(config.width, config.height));
+    let keep: [(RawFd, &'static str); 1] = [(vnc_listener.as_raw_fd(), "VNC listening socket")];
+    let vnc = VncServer::new(
+        vnc_listener,
+        framebuffer.clone(),
+        Arc::new(LoggingInputSink::default()),
+        "bulkhead".to_owned(),
+        config.vnc_password.clone().map(String::into_bytes),
+    );
+    let start_vnc = move || -> anyhow::Result<()> {
+        std::thread::Builder::new()
+            .name("vnc".into())
+            .spawn(move || {
+                if let Err(e) = vnc.run() {
+                    tracing::error!("vnc: the listening socket failed: {e}");
+                }
+            })
+            .context("cannot start the VNC server")?;
+        Ok(())
+    };
+    let (width, height) = (config.width, config.height);
+    serve(
+        policy_for(WorkerKind::Display),
+        frontend,
+        &keep,
+        move || {
+            start_vnc()?;
+            Ok(move || {
+                Ok::<_, std::convert::Infallible>(
+                    GpuDevice::new(framebuffer.clone(), width, height, GpuLimits::default())
+                        .into_backend(),
+                )
+            })
+        },
+    )
+}
+
+/// The first line of a password file; an empty one is refused rather than meaning none.
+fn read_password(path: &Path) -> anyhow::Result<String> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read the VNC password from {}", path.display()))?;
+    let password = text.lines().next().unwrap_or("").to_owned();
+    if password.is_empty() {
+        bail!("{} holds no password", path.display());
+    }
+    Ok(password)
+}
+
+/// Binds the standalone VNC listener.
+fn bind_vnc(listen: &VncListen) -> anyhow::Result<OwnedFd> {
+    let fd = match listen {
+        VncListen::Tcp(addr) => OwnedFd::from(
+            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        VncListen::Unix(path) => OwnedFd::from(bind(path)?),
+    };
+    tracing::info!("vnc: listening on {listen:?}");
+    Ok(fd)
 }
 
 /// A disk as the worker gets it: open files only, the chain already walked.

@@ -6,6 +6,7 @@
 //! - one module per kind for the rest and for its Landlock rules.
 
 mod blk;
+mod display;
 mod inflight;
 mod net;
 mod p9;
@@ -27,6 +28,7 @@ pub fn policy_for(kind: WorkerKind) -> Policy {
         WorkerKind::P9 => p9::policy(None, false),
         WorkerKind::Blk => blk::policy(),
         WorkerKind::Net => net::policy(),
+        WorkerKind::Display => display::policy(),
     }
 }
 

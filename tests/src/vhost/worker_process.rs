@@ -106,6 +106,17 @@ impl WorkerProcess {
         Self::launched_with(device_name, device, &[], &[])
     }
 
+    /// Like [`WorkerProcess::launched`], with more descriptors the config names: each
+    /// `(fd, number)` is inherited as `number` (above 4), e.g. the display worker's VNC
+    /// listening socket.
+    pub fn launched_with_fds(
+        device_name: &str,
+        device: DeviceConfig,
+        extra: &[(RawFd, RawFd)],
+    ) -> Result<(Self, UnixStream), WorkerError> {
+        Self::launched_with(device_name, device, extra, &[])
+    }
+
     /// [`launched`](Self::launched) with the device's own files: `files[i]` is inherited at
     /// the descriptor number `device.descriptors()[i]` names, as the VMM passes a disk
     /// image and its backing chain.

@@ -1,0 +1,403 @@
+//! The virtio-gpu device: two queues (control, cursor), the config space, and the dispatch
+//! of each command to resources and scanout. A bad command gets an error response and a
+//! debug log line; nothing a guest sends ends the worker.
+
+use std::io::{self, Read, Write};
+use std::sync::{Arc, RwLock};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringState, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::edid::edid_for_mode;
+use super::protocol::{
+    parse_command, response_header, Command, CtrlHeader, Fields, ParseError, CTRL_HDR_SIZE,
+    DISPLAY_INFO_SIZE, EDID_RESPONSE_SIZE, MEM_ENTRY_SIZE, RESP_ERR_INVALID_PARAMETER,
+    RESP_ERR_UNSPEC, RESP_OK_DISPLAY_INFO, RESP_OK_EDID, RESP_OK_NODATA, VIRTIO_GPU_F_EDID,
+};
+use super::resources::{CommandError, Resources};
+use super::scanout::Scanout;
+use crate::display::framebuffer::Framebuffer;
+use crate::vhost_user::{DeviceBackend, GuestRam};
+
+pub const NUM_QUEUES: usize = 2;
+pub const CONTROL_QUEUE: u16 = 0;
+pub const CURSOR_QUEUE: u16 = 1;
+pub const MAX_QUEUE_SIZE: usize = 256;
+/// events_read, events_clear, num_scanouts, num_capsets.
+pub const CONFIG_SIZE: usize = 16;
+
+/// What the guest may make the worker allocate.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuLimits {
+    /// Total bytes of all resources' host copies.
+    pub memory_budget: u64,
+    /// Largest width or height of one resource.
+    pub max_dimension: u32,
+    /// Most backing entries in one RESOURCE_ATTACH_BACKING.
+    pub max_backing_entries: u32,
+}
+
+impl Default for GpuLimits {
+    fn default() -> Self {
+        GpuLimits {
+            memory_budget: 256 << 20,
+            max_dimension: 16384,
+            max_backing_entries: 16384,
+        }
+    }
+}
+
+pub struct GpuDevice {
+    memory: Option<GuestRam>,
+    event_idx: bool,
+    width: u32,
+    height: u32,
+    limits: GpuLimits,
+    resources: Resources,
+    scanout: Scanout,
+    events_read: u32,
+    ring_fault_reported: bool,
+}
+
+impl GpuDevice {
+    /// A device reporting a `width` x `height` display whose scanout lands in `framebuffer`.
+    pub fn new(framebuffer: Arc<Framebuffer>, width: u32, height: u32, limits: GpuLimits) -> Self {
+        GpuDevice {
+            memory: None,
+            event_idx: false,
+            width,
+            height,
+            limits,
+            resources: Resources::new(limits.memory_budget, limits.max_dimension),
+            scanout: Scanout::new(framebuffer),
+            events_read: 0,
+            ring_fault_reported: false,
+        }
+    }
+
+    pub fn into_backend(self) -> DeviceBackend<Arc<RwLock<GpuDevice>>> {
+        DeviceBackend {
+            backend: Arc::new(RwLock::new(self)),
+            event_sources: Vec::new(),
+            // Commands complete in order, at once.
+            inflight: None,
+        }
+    }
+
+    fn serve_queue(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        let mut state = vring.get_mut();
+        if !(state.is_enabled() && state.get_queue().ready()) {
+            return Ok(());
+        }
+        let mut completed = 0u32;
+        let result = self.serve_ring(&mut state, &memory, &mut completed);
+        let notified = if completed > 0 && state.needs_notification().unwrap_or(true) {
+            state.signal_used_queue()
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            if !std::mem::replace(&mut self.ring_fault_reported, true) {
+                tracing::warn!("virtio-gpu queue: the guest's ring is unusable: {e}");
+            }
+        }
+        notified
+    }
+
+    fn serve_ring(
+        &mut self,
+        state: &mut VringState,
+        memory: &GuestMemoryMmap,
+        completed: &mut u32,
+    ) -> Result<(), virtio_queue::Error> {
+        loop {
+            if self.event_idx {
+                state.disable_notification()?;
+            }
+            loop {
+                let queue = state.get_queue_mut();
+                let queue_size = queue.size();
+                let Some(chain) = queue.iter(memory)?.next() else {
+                    break;
+                };
+                let head = chain.head_index();
+                if head >= queue_size {
+                    continue;
+                }
+                let written = self.process_chain(chain, memory);
+                state.get_queue_mut().add_used(memory, head, written)?;
+                *completed = completed.saturating_add(1);
+            }
+            if !self.event_idx || !state.enable_notification()? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs one command; returns how many bytes of response were written.
+    fn process_chain(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        memory: &GuestMemoryMmap,
+    ) -> u32 {
+        let (mut reader, mut writer) = match (
+            Reader::new(memory, chain.clone()),
+            Writer::new(memory, chain),
+        ) {
+            (Ok(r), Ok(w)) => (r, w),
+            _ => {
+                tracing::debug!("virtio-gpu: a chain outside guest memory, dropped");
+                return 0;
+            }
+        };
+        // A header and the largest command: ATTACH_BACKING with its most entries.
+        let max = CTRL_HDR_SIZE + 8 + self.limits.max_backing_entries as usize * MEM_ENTRY_SIZE;
+        let len = reader.available_bytes().min(max);
+        let mut bytes = vec![0u8; len];
+        if reader.read_exact(&mut bytes).is_err() {
+            return 0;
+        }
+        let mut fields = Fields::new(&bytes);
+        let Ok(header) = fields.header() else {
+            tracing::debug!("virtio-gpu: a command shorter than its header");
+            let response = response_header(&CtrlHeader::default(), RESP_ERR_UNSPEC);
+            return write_response(&mut writer, &response);
+        };
+        let response = self.execute(&header, &bytes[CTRL_HDR_SIZE..], memory);
+        write_response(&mut writer, &response)
+    }
+
+    fn execute(&mut self, header: &CtrlHeader, body: &[u8], memory: &GuestMemoryMmap) -> Vec<u8> {
+        let command = match parse_command(header, body, self.limits.max_backing_entries) {
+            Ok(command) => command,
+            Err(e) => {
+                tracing::debug!("virtio-gpu: command {:#x} refused: {e:?}", header.kind);
+                let code = match e {
+                    ParseError::Unknown(_) => RESP_ERR_UNSPEC,
+                    ParseError::Truncated | ParseError::TooManyEntries(_) => {
+                        RESP_ERR_INVALID_PARAMETER
+                    }
+                };
+                return response_header(header, code).to_vec();
+            }
+        };
+        match self.run(&command, header, memory) {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::debug!("virtio-gpu: {command:?} failed: {e}");
+                response_header(header, e.response()).to_vec()
+            }
+        }
+    }
+
+    fn run(
+        &mut self,
+        command: &Command,
+        header: &CtrlHeader,
+        memory: &GuestMemoryMmap,
+    ) -> Result<Vec<u8>, CommandError> {
+        let ok = || Ok(response_header(header, RESP_OK_NODATA).to_vec());
+        match *command {
+            Command::GetDisplayInfo => {
+                let mut out = vec![0u8; DISPLAY_INFO_SIZE];
+                out[..CTRL_HDR_SIZE]
+                    .copy_from_slice(&response_header(header, RESP_OK_DISPLAY_INFO));
+                let pmode = &mut out[CTRL_HDR_SIZE..CTRL_HDR_SIZE + 24];
+                pmode[8..12].copy_from_slice(&self.width.to_le_bytes());
+                pmode[12..16].copy_from_slice(&self.height.to_le_bytes());
+                pmode[16..20].copy_from_slice(&1u32.to_le_bytes()); // enabled
+                Ok(out)
+            }
+            Command::GetEdid { scanout } => {
+                if scanout != 0 {
+                    return Err(CommandError::NoSuchScanout(scanout));
+                }
+                let mut out = vec![0u8; EDID_RESPONSE_SIZE];
+                out[..CTRL_HDR_SIZE].copy_from_slice(&response_header(header, RESP_OK_EDID));
+                out[CTRL_HDR_SIZE..CTRL_HDR_SIZE + 4].copy_from_slice(&128u32.to_le_bytes());
+                out[CTRL_HDR_SIZE + 8..CTRL_HDR_SIZE + 8 + 128]
+                    .copy_from_slice(&edid_for_mode(self.width, self.height));
+                Ok(out)
+            }
+            Command::ResourceCreate2d {
+                resource_id,
+                format,
+                width,
+                height,
+            } => {
+                self.resources.create(resource_id, format, width, height)?;
+                ok()
+            }
+            Command::ResourceUnref { resource_id } => {
+                self.resources.unref(resource_id)?;
+                self.scanout.forget(resource_id);
+                ok()
+            }
+            Command::SetScanout {
+                rect,
+                scanout_id,
+                resource_id,
+            } => {
+                if scanout_id != 0 {
+                    return Err(CommandError::NoSuchScanout(scanout_id));
+                }
+                self.scanout.set(&self.resources, resource_id, rect)?;
+                ok()
+            }
+            Command::ResourceFlush { rect, resource_id } => {
+                self.scanout.flush(&self.resources, resource_id, rect)?;
+                ok()
+            }
+            Command::TransferToHost2d {
+                rect,
+                offset,
+                resource_id,
+            } => {
+                self.resources
+                    .transfer_to_host(resource_id, rect, offset, memory)?;
+                ok()
+            }
+            Command::AttachBacking {
+                resource_id,
+                ref entries,
+            } => {
+                self.resources
+                    .attach_backing(resource_id, entries.clone(), memory)?;
+                ok()
+            }
+            Command::DetachBacking { resource_id } => {
+                self.resources.detach_backing(resource_id)?;
+                ok()
+            }
+            Command::UpdateCursor {
+                scanout_id,
+                x,
+                y,
+                resource_id,
+                hot_x,
+                hot_y,
+            } => {
+                if scanout_id != 0 {
+                    return Err(CommandError::NoSuchScanout(scanout_id));
+                }
+                if resource_id != 0 {
+                    self.resources.get(resource_id)?;
+                }
+                self.scanout.cursor = super::scanout::Cursor {
+                    resource_id,
+                    x,
+                    y,
+                    hot_x,
+                    hot_y,
+                };
+                ok()
+            }
+            Command::MoveCursor { scanout_id, x, y } => {
+                if scanout_id != 0 {
+                    return Err(CommandError::NoSuchScanout(scanout_id));
+                }
+                self.scanout.cursor.x = x;
+                self.scanout.cursor.y = y;
+                ok()
+            }
+        }
+    }
+}
+
+fn write_response(writer: &mut Writer<'_>, response: &[u8]) -> u32 {
+    let n = writer.available_bytes().min(response.len());
+    match writer.write_all(&response[..n]) {
+        // At most the size of a response.
+        Ok(()) => n as u32,
+        Err(_) => 0,
+    }
+}
+
+impl VhostUserBackendMut for GpuDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_GPU_F_EDID)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn reset_device(&mut self) {
+        self.event_idx = false;
+        self.ring_fault_reported = false;
+        self.resources.clear();
+        self.scanout.forget(self.scanout.resource_id());
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn update_memory(&mut self, memory: GuestRam) -> io::Result<()> {
+        self.memory = Some(memory);
+        Ok(())
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut config = [0u8; CONFIG_SIZE];
+        config[0..4].copy_from_slice(&self.events_read.to_le_bytes());
+        config[8..12].copy_from_slice(&1u32.to_le_bytes()); // num_scanouts
+        let start = (offset as usize).min(CONFIG_SIZE);
+        let end = start.saturating_add(size as usize).min(CONFIG_SIZE);
+        config[start..end].to_vec()
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only events_clear (offset 4) is writable: it clears the bits it names.
+        if offset == 4 && buf.len() == 4 {
+            let mut clear = [0u8; 4];
+            clear.copy_from_slice(buf);
+            self.events_read &= !u32::from_le_bytes(clear);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match device_event {
+            CONTROL_QUEUE | CURSOR_QUEUE => match vrings.get(usize::from(device_event)) {
+                Some(vring) => self.serve_queue(vring),
+                None => Ok(()),
+            },
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown device event {other}"),
+            )),
+        }
+    }
+}
