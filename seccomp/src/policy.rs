@@ -7,7 +7,7 @@ use bulkhead_protocol::WorkerKind;
 use thiserror::Error;
 
 use crate::landlock_rules::{Enforcement, GrantRoot, LandlockRules};
-use crate::syscall_rule::{Syscall, SyscallRule};
+use crate::syscall_rule::{RuleAction, Syscall, SyscallRule};
 use crate::{describe, sys};
 
 /// A descriptor that survives [`crate::apply`]; every other one is closed.
@@ -113,6 +113,14 @@ fn landlock_guarded_syscalls() -> Vec<Syscall> {
 }
 
 impl Policy {
+    /// Whether the allowlist lets `syscall` (by name) through, with or without argument
+    /// filters.
+    pub fn allows(&self, syscall: &str) -> bool {
+        self.syscalls
+            .iter()
+            .any(|rule| rule.syscall.name() == syscall && rule.action == RuleAction::Allow)
+    }
+
     /// Also keeps `fd` open; for the descriptors a worker receives at launch.
     pub fn keep_fd(mut self, fd: RawFd, what: &'static str) -> Policy {
         self.keep_fds.push(KeptFd { fd, what });

@@ -53,10 +53,7 @@ pub fn policy() -> Policy {
             ),
         SyscallRule::allow(sys!(SYS_lseek))
             .because("a raw image's size (a host block device has no st_size): seek to its end"),
-        SyscallRule::allow(sys!(SYS_accept4)).because(
-            "standalone mode: the next frontend on the socket bound before the sandbox; \
-             accepting creates no socket of its own",
-        ),
+        vhost_user::standalone_accept(),
     ];
     Policy {
         kind: WorkerKind::Blk,
@@ -75,13 +72,9 @@ pub fn policy() -> Policy {
 mod tests {
     use super::*;
     use crate::filter::CompiledFilter;
-    use crate::syscall_rule::RuleAction;
 
     fn allowed(name: &str) -> bool {
-        policy()
-            .syscalls
-            .iter()
-            .any(|r| r.syscall.name() == name && r.action == RuleAction::Allow)
+        policy().allows(name)
     }
 
     #[test]

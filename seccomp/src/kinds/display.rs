@@ -38,13 +38,9 @@ pub fn policy() -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::syscall_rule::RuleAction;
 
     fn allowed(name: &str) -> bool {
-        policy()
-            .syscalls
-            .iter()
-            .any(|r| r.syscall.name() == name && r.action == RuleAction::Allow)
+        policy().allows(name)
     }
 
     #[test]

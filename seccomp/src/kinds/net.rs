@@ -25,8 +25,7 @@ use super::{runtime, vhost_user};
 
 use crate::landlock_rules::{Enforcement, LandlockRules};
 use crate::policy::Policy;
-use crate::sys;
-use crate::syscall_rule::{Arg, Constant, SyscallRule};
+use crate::syscall_rule::{Arg, Constant};
 
 /// `TUNSETOFFLOAD`, `_IOW('T', 208, unsigned int)`; the `libc` crate does not have it.
 pub const TUNSETOFFLOAD: Constant = Constant {
@@ -35,7 +34,7 @@ pub const TUNSETOFFLOAD: Constant = Constant {
 };
 
 pub fn policy() -> Policy {
-    let vhost_user = vhost_user::rules().into_iter().map(|rule| {
+    let vhost_user_rules = vhost_user::rules().into_iter().map(|rule| {
         if rule.syscall.name() != "ioctl" {
             return rule;
         }
@@ -44,15 +43,12 @@ pub fn policy() -> Policy {
              offloads, set to what the guest negotiated. No other ioctl",
         )
     });
-    let net = [SyscallRule::allow(sys!(SYS_accept4)).because(
-        "standalone mode: the next frontend on the socket bound before the sandbox; \
-         accepting creates no socket of its own",
-    )];
+    let net = [vhost_user::standalone_accept()];
     Policy {
         kind: WorkerKind::Net,
         syscalls: runtime::rules()
             .into_iter()
-            .chain(vhost_user)
+            .chain(vhost_user_rules)
             .chain(net)
             .collect(),
         landlock: LandlockRules::deny_all(Enforcement::BestEffort),
@@ -64,13 +60,10 @@ pub fn policy() -> Policy {
 mod tests {
     use super::*;
     use crate::constant;
-    use crate::syscall_rule::{ArgOp, RuleAction};
+    use crate::syscall_rule::ArgOp;
 
     fn allowed(name: &str) -> bool {
-        policy()
-            .syscalls
-            .iter()
-            .any(|r| r.syscall.name() == name && r.action == RuleAction::Allow)
+        policy().allows(name)
     }
 
     #[test]

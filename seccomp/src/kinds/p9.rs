@@ -201,13 +201,9 @@ fn rules() -> Vec<SyscallRule> {
 mod tests {
     use super::*;
     use crate::filter::CompiledFilter;
-    use crate::syscall_rule::RuleAction;
 
     fn allowed(name: &str) -> bool {
-        policy(None, false)
-            .syscalls
-            .iter()
-            .any(|r| r.syscall.name() == name && r.action == RuleAction::Allow)
+        policy(None, false).allows(name)
     }
 
     #[test]

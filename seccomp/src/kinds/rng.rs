@@ -34,10 +34,7 @@ pub fn policy() -> Policy {
         SyscallRule::allow(sys!(SYS_timerfd_create))
             .because("rate limiting: each device's refill timer, in the queue's epoll set"),
         SyscallRule::allow(sys!(SYS_timerfd_settime)).because("rate limiting: arming the refill"),
-        SyscallRule::allow(sys!(SYS_accept4)).because(
-            "standalone mode: the next frontend on the socket bound before the sandbox; \
-             accepting creates no socket of its own",
-        ),
+        vhost_user::standalone_accept(),
     ];
     Policy {
         kind: WorkerKind::Rng,
@@ -54,13 +51,9 @@ pub fn policy() -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::syscall_rule::RuleAction;
 
     fn allowed(name: &str) -> bool {
-        policy()
-            .syscalls
-            .iter()
-            .any(|r| r.syscall.name() == name && r.action == RuleAction::Allow)
+        policy().allows(name)
     }
 
     #[test]

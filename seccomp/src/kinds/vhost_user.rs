@@ -9,6 +9,15 @@
 use crate::syscall_rule::{Arg, SyscallRule};
 use crate::{constant, sys};
 
+/// Standalone workers accept frontends on a socket bound before the sandbox; launched ones
+/// never call it. Kinds that accept other connections too say so with their own rule.
+pub fn standalone_accept() -> SyscallRule {
+    SyscallRule::allow(sys!(SYS_accept4)).because(
+        "standalone mode: the next frontend on the socket bound before the sandbox; \
+         accepting creates no socket of its own",
+    )
+}
+
 pub fn rules() -> Vec<SyscallRule> {
     vec![
         SyscallRule::allow(sys!(SYS_recvmsg))
