@@ -316,11 +316,7 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<()> {
                 .map(|b| b.name.clone())
                 .zip(inherited)
                 .collect();
-            let mode = match (config.read_only, config.copy_on_write) {
-                (true, _) => Mode::ReadOnly,
-                (false, true) => Mode::Cow,
-                (false, false) => Mode::ReadWrite,
-            };
+            let mode = disk_mode(config.read_only, config.copy_on_write);
             let files = DiskFiles {
                 image,
                 backing,
@@ -361,6 +357,15 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<()> {
         tracing::info!("disk of {} bytes, {mode:?}", disk.len());
         Ok(move || BlkDevice::new(Arc::clone(&disk), &options).map(BlkDevice::into_backend))
     })
+}
+
+/// Read-only wins over copy-on-write: nothing is written either way, and the guest is told.
+fn disk_mode(read_only: bool, copy_on_write: bool) -> Mode {
+    match (read_only, copy_on_write) {
+        (true, _) => Mode::ReadOnly,
+        (false, true) => Mode::Cow,
+        (false, false) => Mode::ReadWrite,
+    }
 }
 
 fn format_of(format: ImageFormat) -> Format {
@@ -420,11 +425,7 @@ fn open_disk_standalone(path: &Path, args: &BlkArgs) -> anyhow::Result<DiskFiles
         backing.push((name, file));
         current_path = next_path;
     }
-    let mode = match (args.ro, args.cow) {
-        (true, _) => Mode::ReadOnly,
-        (false, true) => Mode::Cow,
-        (false, false) => Mode::ReadWrite,
-    };
+    let mode = disk_mode(args.ro, args.cow);
     Ok(DiskFiles {
         image,
         backing,
