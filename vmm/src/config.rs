@@ -391,6 +391,15 @@ mod tests {
         assert_eq!(mib.validate().unwrap().memory.bytes(), 64 << 20);
         let zero = RawConfig::from_toml("kernel = \"/k\"\ncpus = 0").unwrap();
         assert_eq!(zero.validate().unwrap_err(), ConfigError::CpuCount(0));
+        let disks = RawConfig::from_toml("kernel = \"/k\"\ndisk = [\"/a\", \"/b,ro\"]").unwrap();
+        let disks = disks.validate().unwrap().disks;
+        assert_eq!(disks.len(), 2);
+        assert!(disks[1].read_only);
+        let bad = RawConfig::from_toml("kernel = \"/k\"\ndisk = [\"/a,rw\"]").unwrap();
+        let error = bad.validate().unwrap_err();
+        assert!(matches!(&error, ConfigError::Disk(_)));
+        assert!(error.to_string().starts_with("invalid --disk: "), "{error}");
+        assert!(error.to_string().contains("rw"), "{error}");
         assert_eq!(
             RawConfig::default().validate().unwrap_err(),
             ConfigError::NoKernel
