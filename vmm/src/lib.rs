@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod device_plan;
 pub mod devices;
 pub mod disk;
 pub mod exit;

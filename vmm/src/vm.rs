@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 use kvm_bindings::{kvm_pit_config, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
@@ -18,6 +17,7 @@ use crate::boot::{self, BootSource};
 use crate::config::VmConfig;
 use crate::console::{self, RawTerminal};
 use crate::control::ControlContext;
+use crate::device_plan::{plan_devices, PlannedDevice};
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::acpi_pm_timer::{self, AcpiPmTimer};
 use crate::devices::i8042::I8042;
@@ -25,21 +25,13 @@ use crate::devices::reset_control::ResetControl;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{ConsoleOutput, SerialPort};
 use crate::devices::{bus::BusError, Bus};
-use crate::disk::open_disk;
 use crate::exit::{ExitSignal, VmExit};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pause::{self, PauseError, VcpuGate};
 use crate::vcpu::Vcpu;
-use crate::vhost_user::{attach_worker_device, AttachError, DeviceShape};
+use crate::vhost_user::{attach_worker_device, AttachError};
 use crate::worker::audit_log::AuditLogError;
 use crate::worker::{worker_binary, AuditLog, RestartPolicy, WorkerSupervisor};
-
-/// Descriptors per virtio-rng queue: requests are small and few.
-const RNG_QUEUE_SIZE: u16 = 256;
-/// Descriptors per virtio-blk queue: the blk worker's largest.
-const BLK_QUEUE_SIZE: u16 = 256;
-/// virtio_blk_config up to the write-zeroes fields, as the blk worker serves it.
-const BLK_CONFIG_SIZE: usize = 60;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -285,25 +277,14 @@ fn attach_worker_devices(
     mmio: &mut Bus,
     supervisor: &mut WorkerSupervisor,
 ) -> Result<Vec<VirtioMmioDevice>, VmError> {
-    // Every image is opened before any worker starts: a bad one costs only a message.
-    let disks = config
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(index, spec)| open_disk(spec, index))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut devices = Vec::new();
-    if let Some(rng) = &config.rng {
-        let launch = WorkerLaunch {
-            device_name: "rng0".into(),
-            device: DeviceConfig::Rng(rng.clone()),
-            vhost_user_fd: -1,
-        };
-        let shape = DeviceShape {
-            device_type: WorkerKind::Rng.virtio_device_id(),
-            queue_sizes: vec![RNG_QUEUE_SIZE],
-            config_size: 0,
-        };
+    let planned = plan_devices(config)?;
+    let mut devices = Vec::with_capacity(planned.len());
+    for PlannedDevice {
+        launch,
+        files,
+        shape,
+    } in planned
+    {
         let attached = attach_worker_device(
             worker,
             vm,
@@ -311,51 +292,12 @@ fn attach_worker_devices(
             ram.memory(),
             devices.len(),
             &launch,
-            &[],
+            &files,
             shape.clone(),
         )?;
         devices.push(attached.acpi);
         supervisor
-            .watch(
-                launch,
-                Vec::new(),
-                shape,
-                attached.transport,
-                attached.worker,
-            )
-            .map_err(VmError::Supervisor)?;
-    }
-    for (index, disk) in disks.into_iter().enumerate() {
-        let queues = usize::from(disk.config.num_queues);
-        let launch = WorkerLaunch {
-            device_name: format!("blk{index}"),
-            device: DeviceConfig::Blk(disk.config),
-            vhost_user_fd: -1,
-        };
-        let shape = DeviceShape {
-            device_type: WorkerKind::Blk.virtio_device_id(),
-            queue_sizes: vec![BLK_QUEUE_SIZE; queues],
-            config_size: BLK_CONFIG_SIZE,
-        };
-        let attached = attach_worker_device(
-            worker,
-            vm,
-            mmio,
-            ram.memory(),
-            devices.len(),
-            &launch,
-            &disk.files,
-            shape.clone(),
-        )?;
-        devices.push(attached.acpi);
-        supervisor
-            .watch(
-                launch,
-                disk.files,
-                shape,
-                attached.transport,
-                attached.worker,
-            )
+            .watch(launch, files, shape, attached.transport, attached.worker)
             .map_err(VmError::Supervisor)?;
     }
     Ok(devices)

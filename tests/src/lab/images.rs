@@ -9,6 +9,8 @@
 //!   /bin/bulkhead-worker  the device worker built beside it, when there is one
 //!   /vmlinux            the L2 kernel
 //!   <guest.path>        each L2 initramfs
+//!   /bin/<program>      each of the scenario's L1 programs, with its libraries
+//!   <l1 file path>      each of the scenario's L1 files, and its modules after kvm-amd
 //! L2, booted by bulkhead inside L1:
 //!   /init               `Guest::init_script`
 //!   /lib/modules/*.ko   the guest's modules and their dependencies
@@ -58,8 +60,10 @@ pub fn build_l1(
     fs.bytes("/init", L1_INIT, 0o755);
     fs.bytes("/lab/scenario.sh", scenario.l1_script(), 0o644);
 
+    let mut wanted: Vec<&str> = L1_MODULES.to_vec();
+    wanted.extend(scenario.l1_modules.iter().map(String::as_str));
     let mut order = String::new();
-    for module in assets.modules_to_load(L1_MODULES)? {
+    for module in assets.modules_to_load(&wanted)? {
         fs.host_file(
             &format!("/lab/modules/{}", module.file),
             &module.path,
@@ -81,6 +85,20 @@ pub fn build_l1(
         fs.host_file("/bin/bulkhead-worker", &worker, 0o755);
         binaries.push(worker);
     }
+    for program in &scenario.l1_programs {
+        let name = program
+            .file_name()
+            .and_then(|name| name.to_str())
+            .ok_or_else(|| LabError::Invalid(format!("odd program path {program:?}")))?;
+        if !program.is_file() {
+            return Err(LabError::Invalid(format!(
+                "{} is not installed (tests/lab/install-packages.sh installs what the lab uses)",
+                program.display()
+            )));
+        }
+        fs.host_file(&format!("/bin/{name}"), program, 0o755);
+        binaries.push(program.clone());
+    }
     for binary in &binaries {
         for file in shared_libs::runtime_files(binary)? {
             let path = file
@@ -95,6 +113,10 @@ pub fn build_l1(
         let image = work_dir.join(format!("l2-{index}.cpio"));
         build_guest(assets, guest, &image)?;
         fs.host_file(&guest.path, &image, 0o644);
+    }
+
+    for (path, source) in &scenario.l1_files {
+        fs.host_file(path, source, 0o644);
     }
 
     let l1 = work_dir.join("l1.cpio");

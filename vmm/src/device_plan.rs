@@ -1,0 +1,80 @@
+//! The worker-served devices a [`VmConfig`] asks for, each planned before any worker
+//! starts: what its worker is told, the host files the VMM opened for it, and the virtio
+//! shape its transport presents. Opening every host resource first means a bad image or
+//! directory costs only a message, never a half-started VM.
+
+use std::fs::File;
+
+use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
+
+use crate::config::VmConfig;
+use crate::disk::{open_disk, OpenedDisk};
+use crate::vhost_user::DeviceShape;
+use crate::vm::VmError;
+
+/// Descriptors per virtio-rng queue: requests are small and few.
+const RNG_QUEUE_SIZE: u16 = 256;
+/// Descriptors per virtio-blk queue: the blk worker's largest.
+const BLK_QUEUE_SIZE: u16 = 256;
+/// virtio_blk_config up to the write-zeroes fields, as the blk worker serves it.
+const BLK_CONFIG_SIZE: usize = 60;
+
+/// One device to attach: handed to the worker launcher and then to the supervisor, which
+/// keeps `files` open so that a replacement worker gets the same ones.
+#[derive(Debug)]
+pub struct PlannedDevice {
+    pub launch: WorkerLaunch,
+    pub files: Vec<File>,
+    pub shape: DeviceShape,
+}
+
+impl PlannedDevice {
+    fn new(
+        device_name: String,
+        device: DeviceConfig,
+        files: Vec<File>,
+        shape: DeviceShape,
+    ) -> Self {
+        Self {
+            launch: WorkerLaunch {
+                device_name,
+                device,
+                vhost_user_fd: -1,
+            },
+            files,
+            shape,
+        }
+    }
+}
+
+/// Every worker device of `config`, in the order the guest will find them.
+pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
+    let mut planned = Vec::new();
+    if let Some(rng) = &config.rng {
+        planned.push(PlannedDevice::new(
+            "rng0".into(),
+            DeviceConfig::Rng(rng.clone()),
+            Vec::new(),
+            DeviceShape {
+                device_type: WorkerKind::Rng.virtio_device_id(),
+                queue_sizes: vec![RNG_QUEUE_SIZE],
+                config_size: 0,
+            },
+        ));
+    }
+    for (index, spec) in config.disks.iter().enumerate() {
+        let OpenedDisk { config, files } = open_disk(spec, index)?;
+        let queues = usize::from(config.num_queues);
+        planned.push(PlannedDevice::new(
+            format!("blk{index}"),
+            DeviceConfig::Blk(config),
+            files,
+            DeviceShape {
+                device_type: WorkerKind::Blk.virtio_device_id(),
+                queue_sizes: vec![BLK_QUEUE_SIZE; queues],
+                config_size: BLK_CONFIG_SIZE,
+            },
+        ));
+    }
+    Ok(planned)
+}
