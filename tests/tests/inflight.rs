@@ -589,3 +589,37 @@ fn devices_that_complete_in_order_do_not_offer_inflight_tracking() -> Result<()>
     ensure!(server.join().is_ok());
     Ok(())
 }
+
+/// Takeovers in a row, each with a request the guest posted and kicked before it (the kick
+/// went to the backend that died): the new backend must serve it every time, whether the
+/// VMM's kick after activation or the backend's own look at a newly enabled ring finds it.
+/// A kick drained from a ring not yet enabled would leave the request there for good, and
+/// only now and then, so the race gets many rounds.
+#[test]
+fn the_kick_after_a_takeover_reaches_the_new_backend_every_time() -> Result<()> {
+    const ROUNDS: u16 = 300;
+    let ram = VmmGuestRam::new(4 << 20)?;
+    let mut guest = VmmGuest::new(&ram)?;
+    let kicks = vec![EventFd::new(EFD_NONBLOCK)?];
+    let interrupt = EventFd::new(EFD_NONBLOCK)?;
+    for round in 0..ROUNDS {
+        guest.post(round % QUEUE_SIZE)?;
+        let (ours, theirs) = UnixStream::pair()?;
+        let device = RngDevice::new(&RngConfig { rate_limit: None })?.into_backend();
+        let server = std::thread::spawn(move || serve_connection(theirs, device));
+        let mut rng = VhostUserDevice::connect(ours, 4, vec![QUEUE_SIZE], 0, ram.memory().clone())?;
+        rng.activate(
+            VIRTIO_F_VERSION_1_BIT,
+            &[guest.queue(guest.used_idx()?)],
+            &kicks,
+            &interrupt,
+        )?;
+        kicks[0].write(1)?;
+        guest
+            .wait_used(round + 1)
+            .map_err(|e| e.context(format!("round {round}: the request was never served")))?;
+        drop(rng);
+        ensure!(server.join().is_ok());
+    }
+    Ok(())
+}

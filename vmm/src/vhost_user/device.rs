@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -87,6 +87,15 @@ impl VhostUserDevice {
             frontend
                 .set_protocol_features(protocol_features)
                 .map_err(step("SET_PROTOCOL_FEATURES"))?;
+        }
+        if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every message then waits for the backend to have acted on it, so a backend's
+            // refusal (a bad memory table, a ring outside guest memory) fails activation
+            // here instead of leaving a dead ring, and the rings are enabled before the VMM
+            // kicks them: the vhost-user-backend crate's handler drops a kick that reaches a
+            // ring still disabled (bulkhead's workers look at a ring again when it is
+            // enabled, but other backends need not).
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
         if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
             let offered = frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?;
@@ -304,6 +313,17 @@ impl VirtioDevice for VhostUserDevice {
                     .map_err(backend)?;
             }
             self.active_queues.push(queue.index);
+        }
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        {
+            // A backend handles its messages in order: once this reply is in, the rings are
+            // enabled (see `connect`).
+            self.frontend
+                .get_features()
+                .map_err(step("GET_FEATURES"))
+                .map_err(backend)?;
         }
         Ok(())
     }
