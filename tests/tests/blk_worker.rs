@@ -833,7 +833,9 @@ fn killed_worker_with_requests_in_flight_is_replaced_without_loss() -> Result<()
             heads.push((head, status, sector));
         }
         queue.kick()?;
-        std::thread::sleep(Duration::from_millis(2 + attempt));
+        // The worker writes the 10 MiB in a few milliseconds (page cache, straight from
+        // the guest's buffers): aim the kill anywhere from at once to 5 ms in.
+        std::thread::sleep(Duration::from_micros(250 * attempt));
         first.kill()?;
         let mut answered: Vec<u32> = queue.collect_used()?.iter().map(|u| u.id).collect();
         let left = in_flight_in_region(&region, QUEUE_SIZE)?;

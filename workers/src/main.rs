@@ -50,9 +50,22 @@ fn init_logging() {
         .init();
 }
 
+/// One malloc arena for the whole worker. In a per-thread arena (which every queue, VNC
+/// viewer or I/O thread would get) glibc's first heap shrink opens
+/// /proc/sys/vm/overcommit_memory, which the sandbox kills the worker for; the main,
+/// brk-based arena never does that. Workers allocate little per request, so the shared
+/// arena's lock costs little.
+fn single_malloc_arena() {
+    // SAFETY: mallopt only sets a malloc tunable; no thread exists yet to race with it.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        tracing::warn!("cannot limit malloc to one arena");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    single_malloc_arena();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -207,13 +220,6 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
         }
         Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
     };
-    // Every viewer's threads allocate frame-sized buffers. In a per-thread malloc arena,
-    // glibc's first heap shrink opens /proc/sys/vm/overcommit_memory, which the sandbox
-    // kills the worker for; one arena (the main, brk-based one) never does that.
-    // SAFETY: mallopt only sets a malloc tunable; the process is still single-threaded.
-    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
-        tracing::warn!("cannot limit malloc to one arena");
-    }
     let framebuffer = Arc::new(Framebuffer::new(config.width, config.height));
     let keep: [(RawFd, &'static str); 1] = [(vnc_listener.as_raw_fd(), "VNC listening socket")];
     let vnc = VncServer::new(

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -64,8 +64,6 @@ pub struct BlkDevice {
     memory: RwLock<Option<GuestRam>>,
     event_idx: AtomicBool,
     tracking: InflightTracking,
-    /// Per queue: its bounce buffer (the queue's thread is its only user).
-    bounce: Vec<Mutex<Vec<u8>>>,
     /// Per queue: a broken ring is reported once per reset, not once per kick.
     ring_fault_reported: Vec<AtomicBool>,
 }
@@ -102,7 +100,6 @@ impl BlkDevice {
             memory: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             tracking: InflightTracking::new(queues),
-            bounce: (0..queues).map(|_| Mutex::new(Vec::new())).collect(),
             ring_fault_reported: (0..queues).map(|_| AtomicBool::new(false)).collect(),
         })
     }
@@ -146,14 +143,10 @@ impl BlkDevice {
         let mut batch = Vec::new();
         let drained = queue.drain(&mut state, &memory, event_idx, |r| batch.push(r));
         // Whatever stopped the drain, the requests taken are in flight and are answered.
-        let mut bounce = self.bounce[index]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         let mut ctx = Context {
             disk: self.disk.as_ref(),
             geometry: &self.geometry,
             serial: &self.serial,
-            bounce: &mut bounce,
         };
         // Synchronous, in ring order, completed a few at a time so that the first
         // requests of a long batch are not held back by the last. An asynchronous engine

@@ -7,9 +7,10 @@
 //! impossible request is answered IOERR or UNSUPP, never a crash. Guest buffers are read
 //! once, when needed; the guest may rewrite them meanwhile and only hurts its own data.
 //!
-//! I/O is synchronous on the calling vring thread, through a bounded bounce buffer; an
-//! asynchronous engine (io_uring) would take over in [`serve`]: submit at the `disk` calls,
-//! answer the status from the completion.
+//! I/O is synchronous on the calling vring thread, straight between the disk and the
+//! guest's buffers where the format allows (see `disk::guest_buffers`); an asynchronous
+//! engine (io_uring) would take over in [`serve`]: submit at the `disk` calls, answer the
+//! status from the completion.
 
 use std::ops::Range;
 
@@ -18,7 +19,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::config::{BlkGeometry, SECTOR_SIZE};
 use crate::disk::DiskImage;
@@ -27,8 +28,8 @@ use crate::virtio::{GuestSegment, Request};
 pub const HEADER_LEN: u64 = 16;
 /// A DISCARD or WRITE_ZEROES range: sector (u64), num_sectors (u32), flags (u32).
 pub const RANGE_LEN: u64 = 16;
-/// Largest piece of a request moved through the bounce buffer at once: bounds the worker's
-/// memory whatever length the guest's buffers claim.
+/// Largest piece of a request moved at once: bounds the scratch memory of formats that
+/// stage data, whatever length the guest's buffers claim.
 pub const CHUNK: usize = 1 << 20;
 
 /// The status byte's value.
@@ -128,6 +129,25 @@ impl<'a> Stream<'a> {
         })
     }
 
+    /// The guest memory under the bytes `range` of the stream covers, in order.
+    fn slices<'m>(
+        &self,
+        memory: &'m GuestMemoryMmap,
+        range: Range<u64>,
+    ) -> Result<Vec<VolatileSlice<'m>>, Failure> {
+        if range.end > self.len {
+            return Err(refused("access past the end of the guest's buffers"));
+        }
+        let mut slices = Vec::new();
+        self.pieces(range, |addr, _, len| {
+            for slice in memory.get_slices(addr, len) {
+                slices.push(slice.map_err(|e| refused(format!("guest buffer unmapped: {e}")))?);
+            }
+            Ok(())
+        })?;
+        Ok(slices)
+    }
+
     fn write(&self, memory: &GuestMemoryMmap, at: u64, buf: &[u8]) -> Result<(), Failure> {
         let end = at + buf.len() as u64;
         if end > self.len {
@@ -146,8 +166,6 @@ pub struct Context<'a> {
     pub disk: &'a dyn DiskImage,
     pub geometry: &'a BlkGeometry,
     pub serial: &'a [u8; VIRTIO_BLK_ID_BYTES as usize],
-    /// Reused between requests; grows to at most [`CHUNK`].
-    pub bounce: &'a mut Vec<u8>,
 }
 
 /// Serves `request` and writes its status; returns the bytes written into its buffers,
@@ -261,7 +279,8 @@ fn disk_range(ctx: &Context<'_>, sector: u64, len: u64) -> Result<u64, Failure> 
     }
 }
 
-/// Disk to guest, one chunk at a time.
+/// Disk to guest, straight into the guest's buffers, a chunk at a time (a format that
+/// cannot read into them directly stages a chunk in a scratch buffer).
 fn copy_in(
     ctx: &mut Context<'_>,
     memory: &GuestMemoryMmap,
@@ -270,18 +289,17 @@ fn copy_in(
 ) -> Result<(), Failure> {
     let mut done = 0u64;
     while done < data_in.len {
-        let n = (data_in.len - done).min(CHUNK as u64) as usize;
-        let buf = bounce(ctx.bounce, n);
+        let n = (data_in.len - done).min(CHUNK as u64);
+        let slices = data_in.slices(memory, done..done + n)?;
         ctx.disk
-            .read_at(buf, offset + done)
+            .read_into(&slices, offset + done)
             .map_err(|e| refused(format!("read: {e}")))?;
-        data_in.write(memory, done, buf)?;
-        done += n as u64;
+        done += n;
     }
     Ok(())
 }
 
-/// Guest to disk, one chunk at a time; the data follows the header.
+/// Guest to disk, a chunk at a time; the data follows the header.
 fn copy_out(
     ctx: &mut Context<'_>,
     memory: &GuestMemoryMmap,
@@ -291,22 +309,15 @@ fn copy_out(
 ) -> Result<(), Failure> {
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(CHUNK as u64) as usize;
-        let buf = bounce(ctx.bounce, n);
-        readable.read(memory, HEADER_LEN + done, buf)?;
+        let n = (len - done).min(CHUNK as u64);
+        let at = HEADER_LEN + done;
+        let slices = readable.slices(memory, at..at + n)?;
         ctx.disk
-            .write_at(buf, offset + done)
+            .write_from(&slices, offset + done)
             .map_err(|e| refused(format!("write: {e}")))?;
-        done += n as u64;
+        done += n;
     }
     Ok(())
-}
-
-fn bounce(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if buffer.len() < len {
-        buffer.resize(len, 0);
-    }
-    &mut buffer[..len]
 }
 
 /// DISCARD or WRITE_ZEROES: every range is checked before any is acted on, so a bad range

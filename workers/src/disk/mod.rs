@@ -34,6 +34,7 @@
 
 pub mod backing;
 pub mod cow;
+pub mod guest_buffers;
 mod io;
 pub mod probe;
 pub mod qcow2;
@@ -43,6 +44,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use thiserror::Error;
+use vm_memory::VolatileSlice;
 
 pub use backing::{backing_of, PreopenedBacking};
 pub use cow::CowOverlay;
@@ -110,6 +112,24 @@ pub trait DiskImage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`; the whole range must lie inside the disk.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Fills the guest's `bufs`, in order, from the disk at `offset`. The default goes
+    /// through a scratch buffer; a format that can read straight into them does.
+    fn read_into(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<()> {
+        guest_buffers::with_scratch(guest_buffers::total_len(bufs), |scratch| {
+            self.read_at(scratch, offset)?;
+            guest_buffers::scatter(scratch, bufs);
+            Ok(())
+        })
+    }
+    /// Writes the guest's `bufs`, in order, at `offset`; the counterpart of [`read_into`].
+    ///
+    /// [`read_into`]: DiskImage::read_into
+    fn write_from(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<()> {
+        guest_buffers::with_scratch(guest_buffers::total_len(bufs), |scratch| {
+            guest_buffers::gather(bufs, scratch);
+            self.write_at(scratch, offset)
+        })
+    }
     /// Returns once every write that completed before the call is durable, data and metadata.
     fn flush(&self) -> Result<()>;
     /// The guest no longer needs the range; reading it back may give zeros or old data.

@@ -2,7 +2,9 @@
 
 use std::fs::File;
 
-use super::{check_range, io, DiskError, DiskImage, Result};
+use vm_memory::VolatileSlice;
+
+use super::{check_range, guest_buffers, io, DiskError, DiskImage, Result};
 
 pub struct Raw {
     file: File,
@@ -46,6 +48,17 @@ impl DiskImage for Raw {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
         io::write_all(&self.file, buf, offset).map_err(DiskError::io("raw write"))
+    }
+
+    /// One preadv straight into the guest's buffers: no copy in between.
+    fn read_into(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<()> {
+        check_range(offset, guest_buffers::total_len(bufs) as u64, self.len)?;
+        io::read_vectored_zero_fill(&self.file, bufs, offset).map_err(DiskError::io("raw read"))
+    }
+
+    fn write_from(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<()> {
+        self.check_write(offset, guest_buffers::total_len(bufs) as u64)?;
+        io::write_vectored_all(&self.file, bufs, offset).map_err(DiskError::io("raw write"))
     }
 
     fn flush(&self) -> Result<()> {
