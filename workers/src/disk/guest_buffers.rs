@@ -16,6 +16,29 @@ pub fn total_len(bufs: &[VolatileSlice<'_>]) -> usize {
     bufs.iter().map(|b| b.len()).sum()
 }
 
+/// The part of `bufs` that holds bytes `at..at + len` of them, in order. Asking for more
+/// than `bufs` hold gives what they do hold.
+pub fn sub_slices<'m>(bufs: &[VolatileSlice<'m>], at: usize, len: usize) -> Vec<VolatileSlice<'m>> {
+    let mut out = Vec::new();
+    let (mut start, end) = (0usize, at.saturating_add(len));
+    for buf in bufs {
+        let buf_end = start + buf.len();
+        if buf_end > at && start < end {
+            let from = at.saturating_sub(start);
+            let to = end.min(buf_end) - start;
+            // In bounds: from < to <= buf.len().
+            if let Ok(piece) = buf.subslice(from, to - from) {
+                out.push(piece);
+            }
+        }
+        start = buf_end;
+        if start >= end {
+            break;
+        }
+    }
+    out
+}
+
 /// Runs `f` with a scratch buffer of `len` bytes, this thread's, reused between calls.
 /// Callers keep `len` bounded (the blk worker moves at most 1 MiB per call).
 pub fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
@@ -77,6 +100,12 @@ mod tests {
             scratch.reverse();
             scatter(scratch, &bufs);
         });
+        let middle = sub_slices(&bufs, 4, 4);
+        let mut seen = [0u8; 4];
+        gather(&middle, &mut seen);
+        assert_eq!(&seen, b"w ol");
+        assert_eq!(total_len(&sub_slices(&bufs, 9, 100)), 2);
+        assert!(sub_slices(&bufs, 11, 1).is_empty());
         assert_eq!(&a, b"dlrow ");
         assert_eq!(&b, b"olleh");
     }

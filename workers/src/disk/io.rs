@@ -259,6 +259,14 @@ impl HostFile {
         read_zero_fill(&self.file, buf, offset)
     }
 
+    pub fn read_vectored_zero_fill(
+        &self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        read_vectored_zero_fill(&self.file, bufs, offset)
+    }
+
     pub fn write_all(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         if let Some(budget) = &self.write_budget {
             if budget

@@ -23,9 +23,12 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::sync::{Arc, Mutex, RwLock};
 
+use vm_memory::VolatileSlice;
+
 use super::io::HostFile;
 use super::{
-    check_range, open_inner, BackingResolver, DiskError, DiskImage, DiskOptions, Format, Result,
+    check_range, guest_buffers, open_inner, BackingResolver, DiskError, DiskImage, DiskOptions,
+    Format, Result,
 };
 use cache::MetaCache;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -78,6 +81,15 @@ struct Planned<'a> {
     host: u64,
     in_cluster: u64,
     content: Content<'a>,
+}
+
+/// What [`Qcow2::read_mapped`] found at a stretch of the guest disk.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    /// Data clusters, contiguous on the host from `host`.
+    Data { host: u64 },
+    /// Part of one cluster of any other kind, `in_cluster` bytes into it.
+    Other { map: Mapping, in_cluster: u64 },
 }
 
 /// One cluster's share of a request.
@@ -356,6 +368,62 @@ impl Qcow2 {
         let out = Arc::new(out);
         *cached() = Some((host, out.clone()));
         Ok(out)
+    }
+
+    /// Walks the `len` bytes at `offset` as the image maps them, calling
+    /// `read(at, len, guest offset, run)` for each run of data clusters that are contiguous
+    /// on the host too (one read for many clusters) and for every other piece. The
+    /// mappings are taken under the metadata lock, the reads done outside it under the I/O
+    /// gate, so no cluster is freed under a read.
+    fn read_mapped(
+        &self,
+        offset: u64,
+        len: u64,
+        mut read: impl FnMut(usize, usize, u64, Run) -> Result<()>,
+    ) -> Result<()> {
+        check_range(offset, len, self.size)?;
+        let pieces: Vec<Piece> = self.pieces(offset, len).collect();
+        let (maps, _gate) = {
+            let mut m = self.lock();
+            let maps = pieces
+                .iter()
+                .map(|p| self.mapping(&mut m, p.cluster))
+                .collect::<Result<Vec<_>>>()?;
+            (maps, self.io_gate())
+        };
+        let mut i = 0;
+        while i < pieces.len() {
+            let p = &pieces[i];
+            let guest = offset + p.at as u64;
+            if let Mapping::Data { host } = maps[i] {
+                let start = host + p.in_cluster;
+                let mut j = i + 1;
+                let mut run = p.len;
+                while j < pieces.len()
+                    && maps[j]
+                        == (Mapping::Data {
+                            host: start + run as u64,
+                        })
+                {
+                    run += pieces[j].len;
+                    j += 1;
+                }
+                read(p.at, run, guest, Run::Data { host: start })?;
+                i = j;
+                continue;
+            }
+            read(
+                p.at,
+                p.len,
+                guest,
+                Run::Other {
+                    map: maps[i],
+                    in_cluster: p.in_cluster,
+                },
+            )?;
+            i += 1;
+        }
+        Ok(())
     }
 
     /// Reads part of one guest cluster given its mapping; no lock held.
@@ -695,44 +763,36 @@ impl DiskImage for Qcow2 {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        let pieces: Vec<Piece> = self.pieces(offset, buf.len() as u64).collect();
-        let (maps, _gate) = {
-            let mut m = self.lock();
-            let maps = pieces
-                .iter()
-                .map(|p| self.mapping(&mut m, p.cluster))
-                .collect::<Result<Vec<_>>>()?;
-            (maps, self.io_gate())
-        };
-        let mut i = 0;
-        while i < pieces.len() {
-            let p = &pieces[i];
-            // Coalesce runs of data clusters that are contiguous on the host too.
-            if let Mapping::Data { host } = maps[i] {
-                let start = host + p.in_cluster;
-                let mut j = i + 1;
-                let mut len = p.len;
-                while j < pieces.len()
-                    && maps[j]
-                        == (Mapping::Data {
-                            host: start + len as u64,
-                        })
-                {
-                    len += pieces[j].len;
-                    j += 1;
-                }
-                self.file
-                    .read_zero_fill(&mut buf[p.at..p.at + len], start)
-                    .map_err(DiskError::io("qcow2 read"))?;
-                i = j;
-                continue;
+        self.read_mapped(offset, buf.len() as u64, |at, len, guest, run| {
+            let out = &mut buf[at..at + len];
+            match run {
+                Run::Data { host } => self
+                    .file
+                    .read_zero_fill(out, host)
+                    .map_err(DiskError::io("qcow2 read")),
+                Run::Other { map, in_cluster } => self.read_piece(map, guest, in_cluster, out),
             }
-            let guest = offset + p.at as u64;
-            self.read_piece(maps[i], guest, p.in_cluster, &mut buf[p.at..p.at + p.len])?;
-            i += 1;
-        }
-        Ok(())
+        })
+    }
+
+    /// Data clusters are read straight into the guest's buffers; the rest (zeros, backing
+    /// data, compressed clusters) is staged a piece at a time.
+    fn read_into(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<()> {
+        let total = guest_buffers::total_len(bufs) as u64;
+        self.read_mapped(offset, total, |at, len, guest, run| {
+            let out = guest_buffers::sub_slices(bufs, at, len);
+            match run {
+                Run::Data { host } => self
+                    .file
+                    .read_vectored_zero_fill(&out, host)
+                    .map_err(DiskError::io("qcow2 read")),
+                Run::Other { map, in_cluster } => guest_buffers::with_scratch(len, |scratch| {
+                    self.read_piece(map, guest, in_cluster, scratch)?;
+                    guest_buffers::scatter(scratch, &out);
+                    Ok(())
+                }),
+            }
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
