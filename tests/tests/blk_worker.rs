@@ -464,6 +464,87 @@ fn config_space_and_features_describe_the_disk() -> Result<()> {
     assert_alive(&worker)
 }
 
+/// Queues served at once by their own threads: every queue holds a batch of allocating
+/// QCOW2 writes when all are kicked together, so the threads allocate clusters and update
+/// L2 tables and refcounts side by side. Each write covers part of a cluster, interleaved
+/// with the other queues' clusters, and then every queue reads another's writes back.
+#[test]
+fn queues_served_in_parallel_allocate_a_consistent_qcow2() -> Result<()> {
+    const QUEUES: usize = 4;
+    const PER_QUEUE: usize = 16;
+    const CLUSTER_SECTORS: u64 = (64 << 10) / SECTOR;
+    let dir = TempDir::new("parallel");
+    let image = create(&dir, "disk.qcow2", "qcow2")?;
+    let (expected_path, expected) = expected_raw(&dir)?;
+    let worker = standalone(&image, &["--queues", &QUEUES.to_string()])?;
+    let mut blk = Blk::start(worker.connect()?, QUEUES, 1 << VIRTIO_RING_F_EVENT_IDX)?;
+    // Request `i` of queue `q`: 12 KiB at an odd sector of cluster `i * QUEUES + q`.
+    let write_of = |q: usize, i: usize| {
+        let cluster = (i * QUEUES + q) as u64;
+        let sector = cluster * CLUSTER_SECTORS + 1 + (q as u64) * 3;
+        (sector, pattern((q * PER_QUEUE + i) as u64 + 100, 12 << 10))
+    };
+    for q in 0..QUEUES {
+        for i in 0..PER_QUEUE {
+            let (sector, data) = write_of(q, i);
+            let req = Req {
+                kind: VIRTIO_BLK_T_OUT,
+                sector,
+                out: &data,
+                in_len: 0,
+            };
+            blk.post(q, q * PER_QUEUE + i, &req)?;
+            expected.write_all_at(&data, sector * SECTOR)?;
+        }
+    }
+    for q in 0..QUEUES {
+        blk.device.queues[q].kick()?;
+    }
+    for q in 0..QUEUES {
+        let used = blk.device.queues[q]
+            .wait_used(PER_QUEUE, TIMEOUT)
+            .with_context(|| format!("writes on queue {q}: {}", worker.stderr()))?;
+        ensure!(used.len() == PER_QUEUE, "queue {q}: {} answers", used.len());
+        for i in 0..PER_QUEUE {
+            ensure!(
+                blk.status(q * PER_QUEUE + i)? == OK,
+                "write {i} on queue {q}"
+            );
+        }
+    }
+    for q in 0..QUEUES {
+        let other = (q + 1) % QUEUES;
+        for i in [0, PER_QUEUE / 2, PER_QUEUE - 1] {
+            let (sector, data) = write_of(other, i);
+            let req = Req {
+                kind: VIRTIO_BLK_T_IN,
+                sector,
+                out: &[],
+                in_len: data.len() as u32,
+            };
+            let (status, back, _) = blk.run(q, &req)?;
+            ensure!(
+                status == OK && back == data,
+                "queue {q} reads write {i} of queue {other}"
+            );
+        }
+    }
+    ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK, "flush");
+    assert_alive(&worker)?;
+    drop(blk);
+    worker.kill()?;
+    qemu_img_ok(&["check", p(&image)])?;
+    qemu_img_ok(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        p(&image),
+        p(&expected_path),
+    ])
+}
+
 #[test]
 fn read_only_disk_refuses_writes_with_ioerr() -> Result<()> {
     let dir = TempDir::new("ro");

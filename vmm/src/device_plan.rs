@@ -8,7 +8,7 @@ use std::fs::File;
 use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 
 use crate::config::VmConfig;
-use crate::disk::{open_disk, OpenedDisk};
+use crate::disk::{open_disk, queues_for, OpenedDisk};
 use crate::vhost_user::DeviceShape;
 use crate::vm::VmError;
 
@@ -62,8 +62,9 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
             },
         ));
     }
+    let disk_queues = queues_for(config.cpus.get());
     for (index, spec) in config.disks.iter().enumerate() {
-        let OpenedDisk { config, files } = open_disk(spec, index)?;
+        let OpenedDisk { config, files } = open_disk(spec, index, disk_queues)?;
         let queues = usize::from(config.num_queues);
         planned.push(PlannedDevice::new(
             format!("blk{index}"),

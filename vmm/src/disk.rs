@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use bulkhead_protocol::{BackingFile, BlkConfig, ImageFormat};
+use bulkhead_workers::blk::MAX_QUEUES;
 use bulkhead_workers::disk::{self, Format, MAX_BACKING_DEPTH};
 use thiserror::Error;
 
@@ -97,10 +98,22 @@ pub struct OpenedDisk {
     pub files: Vec<File>,
 }
 
-/// Opens `spec` as the `index`th disk: the image read-write unless ro or cow, each backing
-/// file read-only, found relative to the directory of the image that names it. Refuses
-/// loops and chains deeper than the engine would follow.
-pub fn open_disk(spec: &DiskSpec, index: usize) -> Result<OpenedDisk, DiskOpenError> {
+/// Request queues for a disk of a guest with `cpus` vCPUs: one per vCPU, as QEMU gives a
+/// virtio-blk disk by default, so that a multiqueue driver submits from each vCPU without
+/// sharing a queue (and its lock) with the others; at most what the blk worker serves.
+pub fn queues_for(cpus: u8) -> u16 {
+    u16::from(cpus).clamp(1, MAX_QUEUES)
+}
+
+/// Opens `spec` as the `index`th disk, served on `num_queues` request queues: the image
+/// read-write unless ro or cow, each backing file read-only, found relative to the
+/// directory of the image that names it. Refuses loops and chains deeper than the engine
+/// would follow.
+pub fn open_disk(
+    spec: &DiskSpec,
+    index: usize,
+    num_queues: u16,
+) -> Result<OpenedDisk, DiskOpenError> {
     let writable = !(spec.read_only || spec.copy_on_write);
     let image = open_file(&spec.path, writable)?;
     let format = match spec.format {
@@ -177,7 +190,7 @@ pub fn open_disk(spec: &DiskSpec, index: usize) -> Result<OpenedDisk, DiskOpenEr
         format: Some(format),
         read_only: spec.read_only,
         copy_on_write: spec.copy_on_write,
-        num_queues: 1,
+        num_queues,
         serial: format!("bulkhead-disk{index}"),
     };
     Ok(OpenedDisk { config, files })
@@ -232,5 +245,13 @@ mod tests {
         assert!("/d,format=vmdk".parse::<DiskSpec>().is_err());
         assert!("/d,rw".parse::<DiskSpec>().is_err());
         assert!("/d,ro,cow".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn one_queue_per_vcpu_up_to_the_worker_maximum() {
+        assert_eq!(queues_for(1), 1);
+        assert_eq!(queues_for(2), 2);
+        assert_eq!(queues_for(u8::try_from(MAX_QUEUES).unwrap()), MAX_QUEUES);
+        assert_eq!(queues_for(254), MAX_QUEUES);
     }
 }
