@@ -268,6 +268,28 @@ impl HostFile {
     }
 
     pub fn write_all(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.spend_write()?;
+        write_all(&self.file, buf, offset)?;
+        self.written_end
+            .fetch_max(offset + buf.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn write_vectored_all(
+        &self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.spend_write()?;
+        write_vectored_all(&self.file, bufs, offset)?;
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        self.written_end
+            .fetch_max(offset + len as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Fault injection: one write less before every write fails.
+    fn spend_write(&self) -> std::io::Result<()> {
         if let Some(budget) = &self.write_budget {
             if budget
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
@@ -276,9 +298,6 @@ impl HostFile {
                 return Err(std::io::Error::other("injected failure: writes cut off"));
             }
         }
-        write_all(&self.file, buf, offset)?;
-        self.written_end
-            .fetch_max(offset + buf.len() as u64, Ordering::SeqCst);
         Ok(())
     }
 

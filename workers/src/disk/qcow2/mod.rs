@@ -826,6 +826,41 @@ impl DiskImage for Qcow2 {
         Ok(())
     }
 
+    /// Writes to clusters the image already owns alone go straight from the guest's
+    /// buffers; a write that must allocate or copy a cluster is staged and takes the
+    /// `write_at` path, which merges it into a whole new cluster.
+    fn write_from(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<()> {
+        let total = guest_buffers::total_len(bufs);
+        self.check_write(offset, total as u64)?;
+        let (direct, _gate) = {
+            let mut m = self.lock();
+            // (host offset, offset into the buffers, length), host-contiguous runs merged.
+            let mut direct: Vec<(u64, usize, usize)> = Vec::new();
+            for p in self.pieces(offset, total as u64) {
+                let map = self.mapping(&mut m, p.cluster)?;
+                let Some(host) = self.in_place(&mut m, map, &p)? else {
+                    drop(m);
+                    return guest_buffers::with_scratch(total, |scratch| {
+                        guest_buffers::gather(bufs, scratch);
+                        self.write_at(scratch, offset)
+                    });
+                };
+                let host = host + p.in_cluster;
+                match direct.last_mut() {
+                    Some((start, _, len)) if *start + *len as u64 == host => *len += p.len,
+                    _ => direct.push((host, p.at, p.len)),
+                }
+            }
+            (direct, self.io_gate())
+        };
+        for (host, at, len) in direct {
+            self.file
+                .write_vectored_all(&guest_buffers::sub_slices(bufs, at, len), host)
+                .map_err(DiskError::io("qcow2 write"))?;
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
