@@ -240,7 +240,7 @@ fn write_landlock(out: &mut String, rules: &LandlockRules) -> fmt::Result {
         }
         Enforcement::Required => {
             "required: the worker refuses to run unless the kernel enforces at least the \
-             filesystem rights of Landlock ABI 1 and the grants; newer rights where it has them"
+             filesystem rights of Landlock ABI 1; newer rights where it has them"
         }
     };
     writeln!(out, "landlock ({mode})")?;
