@@ -238,7 +238,10 @@ fn write_landlock(out: &mut String, rules: &LandlockRules) -> fmt::Result {
         Enforcement::BestEffort => {
             "best effort: what the kernel cannot enforce is logged as a warning"
         }
-        Enforcement::Required => "required: the worker refuses to run without all of it",
+        Enforcement::Required => {
+            "required: the worker refuses to run unless the kernel enforces at least the \
+             filesystem rights of Landlock ABI 1; newer rights where it has them"
+        }
     };
     writeln!(out, "landlock ({mode})")?;
     writeln!(

@@ -25,11 +25,23 @@ pub enum Enforcement {
     /// whose seccomp filter already keeps the worker out of the filesystem and the network
     /// (no path-taking or socket-creating system calls): Landlock is a second wall there.
     BestEffort,
-    /// Refuse to run unless every handled right is enforced. Mandatory when the seccomp
-    /// filter lets path-taking system calls through, because Landlock is then the only
-    /// thing between the worker and the host's files ([`crate::Policy::validate`] checks).
+    /// Refuse to run unless the kernel enforces every handled right of [`REQUIRED_ABI`]
+    /// and every grant: what polices opening, creating, removing and renaming by path.
+    /// Mandatory when the seccomp filter lets path-taking system calls through, because
+    /// Landlock is then the only thing between the worker and the host's files
+    /// ([`crate::Policy::validate`] checks). Rights of newer ABIs are enforced where the
+    /// kernel has them and logged as missing otherwise; what they add is already refused
+    /// by such a policy's filter (no path `truncate`, which `validate` checks; no sockets,
+    /// device ioctls or signals but the worker's own abort), and without `refer` (ABI 2)
+    /// the kernel refuses every rename or link across directories instead.
     Required,
 }
+
+/// The Landlock ABI a [`Enforcement::Required`] policy cannot run without: 1, Linux 5.13.
+/// Its rights are the filesystem's: reading, writing, executing, creating and removing
+/// beneath a path. Asking for more (the target ABI's truncate, network and scopes) would
+/// shut out kernels such as Linux 6.1 (ABI 2), where the filter covers what is missing.
+pub const REQUIRED_ABI: ABI = ABI::V1;
 
 /// Where a grant applies: the file hierarchy beneath it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

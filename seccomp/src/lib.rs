@@ -38,7 +38,7 @@ mod violation;
 pub use describe::{canonical, PolicyDigest};
 pub use error::SandboxError;
 pub use filter::{CompiledFilter, FilterError};
-pub use kinds::{p9_policy, policy_for};
+pub use kinds::{p9_policy, policy_for, policy_for_device};
 pub use landlock_rules::{
     Enforcement, GrantRoot, LandlockRules, PathGrant, PortGrant, TARGET_ABI, TARGET_ABI_VERSION,
 };

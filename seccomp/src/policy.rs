@@ -44,6 +44,11 @@ pub enum PolicyError {
          must be Required"
     )]
     PathSyscallNeedsLandlock(&'static str),
+    #[error(
+        "{0} takes a path that Landlock polices only from ABI 3 (Linux 6.2), newer than a \
+         Required policy may assume; truncate through a descriptor instead"
+    )]
+    PathSyscallNeedsNewerLandlock(&'static str),
     #[error("descriptor {0} cannot be kept: not a valid descriptor number")]
     InvalidFd(RawFd),
     #[error("descriptor {0} is kept twice")]
@@ -171,6 +176,9 @@ impl Policy {
             if let Some(path) = landlock_guarded_syscalls().iter().find(|s| allowed(s)) {
                 return Err(PolicyError::PathSyscallNeedsLandlock(path.name()));
             }
+        } else if allowed(&sys!(SYS_truncate)) {
+            // Required enforcement assumes only Landlock's first ABI (REQUIRED_ABI).
+            return Err(PolicyError::PathSyscallNeedsNewerLandlock("truncate"));
         }
         let mut fds = BTreeSet::new();
         for kept in &self.keep_fds {
@@ -261,6 +269,11 @@ mod tests {
         );
         policy.landlock.enforcement = Enforcement::Required;
         assert_eq!(policy.validate(), Ok(()));
+        policy.syscalls.push(SyscallRule::allow(sys!(SYS_truncate)));
+        assert_eq!(
+            policy.validate(),
+            Err(PolicyError::PathSyscallNeedsNewerLandlock("truncate"))
+        );
     }
 
     #[test]

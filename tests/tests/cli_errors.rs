@@ -394,3 +394,114 @@ fn blk_workers_are_started_and_audited() -> Result<()> {
     assert_eq!(std::fs::read(&qcow2)?, before, "a cow disk was written");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// 9p shares
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn bad_9p_options_are_usage_errors() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let share = path_str(dir.path()).to_owned();
+    let long_tag = format!("{share},tag={}", "t".repeat(70_000));
+    let cases = [
+        (format!("{share},rw"), "rw"),
+        (format!("{share},tag="), "empty"),
+        (format!("{share},ro=yes"), "ro=yes"),
+        (",tag=x".to_owned(), "directory"),
+        (long_tag, "65535"),
+    ];
+    for (bad, mentioned) in cases {
+        let outcome = run_image(&power_off_kernel()?, &["--9p", &bad])?;
+        outcome.assert_error_mentioning(&[mentioned]);
+        assert!(outcome.error_report().contains("--9p"), "{outcome}");
+        assert_eq!(outcome.status.code(), Some(2), "a usage error:\n{outcome}");
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_shared_directory() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let missing = dir.path().join("no-such-dir");
+    let outcome = run_image(&power_off_kernel()?, &["--9p", path_str(&missing)])?;
+    outcome.assert_error_mentioning(&[path_str(&missing)]);
+    assert!(outcome.error_report().contains("No such file"), "{outcome}");
+    assert_eq!(outcome.status.code(), Some(1), "{outcome}");
+    Ok(())
+}
+
+#[test]
+fn a_file_is_no_shared_directory() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let file = dir.write("plain-file", b"not a directory")?;
+    let outcome = run_image(&power_off_kernel()?, &["--9p", path_str(&file)])?;
+    outcome.assert_error_mentioning(&["not a directory"]);
+    assert!(
+        outcome.error_report().contains(path_str(&file)),
+        "{outcome}"
+    );
+    assert_eq!(outcome.status.code(), Some(1), "{outcome}");
+    Ok(())
+}
+
+#[test]
+fn two_shares_with_one_tag_are_refused() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    for sub in ["a/data", "b/data"] {
+        std::fs::create_dir_all(dir.path().join(sub))?;
+    }
+    let first = dir.path().join("a/data");
+    let second = format!("{},ro", path_str(&dir.path().join("b/data")));
+    // The default tags clash ("data"), and so do a default and an explicit one.
+    for other in [second, format!("{},tag=data", path_str(dir.path()))] {
+        let outcome = run_image(
+            &power_off_kernel()?,
+            &["--9p", path_str(&first), "--9p", &other],
+        )?;
+        outcome.assert_error_mentioning(&["\"data\""]);
+        assert!(outcome.error_report().contains("tag=TAG"), "{outcome}");
+        assert_eq!(outcome.status.code(), Some(1), "{outcome}");
+    }
+    Ok(())
+}
+
+/// Two shares, one read-only: each gets a p9 worker that completes its handshake, and
+/// the audit log's policy digest for each is that of the policy the worker applies (its
+/// Landlock grant read-only or not), not the printable shape `bulkhead policy p9` shows.
+#[test]
+fn p9_workers_are_started_and_audited() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let log = dir.path().join("audit.jsonl");
+    for sub in ["rw", "ro"] {
+        std::fs::create_dir_all(dir.path().join(sub))?;
+    }
+    let writable = path_str(&dir.path().join("rw")).to_owned();
+    let read_only = format!("{},tag=ro-share,ro", path_str(&dir.path().join("ro")));
+    run_image(
+        &power_off_kernel()?,
+        &[
+            "--9p",
+            &writable,
+            "--9p",
+            &read_only,
+            "--audit-log",
+            path_str(&log),
+        ],
+    )?
+    .assert_clean_exit();
+    let audit = std::fs::read_to_string(&log)?;
+    for (device, ro) in [("9p0", false), ("9p1", true)] {
+        let spawn = format!(r#""event":"spawn","device":"{device}","kind":"p9""#);
+        assert!(audit.contains(&spawn), "{audit}");
+        let digest = bulkhead_seccomp::p9_policy(5, ro).digest();
+        let policy =
+            format!(r#""event":"policy","device":"{device}","kind":"p9","digest":"{digest}""#);
+        assert!(audit.contains(&policy), "{device}: {policy}\n{audit}");
+    }
+    let shape = bulkhead_seccomp::policy_for(bulkhead_protocol::WorkerKind::P9).digest();
+    assert!(!audit.contains(&shape.to_string()), "{audit}");
+    assert!(!audit.contains(r#""event":"crash""#), "{audit}");
+    assert!(!audit.contains(r#""event":"exit""#), "{audit}");
+    Ok(())
+}

@@ -7,6 +7,7 @@ use bulkhead_protocol::WorkerKind;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, RawConfig, VmConfig, VmName};
+use crate::share::ShareSpec;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -74,7 +75,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Read the VM's settings from a TOML file (same keys as these flags: name, kernel,
-    /// initrd, cmdline, cpus, memory, rng, audit_log); flags given too override it.
+    /// initrd, cmdline, cpus, memory, rng, disk, 9p, audit_log); flags given too override
+    /// it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// The VM's name, for `bulkhead stop NAME` and friends [default: vm-<pid>].
@@ -104,10 +106,23 @@ pub struct RunArgs {
     /// was.
     #[arg(long, value_name = "PATH[,OPTIONS]")]
     pub disk: Vec<String>,
+    /// Share a host directory with the guest over virtio-9p, served by a sandboxed
+    /// worker confined to it (repeatable): HOSTDIR[,tag=TAG][,ro]. The tag, which the
+    /// guest mounts (`mount -t 9p -o trans=virtio TAG /mnt`), defaults to the
+    /// directory's name; ro refuses every change.
+    #[arg(long = "9p", value_name = "HOSTDIR[,OPTIONS]", value_parser = share_arg)]
+    pub p9: Vec<String>,
     /// Append device worker lifecycle events (spawn, exit, crash, restart) to PATH as
     /// JSON lines.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
+}
+
+/// A malformed `--9p` is a usage error, like an unknown flag: checked while parsing, so
+/// that it ends with clap's message and status 2. The config file's values go through
+/// [`RawConfig::validate`], which parses them the same way.
+fn share_arg(text: &str) -> Result<String, String> {
+    text.parse::<ShareSpec>().map(|_| text.to_owned())
 }
 
 impl RunArgs {
@@ -122,6 +137,7 @@ impl RunArgs {
             memory: self.memory.clone().map(Into::into),
             rng: self.rng.then_some(true),
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            p9: (!self.p9.is_empty()).then(|| self.p9.clone()),
             audit_log: self.audit_log.clone(),
         }
     }
@@ -193,6 +209,13 @@ mod tests {
             .disks;
         assert_eq!(disks.len(), 2);
         assert!(disks[1].read_only);
+        let shares = run_args(&["run", "-k", "/k", "--9p", "/srv/a", "--9p", "/b,tag=t,ro"])
+            .to_config()
+            .unwrap()
+            .shares;
+        assert_eq!(shares.len(), 2);
+        assert_eq!(shares[0].tag, "a");
+        assert!(shares[1].read_only && shares[1].tag == "t");
     }
 
     #[test]
@@ -202,6 +225,15 @@ mod tests {
         assert!(parse(&["run", "--kernel", "/k", "--bogus"]).is_err());
         let bogus = run_args(&["run", "--kernel", "/k", "--disk", "/d,bogus"]);
         assert!(matches!(bogus.to_config(), Err(ConfigError::Disk(_))));
+        for bad in ["/d,bogus", "/d,tag=", ""] {
+            let err = parse(&["run", "--kernel", "/k", "--9p", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+        let dup = run_args(&["run", "-k", "/k", "--9p", "/a/x", "--9p", "/b,tag=x"]);
+        assert_eq!(
+            dup.to_config().unwrap_err(),
+            ConfigError::DuplicateTag("x".into())
+        );
         let zero = run_args(&["run", "--kernel", "/k", "--cpus", "0"]);
         assert_eq!(zero.to_config().unwrap_err(), ConfigError::CpuCount(0));
         let tiny = run_args(&["run", "--kernel", "/k", "--memory", "1K"]);

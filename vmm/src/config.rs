@@ -38,6 +38,10 @@ pub enum ConfigError {
     CpuCount(u64),
     #[error("invalid --disk: {0}")]
     Disk(String),
+    #[error("invalid --9p: {0}")]
+    Share(String),
+    #[error("two --9p shares have the tag {0:?}: give one of them another with tag=TAG")]
+    DuplicateTag(String),
     #[error("no kernel to boot: give --kernel, or `kernel` in the config file")]
     NoKernel,
     #[error("cannot read config file {path}: {detail}")]
@@ -195,6 +199,9 @@ pub struct VmConfig {
     pub rng: Option<bulkhead_protocol::RngConfig>,
     /// virtio-blk disks, one worker each, in `--disk` order.
     pub disks: Vec<crate::disk::DiskSpec>,
+    /// Host directories shared over virtio-9p, one worker each, in `--9p` order; no two
+    /// with the same tag.
+    pub shares: Vec<crate::share::ShareSpec>,
     /// Where worker lifecycle events go, as JSON lines.
     pub audit_log: Option<PathBuf>,
 }
@@ -228,6 +235,9 @@ pub struct RawConfig {
     pub rng: Option<bool>,
     /// `--disk` values, `PATH[,format=raw|qcow2][,ro][,cow]` each (`disk = [...]` in a file).
     pub disk: Option<Vec<String>>,
+    /// `--9p` values, `HOSTDIR[,tag=TAG][,ro]` each (`9p = [...]` in a file).
+    #[serde(rename = "9p")]
+    pub p9: Option<Vec<String>>,
     pub audit_log: Option<PathBuf>,
 }
 
@@ -268,6 +278,7 @@ impl RawConfig {
             memory: over.memory.or(self.memory),
             rng: over.rng.or(self.rng),
             disk: over.disk.or(self.disk),
+            p9: over.p9.or(self.p9),
             audit_log: over.audit_log.or(self.audit_log),
         }
     }
@@ -279,6 +290,15 @@ impl RawConfig {
             Some(MemorySetting::Text(text)) => text.parse()?,
             Some(MemorySetting::Mebibytes(mib)) => mib.to_string().parse()?,
         };
+        let shares: Vec<crate::share::ShareSpec> = self
+            .p9
+            .unwrap_or_default()
+            .iter()
+            .map(|share| share.parse().map_err(ConfigError::Share))
+            .collect::<Result<_, _>>()?;
+        if let Some(tag) = crate::share::duplicate_tag(&shares) {
+            return Err(ConfigError::DuplicateTag(tag.to_owned()));
+        }
         Ok(VmConfig {
             name: match self.name {
                 Some(name) => name.parse()?,
@@ -299,6 +319,7 @@ impl RawConfig {
                 .iter()
                 .map(|disk| disk.parse().map_err(ConfigError::Disk))
                 .collect::<Result<_, _>>()?,
+            shares,
             audit_log: self.audit_log,
         })
     }
@@ -400,6 +421,22 @@ mod tests {
         assert!(matches!(&error, ConfigError::Disk(_)));
         assert!(error.to_string().starts_with("invalid --disk: "), "{error}");
         assert!(error.to_string().contains("rw"), "{error}");
+        let shares = RawConfig::from_toml("kernel = \"/k\"\n9p = [\"/srv/a\", \"/b,tag=b2,ro\"]")
+            .unwrap()
+            .validate()
+            .unwrap()
+            .shares;
+        assert_eq!(shares.len(), 2);
+        assert_eq!((shares[0].tag.as_str(), shares[0].read_only), ("a", false));
+        assert_eq!((shares[1].tag.as_str(), shares[1].read_only), ("b2", true));
+        let dup = RawConfig::from_toml("kernel = \"/k\"\n9p = [\"/x/a\", \"/y/a\"]").unwrap();
+        assert_eq!(
+            dup.validate().unwrap_err(),
+            ConfigError::DuplicateTag("a".into())
+        );
+        let bad = RawConfig::from_toml("kernel = \"/k\"\n9p = [\"/a,tag=\"]").unwrap();
+        let error = bad.validate().unwrap_err();
+        assert!(error.to_string().starts_with("invalid --9p: "), "{error}");
         assert_eq!(
             RawConfig::default().validate().unwrap_err(),
             ConfigError::NoKernel

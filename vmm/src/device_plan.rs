@@ -9,6 +9,7 @@ use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 
 use crate::config::VmConfig;
 use crate::disk::{open_disk, queues_for, OpenedDisk};
+use crate::share::{open_share, OpenedShare};
 use crate::vhost_user::DeviceShape;
 use crate::vm::VmError;
 
@@ -18,6 +19,12 @@ const RNG_QUEUE_SIZE: u16 = 256;
 const BLK_QUEUE_SIZE: u16 = 256;
 /// virtio_blk_config up to the write-zeroes fields, as the blk worker serves it.
 const BLK_CONFIG_SIZE: usize = 60;
+
+/// Descriptors per virtio-9p queue: what Linux's 9pnet_virtio sizes its requests for
+/// (the worker takes up to 1024).
+const P9_QUEUE_SIZE: u16 = 128;
+/// virtio_9p_config: `tag_len` (le16), then the tag.
+const P9_CONFIG_HEADER: usize = 2;
 
 /// One device to attach: handed to the worker launcher and then to the supervisor, which
 /// keeps `files` open so that a replacement worker gets the same ones.
@@ -74,6 +81,20 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
                 device_type: WorkerKind::Blk.virtio_device_id(),
                 queue_sizes: vec![BLK_QUEUE_SIZE; queues],
                 config_size: BLK_CONFIG_SIZE,
+            },
+        ));
+    }
+    for (index, spec) in config.shares.iter().enumerate() {
+        let OpenedShare { config, dir } = open_share(spec)?;
+        let config_size = P9_CONFIG_HEADER + config.tag.len();
+        planned.push(PlannedDevice::new(
+            format!("9p{index}"),
+            DeviceConfig::P9(config),
+            vec![dir],
+            DeviceShape {
+                device_type: WorkerKind::P9.virtio_device_id(),
+                queue_sizes: vec![P9_QUEUE_SIZE],
+                config_size,
             },
         ));
     }

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod exit;
 pub mod memory;
 pub mod pause;
+pub mod share;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod virtio;

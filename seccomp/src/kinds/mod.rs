@@ -16,7 +16,7 @@ mod vhost_user;
 
 use std::os::fd::RawFd;
 
-use bulkhead_protocol::WorkerKind;
+use bulkhead_protocol::{DeviceConfig, WorkerKind};
 
 use crate::policy::Policy;
 
@@ -37,4 +37,43 @@ pub fn policy_for(kind: WorkerKind) -> Policy {
 /// rights only when `read_only`.
 pub fn p9_policy(root_fd: RawFd, read_only: bool) -> Policy {
     p9::policy(Some(root_fd), read_only)
+}
+
+/// The policy a worker launched for `device` applies, as the audit log must record it:
+/// [`policy_for`] its kind, except where the device's configuration shapes the policy
+/// (a p9 share's Landlock grant is read-only for a read-only share).
+pub fn policy_for_device(device: &DeviceConfig) -> Policy {
+    match device {
+        DeviceConfig::P9(p9) => p9_policy(p9.root_fd, p9.read_only),
+        other => policy_for(other.kind()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_protocol::{P9Config, RngConfig};
+
+    use super::*;
+
+    #[test]
+    fn a_p9_device_is_digested_as_the_worker_applies_it() {
+        let share = |read_only| {
+            DeviceConfig::P9(P9Config {
+                root_fd: 5,
+                tag: "share".into(),
+                read_only,
+            })
+        };
+        let writable = policy_for_device(&share(false)).digest();
+        let read_only = policy_for_device(&share(true)).digest();
+        assert_eq!(writable, p9_policy(7, false).digest());
+        assert_eq!(read_only, p9_policy(5, true).digest());
+        assert_ne!(writable, read_only);
+        assert_ne!(writable, policy_for(WorkerKind::P9).digest());
+        let rng = DeviceConfig::Rng(RngConfig::default());
+        assert_eq!(
+            policy_for_device(&rng).digest(),
+            policy_for(WorkerKind::Rng).digest()
+        );
+    }
 }

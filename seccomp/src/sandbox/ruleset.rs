@@ -1,14 +1,14 @@
 //! Turning [`LandlockRules`] into a Landlock ruleset and restricting the calling thread.
 
 use landlock::{
-    CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    Access, AccessFs, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus,
 };
 
 use std::os::fd::BorrowedFd;
 
 use crate::error::SandboxError;
-use crate::landlock_rules::{Enforcement, GrantRoot, LandlockRules};
+use crate::landlock_rules::{Enforcement, GrantRoot, LandlockRules, REQUIRED_ABI};
 
 /// How much of a policy's Landlock rules the running kernel enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,15 +31,21 @@ impl LandlockOutcome {
     }
 }
 
-/// Restricts the calling thread. With [`Enforcement::Required`], anything short of full
-/// enforcement is an error (usually before anything is enforced: the crate refuses
-/// unsupported rights up front); with [`Enforcement::BestEffort`], it is a warning.
+/// Restricts the calling thread. With [`Enforcement::Required`], a kernel that cannot
+/// enforce every handled right of [`REQUIRED_ABI`] is an error before anything is
+/// enforced (the crate refuses unsupported rights up front); rights of newer ABIs, and
+/// everything with [`Enforcement::BestEffort`], are enforced where the kernel has them,
+/// the rest logged as a warning. A grant loses only the rights the kernel does not
+/// handle: what it allows never grows.
 pub fn restrict_self(rules: &LandlockRules) -> Result<LandlockOutcome, SandboxError> {
-    let level = match rules.enforcement {
-        Enforcement::Required => CompatLevel::HardRequirement,
-        Enforcement::BestEffort => CompatLevel::BestEffort,
-    };
-    let mut ruleset = Ruleset::default().set_compatibility(level);
+    let mut ruleset = Ruleset::default();
+    if rules.enforcement == Enforcement::Required {
+        let floor = rules.handled_fs & AccessFs::from_all(REQUIRED_ABI);
+        ruleset = ruleset
+            .set_compatibility(CompatLevel::HardRequirement)
+            .handle_access(floor)?;
+    }
+    let mut ruleset = ruleset.set_compatibility(CompatLevel::BestEffort);
     if !rules.handled_fs.is_empty() {
         ruleset = ruleset.handle_access(rules.handled_fs)?;
     }
@@ -80,9 +86,14 @@ pub fn restrict_self(rules: &LandlockRules) -> Result<LandlockOutcome, SandboxEr
     };
     match (outcome, rules.enforcement) {
         (LandlockOutcome::Full, _) => {}
-        (_, Enforcement::Required) => {
+        (LandlockOutcome::None, Enforcement::Required) => {
             return Err(SandboxError::LandlockNotEnforced(outcome.as_str()));
         }
+        (_, Enforcement::Required) => tracing::warn!(
+            "Landlock is enforced partially on this kernel: every path this worker may \
+             reach is confined, and the seccomp filter refuses what the missing rights \
+             would police"
+        ),
         (_, Enforcement::BestEffort) => tracing::warn!(
             "Landlock is enforced {} on this kernel; the seccomp filter still keeps this \
              worker out of the filesystem and the network",

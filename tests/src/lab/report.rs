@@ -16,6 +16,9 @@ use super::scenario::GUEST_MARKER;
 const LAB_MARKER: &str = "LAB: ";
 /// What an L2 kernel prints as it starts userspace.
 const L2_USERSPACE_MARKER: &str = "Run /init as init process";
+/// What bulkhead logs (at info, which L1 turns on) once the VM is built, before its vCPUs
+/// start: a run without it failed in bulkhead's own setup, before any guest ran.
+const VM_CREATED_MARKER: &str = "VM created";
 
 /// How many console lines [`LabReport::explain`] quotes.
 const TAIL_LINES: usize = 40;
@@ -128,13 +131,15 @@ impl LabReport {
     /// Under the lab about one L2 boot in fifteen to twenty triple-faults, hangs or panics
     /// there (a panic reboots, so bulkhead may even exit 0), at random points, on either
     /// vCPU, with and without worker devices; see README.md, "The nested lab". Such a boot
-    /// is retried like a dead L1; a run whose guest reached userspace never is.
+    /// is retried like a dead L1; a run whose guest reached userspace never is, nor one
+    /// that failed before its VM was created (a bad option, a worker that would not start).
     pub fn l2_died_in_kernel_boot(&self) -> bool {
         self.runs.iter().any(|run| {
-            run.exit.is_some()
-                && !self
-                    .run_lines(&run.label)
-                    .any(|line| line.text.contains(L2_USERSPACE_MARKER))
+            let said = |marker: &str| {
+                self.run_lines(&run.label)
+                    .any(|line| line.text.contains(marker))
+            };
+            run.exit.is_some() && said(VM_CREATED_MARKER) && !said(L2_USERSPACE_MARKER)
         })
     }
 
@@ -346,20 +351,21 @@ mod tests {
 
     #[test]
     fn tells_a_guest_that_died_in_kernel_boot() {
-        let early = "LAB: run a: begin\n[ 3.7] smp: Bringing up\nerror: guest triple fault\nLAB: run a: exit=1\nLAB: done\n";
+        let early = "LAB: run a: begin\n INFO bulkhead_vmm::vm: VM created cpus=2\n[ 3.7] smp: Bringing up\nerror: guest triple fault\nLAB: run a: exit=1\nLAB: done\n";
         assert!(report(early).l2_died_in_kernel_boot());
-        let hung =
-            "LAB: run a: begin\n[ 4.6] audit: initializing\nLAB: run a: exit=137\nLAB: done\n";
+        let hung = "LAB: run a: begin\nVM created\n[ 4.6] audit: initializing\nLAB: run a: exit=137\nLAB: done\n";
         assert!(report(hung).l2_died_in_kernel_boot());
         // A kernel panic reboots the guest, and bulkhead ends with status 0.
-        let panicked =
-            "LAB: run a: begin\n[ 8.9] Kernel panic - not syncing\nLAB: run a: exit=0\nLAB: done\n";
+        let panicked = "LAB: run a: begin\nVM created\n[ 8.9] Kernel panic - not syncing\nLAB: run a: exit=0\nLAB: done\n";
         assert!(report(panicked).l2_died_in_kernel_boot());
+        // bulkhead failed before there was a guest: the test's to report, not lab noise.
+        let setup = "LAB: run a: begin\nerror: cannot start the VM: device 9p0: worker did not complete the vhost-user handshake\nLAB: run a: exit=1\nLAB: done\n";
+        assert!(!report(setup).l2_died_in_kernel_boot());
         // Once the guest ran /init, a failure is the test's to report.
         let late = "LAB: run a: begin\n[ 9.0] Run /init as init process\nGUEST: x=1\nLAB: run a: exit=1\nLAB: done\n";
         assert!(!report(late).l2_died_in_kernel_boot());
         // A later run's early death counts; a clean run does not.
-        let second = "LAB: run a: begin\n[ 9.0] Run /init as init process\nLAB: run a: exit=0\nLAB: run b: begin\n[ 1.0] x\nLAB: run b: exit=1\n";
+        let second = "LAB: run a: begin\n[ 9.0] Run /init as init process\nLAB: run a: exit=0\nLAB: run b: begin\nVM created\n[ 1.0] x\nLAB: run b: exit=1\n";
         assert!(report(second).l2_died_in_kernel_boot());
         let fine = "LAB: run a: begin\n[ 9.0] Run /init as init process\nLAB: run a: exit=0\n";
         assert!(!report(fine).l2_died_in_kernel_boot());

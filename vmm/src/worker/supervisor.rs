@@ -213,7 +213,9 @@ impl WorkerSupervisor {
         self.audit.record(AuditEvent::Policy {
             device: launch.device_name.clone(),
             kind,
-            digest: bulkhead_seccomp::policy_for(kind).digest().to_string(),
+            digest: bulkhead_seccomp::policy_for_device(&launch.device)
+                .digest()
+                .to_string(),
         });
         lock(&self.board.entries).push(BoardEntry {
             status: DeviceStatus {
