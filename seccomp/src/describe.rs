@@ -120,6 +120,7 @@ fn canonical_match(alternative: &ArgMatch) -> String {
             };
             match c.op {
                 ArgOp::Eq(value) => format!("a{}:{width} == {:#x}", c.arg.index, value.value),
+                ArgOp::EqOwnPid => format!("a{}:{width} == own_pid", c.arg.index),
                 ArgOp::MaskedEq { mask, value } => format!(
                     "a{}:{width} & {:#x} == {:#x}",
                     c.arg.index, mask.value, value.value
@@ -220,6 +221,7 @@ fn render_condition(condition: &ArgCondition) -> String {
     let arg = condition.arg.name;
     match condition.op {
         ArgOp::Eq(value) => format!("{arg} == {} ({:#x})", value.name, value.value),
+        ArgOp::EqOwnPid => format!("{arg} == the worker's own pid"),
         ArgOp::MaskedEq { mask, value } if value.value == 0 => {
             format!("{arg} without {} ({:#x})", mask.name, mask.value)
         }
@@ -314,7 +316,7 @@ mod tests {
     /// changes it; update it here deliberately, in the same change.
     #[cfg(target_arch = "x86_64")]
     const RNG_DIGEST: &str =
-        "sha256:e0129b68789597c8226cb411c976f83e58f767e72f14bb89b41fd22c7bb4c1ae";
+        "sha256:c16cd64f6a64d252e475d22534f7d083ab513e3c449f9a6cc06d335f7c11623f";
 
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -325,7 +327,7 @@ mod tests {
     /// The blk policy's digest; same rule as for rng.
     #[cfg(target_arch = "x86_64")]
     const BLK_DIGEST: &str =
-        "sha256:93caeac64559cad066d959f852cd8a9e6552817aa4267f9a23b28c68748a6197";
+        "sha256:ebb44205606798cc546456430656d317c5d0bd0c36ce88bffa1e9d29e6220cf0";
 
     #[cfg(target_arch = "x86_64")]
     #[test]

@@ -132,6 +132,7 @@ fn seccomp_condition(condition: &ArgCondition) -> Result<SeccompCondition, Filte
     };
     let (op, value) = match condition.op {
         ArgOp::Eq(value) => (SeccompCmpOp::Eq, value.value),
+        ArgOp::EqOwnPid => (SeccompCmpOp::Eq, u64::from(std::process::id())),
         ArgOp::MaskedEq { mask, value } => (SeccompCmpOp::MaskedEq(mask.value), value.value),
     };
     SeccompCondition::new(condition.arg.index, width, op, value).map_err(FilterError::Compile)

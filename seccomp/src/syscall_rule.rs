@@ -104,6 +104,16 @@ impl Arg {
         }
     }
 
+    /// The argument is the calling process's own id: a worker may signal its own threads
+    /// (abort) but no other process, such as the VMM, which runs as the same user. The
+    /// value is only known where the filter is compiled, inside the worker.
+    pub fn is_own_pid(self) -> ArgCondition {
+        ArgCondition {
+            arg: self,
+            op: ArgOp::EqOwnPid,
+        }
+    }
+
     /// None of the bits in `mask` is set.
     pub fn has_none_of(self, mask: Constant) -> ArgCondition {
         ArgCondition {
@@ -129,6 +139,8 @@ impl Arg {
 pub enum ArgOp {
     /// `arg == value`
     Eq(Constant),
+    /// `arg == getpid()` of the process the filter is compiled in.
+    EqOwnPid,
     /// `arg & mask == value`
     MaskedEq { mask: Constant, value: Constant },
 }

@@ -135,6 +135,25 @@ fn cases() -> Vec<Case> {
             check: sandboxed_only,
         },
         Case {
+            name: "rng_policy_kills_signalling_another_process",
+            expect: Expect::SeccompKill,
+            child: |report| {
+                // Another process of the same user, as the VMM is to a worker; started
+                // before the sandbox, which forbids starting one.
+                // It ends by itself: kill(2) is outside the policy too.
+                let Ok(other) = Command::new("/bin/sleep").arg("3").spawn() else {
+                    report.line("spawn", "failed");
+                    return;
+                };
+                let pid = other.id() as libc::pid_t;
+                sandbox_rng(report);
+                // SAFETY: tgkill takes no pointers; if the filter let it through, the
+                // other process would die of SIGABRT and the case fails on our exit.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGABRT) };
+            },
+            check: sandboxed_only,
+        },
+        Case {
             name: "rng_policy_lets_panics_and_aborts_be_themselves",
             expect: Expect::Signal(libc::SIGABRT),
             child: |report| {

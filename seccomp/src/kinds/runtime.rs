@@ -68,10 +68,13 @@ pub fn rules() -> Vec<SyscallRule> {
         SyscallRule::allow(sys!(SYS_restart_syscall))
             .because("resuming a sleep interrupted by a signal"),
         SyscallRule::allow(sys!(SYS_tgkill))
-            .when(Arg::int(2, "sig").eq(constant!(SIGABRT)))
+            .when_all([
+                Arg::int(0, "tgid").is_own_pid(),
+                Arg::int(2, "sig").eq(constant!(SIGABRT)),
+            ])
             .because(
                 "abort() after a panic, so the worker dies of SIGABRT and is not mistaken \
-                 for a seccomp violation",
+                 for a seccomp violation; only to itself, never to the VMM or another worker",
             ),
         // Time and randomness.
         SyscallRule::allow(sys!(SYS_clock_gettime))
