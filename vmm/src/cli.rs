@@ -74,7 +74,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Read the VM's settings from a TOML file (same keys as these flags: name, kernel,
-    /// initrd, cmdline, cpus, memory, rng, audit_log); flags given too override it.
+    /// initrd, cmdline, cpus, memory, rng, disk, display, audit_log); flags given too override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// The VM's name, for `bulkhead stop NAME` and friends [default: vm-<pid>].
@@ -104,6 +104,12 @@ pub struct RunArgs {
     /// was.
     #[arg(long, value_name = "PATH[,OPTIONS]")]
     pub disk: Vec<String>,
+    /// Show the guest's screen (a virtio-gpu device) to VNC viewers, and pass their keys
+    /// and pointer to the guest (a virtio-input keyboard and tablet):
+    /// vnc[=ADDR:PORT|unix:PATH][,password=PW|,password-file=PATH][,size=WIDTHxHEIGHT].
+    /// The default address is 127.0.0.1:5900; any other than loopback needs a password.
+    #[arg(long, value_name = "vnc[=ADDR:PORT][,OPTIONS]")]
+    pub display: Option<String>,
     /// Append device worker lifecycle events (spawn, exit, crash, restart) to PATH as
     /// JSON lines.
     #[arg(long, value_name = "PATH")]
@@ -122,6 +128,7 @@ impl RunArgs {
             memory: self.memory.clone().map(Into::into),
             rng: self.rng.then_some(true),
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            display: self.display.clone(),
             audit_log: self.audit_log.clone(),
         }
     }
@@ -193,6 +200,15 @@ mod tests {
             .disks;
         assert_eq!(disks.len(), 2);
         assert!(disks[1].read_only);
+        let display = run_args(&["run", "-k", "/k", "--display", "vnc=127.0.0.1:5901"])
+            .to_config()
+            .unwrap()
+            .display
+            .unwrap();
+        assert_eq!(
+            display.address,
+            crate::display::VncAddress::Tcp("127.0.0.1:5901".parse().unwrap())
+        );
     }
 
     #[test]
@@ -209,6 +225,10 @@ mod tests {
             tiny.to_config(),
             Err(ConfigError::MemoryTooSmall(_))
         ));
+        let open = run_args(&["run", "-k", "/k", "--display", "vnc=0.0.0.0:5900"]);
+        let error = open.to_config().unwrap_err();
+        assert!(matches!(error, ConfigError::Display(_)), "{error}");
+        assert!(error.to_string().contains("loopback"), "{error}");
         let slash = run_args(&["run", "--kernel", "/k", "--name", "a/b"]);
         assert_eq!(
             slash.to_config().unwrap_err(),

@@ -38,6 +38,8 @@ pub enum ConfigError {
     CpuCount(u64),
     #[error("invalid --disk: {0}")]
     Disk(String),
+    #[error("invalid --display: {0}")]
+    Display(String),
     #[error("no kernel to boot: give --kernel, or `kernel` in the config file")]
     NoKernel,
     #[error("cannot read config file {path}: {detail}")]
@@ -195,6 +197,8 @@ pub struct VmConfig {
     pub rng: Option<bulkhead_protocol::RngConfig>,
     /// virtio-blk disks, one worker each, in `--disk` order.
     pub disks: Vec<crate::disk::DiskSpec>,
+    /// A virtio-gpu screen served over VNC, with a virtio-input keyboard and tablet.
+    pub display: Option<crate::display::DisplaySpec>,
     /// Where worker lifecycle events go, as JSON lines.
     pub audit_log: Option<PathBuf>,
 }
@@ -228,6 +232,8 @@ pub struct RawConfig {
     pub rng: Option<bool>,
     /// `--disk` values, `PATH[,format=raw|qcow2][,ro][,cow]` each (`disk = [...]` in a file).
     pub disk: Option<Vec<String>>,
+    /// `--display vnc[=ADDR:PORT|unix:PATH][,...]`.
+    pub display: Option<String>,
     pub audit_log: Option<PathBuf>,
 }
 
@@ -268,6 +274,7 @@ impl RawConfig {
             memory: over.memory.or(self.memory),
             rng: over.rng.or(self.rng),
             disk: over.disk.or(self.disk),
+            display: over.display.or(self.display),
             audit_log: over.audit_log.or(self.audit_log),
         }
     }
@@ -299,6 +306,10 @@ impl RawConfig {
                 .iter()
                 .map(|disk| disk.parse().map_err(ConfigError::Disk))
                 .collect::<Result<_, _>>()?,
+            display: self
+                .display
+                .map(|display| display.parse().map_err(ConfigError::Display))
+                .transpose()?,
             audit_log: self.audit_log,
         })
     }

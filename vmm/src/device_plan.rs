@@ -9,6 +9,7 @@ use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 
 use crate::config::VmConfig;
 use crate::disk::{open_disk, OpenedDisk};
+use crate::display::{open_display, OpenedDisplay};
 use crate::vhost_user::DeviceShape;
 use crate::vm::VmError;
 
@@ -18,6 +19,14 @@ const RNG_QUEUE_SIZE: u16 = 256;
 const BLK_QUEUE_SIZE: u16 = 256;
 /// virtio_blk_config up to the write-zeroes fields, as the blk worker serves it.
 const BLK_CONFIG_SIZE: usize = 60;
+/// Descriptors per virtio-gpu queue (control, cursor): the display worker's largest.
+const GPU_QUEUE_SIZE: u16 = 256;
+/// virtio_gpu_config: events_read, events_clear, num_scanouts, num_capsets.
+const GPU_CONFIG_SIZE: usize = 16;
+/// Descriptors per virtio-input queue (events, status); Linux posts 64 event buffers.
+const INPUT_QUEUE_SIZE: u16 = 64;
+/// virtio_input_config: select, subsel, size, reserved, the 128-byte answer.
+const INPUT_CONFIG_SIZE: usize = 136;
 
 /// One device to attach: handed to the worker launcher and then to the supervisor, which
 /// keeps `files` open so that a replacement worker gets the same ones.
@@ -73,6 +82,36 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
                 device_type: WorkerKind::Blk.virtio_device_id(),
                 queue_sizes: vec![BLK_QUEUE_SIZE; queues],
                 config_size: BLK_CONFIG_SIZE,
+            },
+        ));
+    }
+    if let Some(spec) = &config.display {
+        // Two workers: the screen and VNC server in one, the keyboard and tablet the
+        // viewers drive in the other, joined by a socket pair both are handed.
+        let OpenedDisplay {
+            display,
+            display_files,
+            input,
+            input_files,
+        } = open_display(spec)?;
+        planned.push(PlannedDevice::new(
+            "display0".into(),
+            DeviceConfig::Display(display),
+            display_files,
+            DeviceShape {
+                device_type: WorkerKind::Display.virtio_device_id(),
+                queue_sizes: vec![GPU_QUEUE_SIZE; 2],
+                config_size: GPU_CONFIG_SIZE,
+            },
+        ));
+        planned.push(PlannedDevice::new(
+            "input0".into(),
+            DeviceConfig::Input(input),
+            input_files,
+            DeviceShape {
+                device_type: WorkerKind::Input.virtio_device_id(),
+                queue_sizes: vec![INPUT_QUEUE_SIZE; 2],
+                config_size: INPUT_CONFIG_SIZE,
             },
         ));
     }

@@ -39,4 +39,4 @@ pub mod vnc;
 
 pub use framebuffer::{Framebuffer, Rect};
 pub use gpu::{GpuDevice, GpuLimits};
-pub use input::{InputEvent, InputSink, LoggingInputSink};
+pub use input::{EventSocketSink, InputEvent, InputSink, LoggingInputSink};
