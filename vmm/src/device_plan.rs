@@ -9,7 +9,6 @@ use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 
 use crate::config::VmConfig;
 use crate::disk::{open_disk, OpenedDisk};
-use crate::display::{open_display, OpenedDisplay};
 use crate::vhost_user::DeviceShape;
 use crate::vm::VmError;
 
@@ -88,12 +87,12 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
     if let Some(spec) = &config.display {
         // Two workers: the screen and VNC server in one, the keyboard and tablet the
         // viewers drive in the other, joined by a socket pair both are handed.
-        let OpenedDisplay {
+        let crate::display::OpenedDisplay {
             display,
             display_files,
             input,
             input_files,
-        } = open_display(spec)?;
+        } = crate::display::open_display(spec)?;
         planned.push(PlannedDevice::new(
             "display0".into(),
             DeviceConfig::Display(display),
