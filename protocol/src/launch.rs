@@ -15,15 +15,17 @@ pub enum WorkerKind {
     Blk,
     Net,
     Display,
+    Input,
 }
 
 impl WorkerKind {
-    pub const ALL: [WorkerKind; 5] = [
+    pub const ALL: [WorkerKind; 6] = [
         WorkerKind::Rng,
         WorkerKind::P9,
         WorkerKind::Blk,
         WorkerKind::Net,
         WorkerKind::Display,
+        WorkerKind::Input,
     ];
 
     pub fn name(self) -> &'static str {
@@ -33,6 +35,7 @@ impl WorkerKind {
             WorkerKind::Blk => "blk",
             WorkerKind::Net => "net",
             WorkerKind::Display => "display",
+            WorkerKind::Input => "input",
         }
     }
 
@@ -45,6 +48,8 @@ impl WorkerKind {
             WorkerKind::Net => 1,
             // virtio-gpu: the display worker's framebuffer device.
             WorkerKind::Display => 16,
+            // virtio-input: the keyboard and tablet VNC viewers type and point with.
+            WorkerKind::Input => 18,
         }
     }
 }
@@ -158,6 +163,26 @@ pub struct DisplayConfig {
     /// When set, viewers must pass VNC authentication with this password (only its first
     /// 8 bytes count, as in every VNC implementation).
     pub vnc_password: Option<String>,
+    /// Descriptor number of a `SOCK_SEQPACKET` socket (non-blocking) on which the worker
+    /// sends what viewers type and point, one datagram of virtio-input events per report,
+    /// to an input worker; None: viewers' input is only logged.
+    pub input_events_fd: Option<i32>,
+}
+
+impl DisplayConfig {
+    /// The VNC listener, then the input events socket if any.
+    pub fn descriptors(&self) -> impl Iterator<Item = i32> + '_ {
+        std::iter::once(self.vnc_listen_fd).chain(self.input_events_fd)
+    }
+}
+
+/// A virtio-input keyboard and tablet fed by the display worker: the worker reads
+/// datagrams of `virtio_input_event`s from `events_fd` and hands them to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct InputConfig {
+    /// Descriptor number of the receiving end of the display worker's events socket
+    /// (`SOCK_SEQPACKET`, non-blocking).
+    pub events_fd: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
@@ -167,6 +192,7 @@ pub enum DeviceConfig {
     Blk(BlkConfig),
     Net(NetConfig),
     Display(DisplayConfig),
+    Input(InputConfig),
 }
 
 impl DeviceConfig {
@@ -177,6 +203,7 @@ impl DeviceConfig {
             DeviceConfig::Blk(_) => WorkerKind::Blk,
             DeviceConfig::Net(_) => WorkerKind::Net,
             DeviceConfig::Display(_) => WorkerKind::Display,
+            DeviceConfig::Input(_) => WorkerKind::Input,
         }
     }
 
@@ -188,9 +215,8 @@ impl DeviceConfig {
             DeviceConfig::P9(p9) => vec![p9.root_fd],
             DeviceConfig::Blk(blk) => blk.descriptors().collect(),
             DeviceConfig::Net(net) => vec![net.tap_fd],
-            // Taken apart, with its own check that it is a listening socket
-            // (`take_listening_socket` in the worker).
-            DeviceConfig::Display(_) => Vec::new(),
+            DeviceConfig::Display(display) => display.descriptors().collect(),
+            DeviceConfig::Input(input) => vec![input.events_fd],
         }
     }
 }
@@ -339,11 +365,22 @@ mod tests {
                 width: 1024,
                 height: 768,
                 vnc_password: Some("secret".into()),
+                input_events_fd: Some(6),
             }),
             vhost_user_fd: 4,
         };
         let bytes = encode(&launch).unwrap();
         assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
         assert_eq!(launch.device.kind(), WorkerKind::Display);
+        assert_eq!(launch.device.descriptors(), [5, 6]);
+        let input = WorkerLaunch {
+            device_name: "input0".into(),
+            device: DeviceConfig::Input(InputConfig { events_fd: 5 }),
+            vhost_user_fd: 4,
+        };
+        let bytes = encode(&input).unwrap();
+        assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), input);
+        assert_eq!(input.device.kind(), WorkerKind::Input);
+        assert_eq!(WorkerKind::Input.virtio_device_id(), 18);
     }
 }

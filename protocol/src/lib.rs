@@ -17,7 +17,7 @@ pub mod wire;
 
 pub use audit::AuditEvent;
 pub use launch::{
-    BackingFile, BlkConfig, DeviceConfig, DisplayConfig, ImageFormat, NetConfig, P9Config,
-    RateLimit, RngConfig, WorkerKind, WorkerLaunch,
+    BackingFile, BlkConfig, DeviceConfig, DisplayConfig, ImageFormat, InputConfig, NetConfig,
+    P9Config, RateLimit, RngConfig, WorkerKind, WorkerLaunch,
 };
 pub use wire::{decode, encode, WireError, MAX_MESSAGE_SIZE};

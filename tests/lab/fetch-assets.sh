@@ -26,7 +26,7 @@ dir=${1:-${BULKHEAD_LAB_DIR:-$repo/target/lab}/assets}
 wanted_modules=(
     irqbypass kvm kvm_amd
     virtio_mmio virtio_pci virtio_blk virtio_net virtio_rng
-    9pnet_virtio 9p tun virtio_gpu
+    9pnet_virtio 9p tun virtio_gpu virtio_input
     button evdev
 )
 

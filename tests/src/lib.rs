@@ -6,12 +6,14 @@
 //!   guest) to boot a real Debian Linux kernel as the L2 guest.
 //! - [`net`]: network namespaces, a TAP in them, frames for the net worker tests.
 //! - [`p9`]: a small 9P2000.L client and a `bulkhead-worker p9` debug server to point it at.
+//! - [`screenshot`]: a screen as a PNG, and the PNG as base64 lines a console can carry.
 
 pub mod lab;
 pub mod micro;
 pub mod net;
 pub mod p9;
 pub mod p9_virtio;
+pub mod screenshot;
 pub mod vhost;
 
 use std::path::PathBuf;

@@ -505,3 +505,47 @@ fn p9_workers_are_started_and_audited() -> Result<()> {
     assert!(!audit.contains(r#""event":"exit""#), "{audit}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// display
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn bad_display_options_are_errors() -> Result<()> {
+    let kernel = power_off_kernel()?;
+    for (bad, says) in [
+        ("vnc=0.0.0.0:5900", "loopback"),
+        ("vnc=5900", "neither ADDR:PORT"),
+        ("vnc,size=1x1", "WIDTHxHEIGHT"),
+        (
+            "vnc,password-file=/nonexistent/pw",
+            "cannot read the VNC password",
+        ),
+        ("rdp", "unknown display"),
+    ] {
+        run_image(&kernel, &["--display", bad])?.assert_error_mentioning(&[says]);
+    }
+    let busy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let taken = format!("vnc={}", busy.local_addr()?);
+    run_image(&kernel, &["--display", &taken])?.assert_error_mentioning(&["cannot listen"]);
+    Ok(())
+}
+
+#[test]
+fn display_and_input_workers_are_started_and_audited() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let log = dir.path().join("audit.jsonl");
+    let display = format!("vnc=unix:{}", path_str(&dir.path().join("vnc.sock")));
+    run_image(
+        &power_off_kernel()?,
+        &["--display", &display, "--audit-log", path_str(&log)],
+    )?
+    .assert_clean_exit();
+    let audit = std::fs::read_to_string(&log)?;
+    for (device, kind) in [("display0", "display"), ("input0", "input")] {
+        let spawn = format!(r#""event":"spawn","device":"{device}","kind":"{kind}""#);
+        assert!(audit.contains(&spawn), "{audit}");
+    }
+    assert!(!audit.contains(r#""event":"crash""#), "{audit}");
+    Ok(())
+}

@@ -866,6 +866,7 @@ fn launched_worker_serves_vnc_on_the_listener_it_was_given() -> Result<()> {
         width: 800,
         height: 600,
         vnc_password: Some("s3cret".into()),
+        input_events_fd: None,
     });
     let (worker, connection) =
         WorkerProcess::launched_with_fds("display0", config, &[(listener.as_raw_fd(), VNC_FD)])?;
@@ -894,6 +895,7 @@ fn launched_worker_refuses_a_descriptor_that_is_not_listening() -> Result<()> {
         width: 800,
         height: 600,
         vnc_password: None,
+        input_events_fd: None,
     });
     let (worker, _connection) =
         WorkerProcess::launched_with_fds("display0", config, &[(a.as_raw_fd(), 5)])?;

@@ -1,20 +1,17 @@
-//! Worker-served devices in a real Linux guest, inside the nested lab: one L1 boot, one L2
-//! boot with a virtio-rng device whose worker L1 kills while the guest reads.
+//! Worker-served devices in a real Linux guest, inside the nested lab: one L1 boot, two
+//! L2 boots with a virtio-rng device, the second with its worker killed while the guest
+//! reads.
 //!
 //! The guest finds the device through ACPI (no command-line hints), checks that it gives
-//! random bytes, announces a 1 MiB read from /dev/hwrng and starts it; L1 kills the worker
-//! with SIGKILL the moment the announcement appears. The supervisor must restart the worker
-//! and hand it the running queue, so that the read completes with every byte, the device
-//! keeps serving small paced reads afterwards, and the audit log tells the story: one
-//! crash, one restart.
+//! random bytes, announces a 1 MiB read from /dev/hwrng and starts it. In the second boot
+//! L1 kills the worker with SIGKILL the moment the announcement appears. The supervisor
+//! must restart the worker and hand it the running queue, so that the read completes with
+//! every byte, the device keeps serving small paced reads afterwards, and the audit log
+//! tells the story: one crash, one restart. The first boot, without the kill, is the
+//! baseline that tells a broken device from a broken restart.
 //!
-//! Known problem, so the kill test is ignored in CI (run it with `cargo test --release -p
-//! bulkhead-tests --test lab_devices -- --ignored`): now and then the guest never gets
-//! its outstanding request back after the restart - the VMM resumes the ring at a sane
-//! place (one request in flight) and no error is logged, but the read blocks for good.
-//! It passed 11 boots in a row on a busy development machine and then hung in a clean CI
-//! run; the userspace harness (`rng_worker.rs`) has never reproduced it. CI runs the same
-//! guest without the kill.
+//! The boots run one after the other in one L1: two L1s side by side on a 2-core host
+//! halve each other's speed.
 
 use std::time::Duration;
 
@@ -22,9 +19,6 @@ use bulkhead_tests::bulkhead_bin;
 use bulkhead_tests::lab::{random_token, Guest, Lab, LabReport, Run, RunReport, Scenario};
 
 const IMAGE: &str = "/rng.cpio";
-const AUDIT_LOG: &str = "/tmp/audit.jsonl";
-/// The L1 console prefix of the audit records.
-const AUDIT_PREFIX: &str = "LAB: audit ";
 /// Bytes the guest reads through the kill.
 const BIG_READ: u32 = 1 << 20;
 /// Reads of 512 bytes after the restart, 0.2 s apart, each with a timeout, so that a stuck
@@ -54,7 +48,21 @@ poweroff -f
     )
 }
 
+/// The run's label, which also names its audit log and the prefix of its audit records.
+fn label(kill: bool) -> &'static str {
+    if kill {
+        "rng-kill"
+    } else {
+        "rng"
+    }
+}
+
+fn audit_prefix(kill: bool) -> String {
+    format!("LAB: audit {} ", label(kill))
+}
+
 fn rng_run(cmdline: &str, kill: bool) -> Run {
+    let audit_log = format!("/tmp/{}.audit.jsonl", label(kill));
     let args = [
         "run",
         "--kernel",
@@ -67,17 +75,17 @@ fn rng_run(cmdline: &str, kill: bool) -> Run {
         "512M",
         "--rng",
         "--audit-log",
-        AUDIT_LOG,
+        &audit_log,
         "--cmdline",
         cmdline,
     ];
-    let run = Run::new("rng", args).timeout(RUN_TIMEOUT);
+    let run = Run::new(label(kill), args).timeout(RUN_TIMEOUT);
     let run = if kill {
         run.when_output_contains("GUEST: reading", "killall -9 bulkhead-worker")
     } else {
         run
     };
-    run.then_in_l1(&format!("sed 's/^/{AUDIT_PREFIX}/' {AUDIT_LOG}"))
+    run.then_in_l1(&format!("sed 's/^/{}/' {audit_log}", audit_prefix(kill)))
 }
 
 fn check_reads(run: &RunReport) -> Result<(), String> {
@@ -104,7 +112,7 @@ fn check_reads(run: &RunReport) -> Result<(), String> {
 fn check_kill_during_read(report: &LabReport) -> Result<(), String> {
     let position = |needle: &str| report.lines.iter().position(|l| l.text.contains(needle));
     match (
-        position("LAB: run rng: triggered"),
+        position("LAB: run rng-kill: triggered"),
         position("GUEST: big_read="),
     ) {
         (Some(killed), Some(read)) if killed < read => Ok(()),
@@ -115,10 +123,11 @@ fn check_kill_during_read(report: &LabReport) -> Result<(), String> {
 }
 
 fn check_audit(report: &LabReport, kill: bool) -> Result<(), String> {
+    let prefix = audit_prefix(kill);
     let audit: Vec<&str> = report
         .lines
         .iter()
-        .filter_map(|line| line.text.split_once(AUDIT_PREFIX).map(|(_, json)| json))
+        .filter_map(|line| line.text.split_once(prefix.as_str()).map(|(_, json)| json))
         .collect();
     let has = |event: &str, detail: &str| {
         audit
@@ -150,40 +159,41 @@ fn check_audit(report: &LabReport, kill: bool) -> Result<(), String> {
     Err(format!("{problem}: {audit:#?}"))
 }
 
-/// Boots the rng guest once; with `kill`, L1 kills the worker as the big read begins.
-fn rng_guest(kill: bool) {
+/// Boots the rng guest twice in one L1: as is, then with its worker killed mid-read.
+#[test]
+fn rng_worker_serves_a_linux_guest_and_survives_a_kill() {
     let token = random_token().unwrap_or_else(|e| panic!("{e}"));
     let cmdline = format!("console=ttyS0 panic=-1 bulkhead.token={token}");
-    let scenario = Scenario::new(if kill { "devices-kill" } else { "devices" })
+    let scenario = Scenario::new("devices")
         .guest(Guest::new(IMAGE, &guest_init()).modules(&["virtio_mmio", "virtio_rng"]))
-        .run(rng_run(&cmdline, kill));
+        .run(rng_run(&cmdline, false))
+        .run(rng_run(&cmdline, true));
     let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
     let report = lab
         .run(&scenario, &bulkhead_bin())
         .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
     eprintln!("{}", report.timings());
-    let Some(run) = report.run("rng") else {
-        panic!("{}", report.explain("the rng run never started"));
-    };
-    check_reads(run)
-        .and_then(|()| {
-            if kill {
-                check_kill_during_read(&report)
-            } else {
-                Ok(())
-            }
-        })
-        .and_then(|()| check_audit(&report, kill))
-        .unwrap_or_else(|problem| panic!("{}", report.explain(&problem)));
-}
-
-#[test]
-fn rng_worker_serves_a_linux_guest() {
-    rng_guest(false);
-}
-
-#[test]
-#[ignore = "known problem: see the module documentation"]
-fn rng_worker_serves_a_linux_guest_and_survives_a_kill() {
-    rng_guest(true);
+    for kill in [false, true] {
+        let Some(run) = report.run(label(kill)) else {
+            panic!(
+                "{}",
+                report.explain(&format!("run {} never started", label(kill)))
+            );
+        };
+        check_reads(run)
+            .and_then(|()| {
+                if kill {
+                    check_kill_during_read(&report)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| check_audit(&report, kill))
+            .unwrap_or_else(|problem| {
+                panic!(
+                    "{}",
+                    report.explain(&format!("run {}: {problem}", label(kill)))
+                )
+            });
+    }
 }

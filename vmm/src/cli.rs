@@ -23,7 +23,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a Linux guest with its serial console on this terminal.
-    Run(RunArgs),
+    // Boxed: the run options dwarf every other command's.
+    Run(Box<RunArgs>),
     /// Print the sandbox policy a device worker kind runs under: its seccomp allowlist
     /// with argument filters, its Landlock rules, and the digest the audit log records.
     Policy {
@@ -75,8 +76,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Read the VM's settings from a TOML file (same keys as these flags: name, kernel,
-    /// initrd, cmdline, cpus, memory, rng, disk, 9p, audit_log); flags given too override
-    /// it.
+    /// initrd, cmdline, cpus, memory, rng, disk, 9p, display, audit_log); flags given too
+    /// override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// The VM's name, for `bulkhead stop NAME` and friends [default: vm-<pid>].
@@ -112,6 +113,12 @@ pub struct RunArgs {
     /// directory's name; ro refuses every change.
     #[arg(long = "9p", value_name = "HOSTDIR[,OPTIONS]", value_parser = share_arg)]
     pub p9: Vec<String>,
+    /// Show the guest's screen (a virtio-gpu device) to VNC viewers, and pass their keys
+    /// and pointer to the guest (a virtio-input keyboard and tablet):
+    /// vnc[=ADDR:PORT|unix:PATH][,password=PW|,password-file=PATH][,size=WIDTHxHEIGHT].
+    /// The default address is 127.0.0.1:5900; any other than loopback needs a password.
+    #[arg(long, value_name = "vnc[=ADDR:PORT][,OPTIONS]")]
+    pub display: Option<String>,
     /// Append device worker lifecycle events (spawn, exit, crash, restart) to PATH as
     /// JSON lines.
     #[arg(long, value_name = "PATH")]
@@ -138,6 +145,7 @@ impl RunArgs {
             rng: self.rng.then_some(true),
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
             p9: (!self.p9.is_empty()).then(|| self.p9.clone()),
+            display: self.display.clone(),
             audit_log: self.audit_log.clone(),
         }
     }
@@ -164,7 +172,7 @@ mod tests {
 
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid command line").command {
-            Command::Run(run) => run,
+            Command::Run(run) => *run,
             other => panic!("expected run, got {other:?}"),
         }
     }
@@ -216,6 +224,15 @@ mod tests {
         assert_eq!(shares.len(), 2);
         assert_eq!(shares[0].tag, "a");
         assert!(shares[1].read_only && shares[1].tag == "t");
+        let display = run_args(&["run", "-k", "/k", "--display", "vnc=127.0.0.1:5901"])
+            .to_config()
+            .unwrap()
+            .display
+            .unwrap();
+        assert_eq!(
+            display.address,
+            crate::display::VncAddress::Tcp("127.0.0.1:5901".parse().unwrap())
+        );
     }
 
     #[test]
@@ -241,6 +258,10 @@ mod tests {
             tiny.to_config(),
             Err(ConfigError::MemoryTooSmall(_))
         ));
+        let open = run_args(&["run", "-k", "/k", "--display", "vnc=0.0.0.0:5900"]);
+        let error = open.to_config().unwrap_err();
+        assert!(matches!(error, ConfigError::Display(_)), "{error}");
+        assert!(error.to_string().contains("loopback"), "{error}");
         let slash = run_args(&["run", "--kernel", "/k", "--name", "a/b"]);
         assert_eq!(
             slash.to_config().unwrap_err(),

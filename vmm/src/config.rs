@@ -42,6 +42,8 @@ pub enum ConfigError {
     Share(String),
     #[error("two --9p shares have the tag {0:?}: give one of them another with tag=TAG")]
     DuplicateTag(String),
+    #[error("invalid --display: {0}")]
+    Display(String),
     #[error("no kernel to boot: give --kernel, or `kernel` in the config file")]
     NoKernel,
     #[error("cannot read config file {path}: {detail}")]
@@ -202,6 +204,8 @@ pub struct VmConfig {
     /// Host directories shared over virtio-9p, one worker each, in `--9p` order; no two
     /// with the same tag.
     pub shares: Vec<crate::share::ShareSpec>,
+    /// A virtio-gpu screen served over VNC, with a virtio-input keyboard and tablet.
+    pub display: Option<crate::display::DisplaySpec>,
     /// Where worker lifecycle events go, as JSON lines.
     pub audit_log: Option<PathBuf>,
 }
@@ -238,6 +242,8 @@ pub struct RawConfig {
     /// `--9p` values, `HOSTDIR[,tag=TAG][,ro]` each (`9p = [...]` in a file).
     #[serde(rename = "9p")]
     pub p9: Option<Vec<String>>,
+    /// `--display vnc[=ADDR:PORT|unix:PATH][,...]`.
+    pub display: Option<String>,
     pub audit_log: Option<PathBuf>,
 }
 
@@ -279,6 +285,7 @@ impl RawConfig {
             rng: over.rng.or(self.rng),
             disk: over.disk.or(self.disk),
             p9: over.p9.or(self.p9),
+            display: over.display.or(self.display),
             audit_log: over.audit_log.or(self.audit_log),
         }
     }
@@ -320,6 +327,10 @@ impl RawConfig {
                 .map(|disk| disk.parse().map_err(ConfigError::Disk))
                 .collect::<Result<_, _>>()?,
             shares,
+            display: self
+                .display
+                .map(|display| display.parse().map_err(ConfigError::Display))
+                .transpose()?,
             audit_log: self.audit_log,
         })
     }

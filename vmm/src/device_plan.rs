@@ -19,6 +19,14 @@ const RNG_QUEUE_SIZE: u16 = 256;
 const BLK_QUEUE_SIZE: u16 = 256;
 /// virtio_blk_config up to the write-zeroes fields, as the blk worker serves it.
 const BLK_CONFIG_SIZE: usize = 60;
+/// Descriptors per virtio-gpu queue (control, cursor): the display worker's largest.
+const GPU_QUEUE_SIZE: u16 = 256;
+/// virtio_gpu_config: events_read, events_clear, num_scanouts, num_capsets.
+const GPU_CONFIG_SIZE: usize = 16;
+/// Descriptors per virtio-input queue (events, status); Linux posts 64 event buffers.
+const INPUT_QUEUE_SIZE: u16 = 64;
+/// virtio_input_config: select, subsel, size, reserved, the 128-byte answer.
+const INPUT_CONFIG_SIZE: usize = 136;
 
 /// Descriptors per virtio-9p queue: what Linux's 9pnet_virtio sizes its requests for
 /// (the worker takes up to 1024).
@@ -95,6 +103,36 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
                 device_type: WorkerKind::P9.virtio_device_id(),
                 queue_sizes: vec![P9_QUEUE_SIZE],
                 config_size,
+            },
+        ));
+    }
+    if let Some(spec) = &config.display {
+        // Two workers: the screen and VNC server in one, the keyboard and tablet the
+        // viewers drive in the other, joined by a socket pair both are handed.
+        let crate::display::OpenedDisplay {
+            display,
+            display_files,
+            input,
+            input_files,
+        } = crate::display::open_display(spec)?;
+        planned.push(PlannedDevice::new(
+            "display0".into(),
+            DeviceConfig::Display(display),
+            display_files,
+            DeviceShape {
+                device_type: WorkerKind::Display.virtio_device_id(),
+                queue_sizes: vec![GPU_QUEUE_SIZE; 2],
+                config_size: GPU_CONFIG_SIZE,
+            },
+        ));
+        planned.push(PlannedDevice::new(
+            "input0".into(),
+            DeviceConfig::Input(input),
+            input_files,
+            DeviceShape {
+                device_type: WorkerKind::Input.virtio_device_id(),
+                queue_sizes: vec![INPUT_QUEUE_SIZE; 2],
+                config_size: INPUT_CONFIG_SIZE,
             },
         ));
     }

@@ -12,6 +12,7 @@ pub mod control;
 pub mod device_plan;
 pub mod devices;
 pub mod disk;
+pub mod display;
 pub mod exit;
 pub mod memory;
 pub mod pause;

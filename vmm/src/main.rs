@@ -98,7 +98,7 @@ fn unexpected(answer: Answer) -> anyhow::Error {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Run(args) => run_vm(args),
+        Command::Run(args) => run_vm(*args),
         Command::Policy { kind } => {
             print!("{}", bulkhead_seccomp::policy_for(kind).describe());
             Ok(0)

@@ -13,6 +13,7 @@
 //! bulkhead-worker p9 --listen unix:PATH --dir DIR [--ro]      9P over a socket, for debugging
 //! bulkhead-worker display --socket PATH --vnc-listen 127.0.0.1:PORT|unix:PATH [--width W --height H]
 //! bulkhead-worker display --launch-fd N                       started by the bulkhead VMM
+//! bulkhead-worker input --launch-fd N                         started by the bulkhead VMM only
 //! ```
 
 use std::net::SocketAddr;
@@ -49,6 +50,17 @@ pub enum WorkerCommand {
     P9(P9Args),
     /// virtio-gpu 2D, its screen served to VNC viewers (RFB 3.8).
     Display(DisplayArgs),
+    /// virtio-input: a keyboard and tablet fed by a display worker's VNC viewers (only
+    /// started by the VMM, which connects the two workers).
+    Input(InputArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// Descriptor N is a memfd holding the launch config, which names the connected
+    /// vhost-user socket and the display worker's events socket.
+    #[arg(long, value_name = "N")]
+    pub launch_fd: RawFd,
 }
 
 /// Where VNC viewers connect.

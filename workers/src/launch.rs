@@ -42,8 +42,8 @@ pub enum LaunchError {
     DuplicateDescriptor(RawFd),
     #[error("descriptor {0} is not a listening stream socket")]
     NotListening(RawFd),
-    #[error("descriptor {0} is already the worker's vhost-user socket")]
-    Reused(RawFd),
+    #[error("descriptor {0} is not a non-blocking Unix SOCK_SEQPACKET socket")]
+    NotEventsSocket(RawFd),
 }
 
 /// What a launched worker serves, and where.
@@ -136,20 +136,33 @@ fn read_all(file: &File) -> Result<Vec<u8>, LaunchError> {
     Ok(buf)
 }
 
-/// Takes a listening stream socket (TCP or Unix) the VMM passed besides the vhost-user
-/// one, e.g. the display worker's VNC listener. Call it right after [`read_launch`].
-pub fn take_listening_socket(fd: RawFd, launch: &Launch) -> Result<OwnedFd, LaunchError> {
+/// Checks that `file`, the inherited descriptor `fd`, is a listening stream socket (TCP
+/// or Unix), e.g. the display worker's VNC listener, and hands it back as a socket.
+pub fn listening_socket(file: File, fd: RawFd) -> Result<OwnedFd, LaunchError> {
     use std::os::fd::AsRawFd;
-    if fd == launch.connection.as_raw_fd() {
-        return Err(LaunchError::Reused(fd));
-    }
-    let socket = take_inherited(fd, "listening socket")?;
-    let listening = socket_option(socket.as_raw_fd(), libc::SO_ACCEPTCONN) == Some(1)
-        && socket_option(socket.as_raw_fd(), libc::SO_TYPE) == Some(libc::SOCK_STREAM);
+    let listening = socket_option(file.as_raw_fd(), libc::SO_ACCEPTCONN) == Some(1)
+        && socket_option(file.as_raw_fd(), libc::SO_TYPE) == Some(libc::SOCK_STREAM);
     if !listening {
         return Err(LaunchError::NotListening(fd));
     }
-    Ok(socket)
+    Ok(OwnedFd::from(file))
+}
+
+/// Checks that `file`, the inherited descriptor `fd`, is a non-blocking Unix
+/// `SOCK_SEQPACKET` socket, as the display and input workers' events socket must be.
+pub fn events_socket(file: File, fd: RawFd) -> Result<OwnedFd, LaunchError> {
+    use std::os::fd::AsRawFd;
+    let raw = file.as_raw_fd();
+    // SAFETY: F_GETFL only reads the descriptor's status flags.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    let ok = socket_option(raw, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        && socket_option(raw, libc::SO_TYPE) == Some(libc::SOCK_SEQPACKET)
+        && flags >= 0
+        && flags & libc::O_NONBLOCK != 0;
+    if !ok {
+        return Err(LaunchError::NotEventsSocket(fd));
+    }
+    Ok(OwnedFd::from(file))
 }
 
 fn socket_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {

@@ -11,6 +11,8 @@
 //!   debug transport.
 //! - [`blk`]: virtio-blk on the disk engine, inflight-tracked so a restart loses no request.
 //! - [`net`]: virtio-net on a host TAP device, offloads passed through in the vnet header.
+//! - [`input`]: virtio-input, a keyboard and tablet fed with VNC viewers' input by the
+//!   display worker.
 //! - [`rng`]: virtio-rng, entropy from the host's getrandom(2), optionally rate limited.
 //! - [`disk`]: the disk engine behind the block worker: raw and QCOW2 images, read-only
 //!   and in-memory copy-on-write modes, opened from files the VMM hands over.
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod disk;
 pub mod display;
 mod fd;
+pub mod input;
 pub mod launch;
 pub mod net;
 pub mod p9;

@@ -17,12 +17,15 @@ use bulkhead_protocol::{DeviceConfig, DisplayConfig, ImageFormat, RngConfig, Wor
 use bulkhead_seccomp::{policy_for, Policy};
 use bulkhead_workers::blk::{BlkDevice, BlkOptions};
 use bulkhead_workers::cli::{
-    BlkArgs, Cli, DisplayArgs, Endpoint, P9Args, VncListen, WorkerCommand,
+    BlkArgs, Cli, DisplayArgs, Endpoint, InputArgs, P9Args, VncListen, WorkerCommand,
 };
 use bulkhead_workers::disk::{self, Format, Mode, PreopenedBacking, MAX_BACKING_DEPTH};
 use bulkhead_workers::display::vnc::VncServer;
-use bulkhead_workers::display::{Framebuffer, GpuDevice, GpuLimits, LoggingInputSink};
-use bulkhead_workers::launch::{read_launch, take_listening_socket};
+use bulkhead_workers::display::{
+    EventSocketSink, Framebuffer, GpuDevice, GpuLimits, InputSink, LoggingInputSink,
+};
+use bulkhead_workers::input::InputDevice;
+use bulkhead_workers::launch::{events_socket, listening_socket, read_launch};
 use bulkhead_workers::net::{mac_from_name, NetDevice, NetSettings, Tap};
 use bulkhead_workers::p9::{transport_unix, Export, P9Device, Root};
 use bulkhead_workers::rng::RngDevice;
@@ -167,14 +170,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         WorkerCommand::P9(args) => serve_p9(args),
         WorkerCommand::Display(args) => serve_display(args),
+        WorkerCommand::Input(args) => serve_input(args),
     }
+}
+
+/// The input worker, launched only: its events come from the display worker through the
+/// socket the VMM connected the two with.
+fn serve_input(args: InputArgs) -> anyhow::Result<()> {
+    let launch = read_launch(args.launch_fd, WorkerKind::Input)
+        .with_context(|| format!("--launch-fd {}", args.launch_fd))?;
+    tracing::info!("serving {}", launch.device_name);
+    let DeviceConfig::Input(config) = &launch.device else {
+        bail!("not an input launch config");
+    };
+    let fd = config.events_fd;
+    let Some(file) = launch.files.into_iter().next() else {
+        bail!("no events socket was passed");
+    };
+    let events = events_socket(file, fd).context("the events socket")?;
+    let keep: [(RawFd, &'static str); 1] = [(events.as_raw_fd(), "input events socket")];
+    let mut events = Some(events);
+    serve(
+        policy_for(WorkerKind::Input),
+        Frontend::Connected(launch.connection),
+        &keep,
+        move || {
+            Ok(move || match events.take() {
+                Some(events) => Ok(InputDevice::new(events).into_backend()),
+                None => Err(std::io::Error::other("the events socket is already served")),
+            })
+        },
+    )
 }
 
 /// The display worker: the VNC listener (bound here standalone, inherited when launched)
 /// and the virtio-gpu device share one framebuffer; the VNC server starts inside the
 /// sandbox, on its own thread.
 fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
-    let (frontend, vnc_listener, config) = match args.endpoint {
+    let (frontend, vnc_listener, events, config) = match args.endpoint {
         Endpoint {
             socket: Some(path), ..
         } => {
@@ -193,8 +226,9 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
                 width: args.width,
                 height: args.height,
                 vnc_password,
+                input_events_fd: None,
             };
-            (Frontend::Listening(bind(&path)?), vnc, config)
+            (Frontend::Listening(bind(&path)?), vnc, None, config)
         }
         Endpoint {
             launch_fd: Some(fd),
@@ -214,18 +248,36 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
                     config.height
                 );
             }
-            let vnc = take_listening_socket(config.vnc_listen_fd, &launch)
-                .context("the VNC listening socket")?;
-            (Frontend::Connected(launch.connection), vnc, config)
+            // In the order `DisplayConfig::descriptors` names them.
+            let mut files = launch.files.into_iter();
+            let Some(vnc) = files.next() else {
+                bail!("no VNC listening socket was passed");
+            };
+            let vnc =
+                listening_socket(vnc, config.vnc_listen_fd).context("the VNC listening socket")?;
+            let events = match (config.input_events_fd, files.next()) {
+                (Some(fd), Some(file)) => {
+                    Some(events_socket(file, fd).context("the input events socket")?)
+                }
+                _ => None,
+            };
+            (Frontend::Connected(launch.connection), vnc, events, config)
         }
         Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
     };
     let framebuffer = Arc::new(Framebuffer::new(config.width, config.height));
-    let keep: [(RawFd, &'static str); 1] = [(vnc_listener.as_raw_fd(), "VNC listening socket")];
+    let mut keep = vec![(vnc_listener.as_raw_fd(), "VNC listening socket")];
+    let input: Arc<dyn InputSink> = match events {
+        Some(events) => {
+            keep.push((events.as_raw_fd(), "input events socket"));
+            Arc::new(EventSocketSink::new(events, framebuffer.clone()))
+        }
+        None => Arc::new(LoggingInputSink::default()),
+    };
     let vnc = VncServer::new(
         vnc_listener,
         framebuffer.clone(),
-        Arc::new(LoggingInputSink::default()),
+        input,
         "bulkhead".to_owned(),
         config.vnc_password.clone().map(String::into_bytes),
     );

@@ -8,6 +8,7 @@
 mod blk;
 mod display;
 mod inflight;
+mod input;
 mod net;
 mod p9;
 mod rng;
@@ -29,6 +30,7 @@ pub fn policy_for(kind: WorkerKind) -> Policy {
         WorkerKind::Blk => blk::policy(),
         WorkerKind::Net => net::policy(),
         WorkerKind::Display => display::policy(),
+        WorkerKind::Input => input::policy(),
     }
 }
 

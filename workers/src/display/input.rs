@@ -1,9 +1,14 @@
-//! Where viewers' keyboard and pointer events go.
-//!
-//! The virtio-input device that will hand them to the guest is not written yet; until then
-//! the sink logs them (target `bulkhead::input`, debug level) and counts them.
+//! Where viewers' keyboard and pointer events go: to the input worker's virtio-input
+//! device through the events socket ([`EventSocketSink`]), or, without one, only to the
+//! log (target `bulkhead::input`, debug level) ([`LoggingInputSink`]).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::Framebuffer;
+use crate::input::event::encode_report;
+use crate::input::Translator;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputEvent {
@@ -18,7 +23,7 @@ pub trait InputSink: Send + Sync {
     fn send(&self, event: InputEvent);
 }
 
-/// Logs and counts; the stand-in until virtio-input exists.
+/// Logs and counts: for a display without an input device.
 #[derive(Debug, Default)]
 pub struct LoggingInputSink {
     keys: AtomicU64,
@@ -45,6 +50,62 @@ impl InputSink for LoggingInputSink {
             InputEvent::Pointer { buttons, x, y } => {
                 self.pointer.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(target: "bulkhead::input", "pointer buttons {buttons:#x} at {x},{y}");
+            }
+        }
+    }
+}
+
+/// Translates events into virtio-input reports and sends each as one datagram on the
+/// events socket (`SOCK_SEQPACKET`, non-blocking). A report that does not fit because the
+/// input worker is not reading (not started yet, restarting) is dropped: a viewer must
+/// never wait on the guest.
+pub struct EventSocketSink {
+    socket: OwnedFd,
+    framebuffer: Arc<Framebuffer>,
+    translator: Mutex<Translator>,
+    dropped: AtomicU64,
+}
+
+impl EventSocketSink {
+    pub fn new(socket: OwnedFd, framebuffer: Arc<Framebuffer>) -> Self {
+        Self {
+            socket,
+            framebuffer,
+            translator: Mutex::new(Translator::default()),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+impl InputSink for EventSocketSink {
+    fn send(&self, event: InputEvent) {
+        tracing::debug!(target: "bulkhead::input", "{event:?}");
+        // The lock also keeps two viewers' reports from interleaving with the state.
+        let mut translator = self.translator.lock().unwrap_or_else(|e| e.into_inner());
+        let report = match event {
+            InputEvent::Key { down, keysym } => translator.key(down, keysym),
+            InputEvent::Pointer { buttons, x, y } => {
+                let (width, height) = {
+                    let state = self.framebuffer.lock();
+                    (state.width, state.height)
+                };
+                translator.pointer(buttons, x, y, width, height)
+            }
+        };
+        let Some(report) = report else {
+            return;
+        };
+        let bytes = encode_report(&report);
+        // SAFETY: `bytes` is valid for reads of its length; the descriptor is ours.
+        let sent =
+            unsafe { libc::write(self.socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        if sent < 0 {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    "input: {dropped} reports dropped so far ({})",
+                    std::io::Error::last_os_error()
+                );
             }
         }
     }
