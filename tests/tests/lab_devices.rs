@@ -108,9 +108,20 @@ fn check_reads(run: &RunReport) -> Result<(), String> {
     expect("reads_ok", PACED_READS)
 }
 
-/// L1 must report the kill before the guest reports the end of the read.
+/// L1 must report the kill before the guest reports the end of the read, both within the
+/// kill run (the first run reads the same way).
 fn check_kill_during_read(report: &LabReport) -> Result<(), String> {
-    let position = |needle: &str| report.lines.iter().position(|l| l.text.contains(needle));
+    let begin = report
+        .lines
+        .iter()
+        .position(|l| l.text.contains("LAB: run rng-kill: begin"))
+        .ok_or("the kill run has no begin marker")?;
+    let position = |needle: &str| {
+        report.lines[begin..]
+            .iter()
+            .position(|l| l.text.contains(needle))
+            .map(|at| at + begin)
+    };
     match (
         position("LAB: run rng-kill: triggered"),
         position("GUEST: big_read="),

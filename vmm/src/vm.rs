@@ -66,11 +66,7 @@ pub enum VmError {
     #[error("watching a device worker")]
     Supervisor(#[source] std::io::Error),
     #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {cpu}")]
-    Msrs {
-        cpu: u8,
-        set: usize,
-        wanted: usize,
-    },
+    Msrs { cpu: u8, set: usize, wanted: usize },
     #[error("creating an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("starting a thread")]
