@@ -74,7 +74,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Read the VM's settings from a TOML file (same keys as these flags: name, kernel,
-    /// initrd, cmdline, cpus, memory, rng, audit_log); flags given too override it.
+    /// initrd, cmdline, cpus, memory, rng, disk, net, audit_log); flags given too override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// The VM's name, for `bulkhead stop NAME` and friends [default: vm-<pid>].
@@ -104,6 +104,12 @@ pub struct RunArgs {
     /// was.
     #[arg(long, value_name = "PATH[,OPTIONS]")]
     pub disk: Vec<String>,
+    /// Add a virtio-net device on a host TAP, served by a sandboxed worker (repeatable):
+    /// tap[,ifname=NAME][,mac=MAC][,queues=N]. The TAP is created, or attached to when
+    /// NAME exists (the kernel picks tapN when no name is given); the MAC defaults to one
+    /// derived from the VM's name.
+    #[arg(long, value_name = "tap[,OPTIONS]")]
+    pub net: Vec<String>,
     /// Append device worker lifecycle events (spawn, exit, crash, restart) to PATH as
     /// JSON lines.
     #[arg(long, value_name = "PATH")]
@@ -122,6 +128,7 @@ impl RunArgs {
             memory: self.memory.clone().map(Into::into),
             rng: self.rng.then_some(true),
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            net: (!self.net.is_empty()).then(|| self.net.clone()),
             audit_log: self.audit_log.clone(),
         }
     }

@@ -38,6 +38,8 @@ pub enum ConfigError {
     CpuCount(u64),
     #[error("invalid --disk: {0}")]
     Disk(String),
+    #[error("invalid --net: {0}")]
+    Net(String),
     #[error("no kernel to boot: give --kernel, or `kernel` in the config file")]
     NoKernel,
     #[error("cannot read config file {path}: {detail}")]
@@ -195,6 +197,8 @@ pub struct VmConfig {
     pub rng: Option<bulkhead_protocol::RngConfig>,
     /// virtio-blk disks, one worker each, in `--disk` order.
     pub disks: Vec<crate::disk::DiskSpec>,
+    /// virtio-net devices on TAPs, one worker each, in `--net` order.
+    pub nets: Vec<crate::net::NetSpec>,
     /// Where worker lifecycle events go, as JSON lines.
     pub audit_log: Option<PathBuf>,
 }
@@ -228,6 +232,8 @@ pub struct RawConfig {
     pub rng: Option<bool>,
     /// `--disk` values, `PATH[,format=raw|qcow2][,ro][,cow]` each (`disk = [...]` in a file).
     pub disk: Option<Vec<String>>,
+    /// `--net` values, `tap[,ifname=NAME][,mac=MAC][,queues=N]` each (`net = [...]`).
+    pub net: Option<Vec<String>>,
     pub audit_log: Option<PathBuf>,
 }
 
@@ -268,6 +274,7 @@ impl RawConfig {
             memory: over.memory.or(self.memory),
             rng: over.rng.or(self.rng),
             disk: over.disk.or(self.disk),
+            net: over.net.or(self.net),
             audit_log: over.audit_log.or(self.audit_log),
         }
     }
@@ -298,6 +305,12 @@ impl RawConfig {
                 .unwrap_or_default()
                 .iter()
                 .map(|disk| disk.parse().map_err(ConfigError::Disk))
+                .collect::<Result<_, _>>()?,
+            nets: self
+                .net
+                .unwrap_or_default()
+                .iter()
+                .map(|net| net.parse().map_err(ConfigError::Net))
                 .collect::<Result<_, _>>()?,
             audit_log: self.audit_log,
         })

@@ -9,6 +9,7 @@ use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 
 use crate::config::VmConfig;
 use crate::disk::{open_disk, OpenedDisk};
+use crate::net::{open_net, OpenedNet};
 use crate::vhost_user::DeviceShape;
 use crate::vm::VmError;
 
@@ -18,6 +19,11 @@ const RNG_QUEUE_SIZE: u16 = 256;
 const BLK_QUEUE_SIZE: u16 = 256;
 /// virtio_blk_config up to the write-zeroes fields, as the blk worker serves it.
 const BLK_CONFIG_SIZE: usize = 60;
+/// Descriptors per virtio-net queue: deep enough for a burst of TSO frames.
+const NET_QUEUE_SIZE: u16 = 256;
+/// virtio_net_config up to the mtu field (mac, status, max_virtqueue_pairs, mtu), as the
+/// net worker serves it; it offers no control queue, so a pair is all a device has.
+const NET_CONFIG_SIZE: usize = 12;
 
 /// One device to attach: handed to the worker launcher and then to the supervisor, which
 /// keeps `files` open so that a replacement worker gets the same ones.
@@ -73,6 +79,20 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
                 device_type: WorkerKind::Blk.virtio_device_id(),
                 queue_sizes: vec![BLK_QUEUE_SIZE; queues],
                 config_size: BLK_CONFIG_SIZE,
+            },
+        ));
+    }
+    for (index, spec) in config.nets.iter().enumerate() {
+        let OpenedNet { config, files, .. } = open_net(spec, &config.name, index)?;
+        let queues = 2 * usize::from(config.queue_pairs);
+        planned.push(PlannedDevice::new(
+            format!("net{index}"),
+            DeviceConfig::Net(config),
+            files,
+            DeviceShape {
+                device_type: WorkerKind::Net.virtio_device_id(),
+                queue_sizes: vec![NET_QUEUE_SIZE; queues],
+                config_size: NET_CONFIG_SIZE,
             },
         ));
     }

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod disk;
 pub mod exit;
 pub mod memory;
+pub mod net;
 pub mod pause;
 pub mod vcpu;
 pub mod vhost_user;

@@ -75,6 +75,8 @@ pub enum VmError {
     Pause(#[from] PauseError),
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskOpenError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetOpenError),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
