@@ -408,6 +408,16 @@ mod tests {
         let disks = disks.validate().unwrap().disks;
         assert_eq!(disks.len(), 2);
         assert!(disks[1].read_only);
+        let nets = RawConfig::from_toml("kernel = \"/k\"\nnet = [\"tap\", \"tap,ifname=bh1\"]")
+            .unwrap()
+            .validate()
+            .unwrap()
+            .nets;
+        assert_eq!(nets.len(), 2);
+        assert_eq!(nets[1].ifname.as_deref(), Some("bh1"));
+        let bad_net = RawConfig::from_toml("kernel = \"/k\"\nnet = [\"tap,queues=0\"]").unwrap();
+        let error = bad_net.validate().unwrap_err();
+        assert!(error.to_string().starts_with("invalid --net: "), "{error}");
         let bad = RawConfig::from_toml("kernel = \"/k\"\ndisk = [\"/a,rw\"]").unwrap();
         let error = bad.validate().unwrap_err();
         assert!(matches!(&error, ConfigError::Disk(_)));
