@@ -91,13 +91,21 @@ impl std::str::FromStr for NetSpec {
 
 #[derive(Debug, Error)]
 pub enum NetOpenError {
-    #[error("cannot attach net{index} to TAP {name:?}")]
+    #[error("cannot attach net{index} to {}", describe(name))]
     Tap {
         index: usize,
         name: String,
         #[source]
         source: TapError,
     },
+}
+
+fn describe(name: &str) -> String {
+    if name == DEFAULT_TAP_NAME {
+        "a new TAP".to_owned()
+    } else {
+        format!("TAP {name:?}")
+    }
 }
 
 /// A network device ready to hand to a worker: its launch config and its TAP queue.
