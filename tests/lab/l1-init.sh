@@ -33,11 +33,20 @@ echo "LAB: kvm ready"
 
 # lab_trigger MARKER ACTION
 # Arms a trigger for the next lab_run: once that run's output contains MARKER, L1 runs the
-# shell command ACTION. This is how a scenario injects a fault (kill a device worker) at
-# the moment the guest chooses, by printing MARKER.
-trigger_marker='' trigger_action=''
+# shell command ACTION, once. A run may arm several; each fires on its own marker. This is
+# how a scenario acts at the moment the guest chooses, by printing MARKER: kill a device
+# worker, or set up the host end of a TAP and start listeners. ACTION runs while the
+# guest's output waits behind it, so what takes long goes in the background (`... &`), with
+# its stdin redirected: it would otherwise inherit, and eat, the copied output stream.
+# The pairs go to a file, a marker line then an action line, which the awk reads once.
+lab_triggers=/tmp/lab-triggers
+: >"$lab_triggers"
 lab_trigger() {
-    trigger_marker=$1 trigger_action=$2
+    case "$1$2" in
+    *'
+'*) lab_fail "lab_trigger: a marker or action spans lines" ;;
+    esac
+    printf '%s\n%s\n' "$1" "$2" >>"$lab_triggers"
 }
 
 # lab_run LABEL SECONDS STDIN COMMAND...
@@ -45,24 +54,36 @@ lab_trigger() {
 # not the whole boot. bulkhead writes the L2 console to its stdout, which goes to this
 # console, so the L2 guest's output lands between the two markers.
 #
-# The armed trigger is watched in that stream by the one awk that copies it: no polling.
+# The armed triggers are watched in that stream by the one awk that copies it: no polling.
 # An earlier version polled a file with grep and sleep, forking twenty processes a second
 # in L1, and under that churn L2 guests triple-faulted in about a third of the boots.
 lab_run() {
     label=$1 seconds=$2 stdin=$3
     shift 3
-    marker=$trigger_marker action=$trigger_action
-    trigger_marker='' trigger_action=''
+    mv "$lab_triggers" /tmp/lab-run.triggers
+    : >"$lab_triggers"
     echo "LAB: run $label: begin"
     # ash has no PIPESTATUS: the status travels through a file.
     { timeout -s KILL "$seconds" "$@" <"$stdin"; echo $? >/tmp/lab-run.status; } |
-        LAB_MARKER=$marker LAB_ACTION=$action LAB_LABEL=$label awk '
+        LAB_TRIGGERS=/tmp/lab-run.triggers LAB_LABEL=$label awk '
+            BEGIN {
+                while ((getline marker <ENVIRON["LAB_TRIGGERS"]) > 0) {
+                    if ((getline action <ENVIRON["LAB_TRIGGERS"]) <= 0) break
+                    armed++
+                    markers[armed] = marker
+                    actions[armed] = action
+                }
+            }
             { print; fflush() }
-            ENVIRON["LAB_MARKER"] != "" && !fired && index($0, ENVIRON["LAB_MARKER"]) {
-                fired = 1
-                system(ENVIRON["LAB_ACTION"])
-                print "LAB: run " ENVIRON["LAB_LABEL"] ": triggered"
-                fflush()
+            armed {
+                for (i = 1; i in markers; i++) {
+                    if (!fired[i] && index($0, markers[i])) {
+                        fired[i] = 1
+                        system(actions[i])
+                        print "LAB: run " ENVIRON["LAB_LABEL"] ": triggered " i
+                        fflush()
+                    }
+                }
             }'
     status=$(cat /tmp/lab-run.status)
     # The guest's last line may lack a newline; keep the marker at the start of a line.

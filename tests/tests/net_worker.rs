@@ -583,6 +583,52 @@ fn bad_transmit_frames_are_dropped_and_counted() -> Result<()> {
     lab.assert_alive()
 }
 
+/// Transmit chains the guest got wrong in their structure rather than their contents: one
+/// whose next index loops back onto itself, one whose buffers lie outside guest memory.
+/// Each is given back, counted, and the queue carries on.
+#[test]
+fn malformed_transmit_chains_are_dropped_and_counted() -> Result<()> {
+    let mut lab = Lab::new(0)?;
+    let socket = lab.host_socket(5012)?;
+    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let frame = guest_udp(4000, 5012, &[0x66; 100], false);
+    let memory = lab.guest.device.memory.clone();
+    let addr = memory.allocate(64, 8)?;
+    memory.write(addr, &VnetHeader::default().to_bytes())?;
+    let queue = &mut lab.guest.device.queues[TX];
+    let slots = queue.take_slots(1)?;
+    queue.write_descriptor(
+        slots[0],
+        Descriptor {
+            addr: addr.0,
+            len: 16,
+            flags: DESC_F_NEXT,
+            next: slots[0],
+        },
+    )?;
+    queue.offer(slots[0], slots)?;
+    queue.post(&[Buffer::readable(GuestAddress(1 << 40), 256)])?;
+    queue.kick()?;
+    let used = queue.wait_used(2, TIMEOUT).context("the bad chains")?;
+    ensure!(used.iter().all(|u| u.len == 0), "{used:?}");
+    ensure!(
+        recv_datagram(&socket)?.is_none(),
+        "a bad chain reached the host"
+    );
+    let stderr = wait_stderr(&lab.worker, "(2 tx frames dropped so far")?;
+    ensure!(
+        stderr.contains("does not end") && stderr.contains("not in guest memory"),
+        "{stderr}"
+    );
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    lab.guest.transmit(VnetHeader::default(), &frame)?;
+    ensure!(
+        recv_datagram(&socket)?.is_some(),
+        "a good frame after the bad chains was lost"
+    );
+    lab.assert_alive()
+}
+
 #[test]
 fn malformed_receive_chains_are_given_back_and_counted() -> Result<()> {
     let mut lab = Lab::new(0)?;

@@ -76,8 +76,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Read the VM's settings from a TOML file (same keys as these flags: name, kernel,
-    /// initrd, cmdline, cpus, memory, rng, disk, 9p, display, audit_log); flags given too
-    /// override it.
+    /// initrd, cmdline, cpus, memory, rng, disk, 9p, net, display, audit_log); flags given
+    /// too override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// The VM's name, for `bulkhead stop NAME` and friends [default: vm-<pid>].
@@ -119,6 +119,12 @@ pub struct RunArgs {
     /// The default address is 127.0.0.1:5900; any other than loopback needs a password.
     #[arg(long, value_name = "vnc[=ADDR:PORT][,OPTIONS]")]
     pub display: Option<String>,
+    /// Add a virtio-net device on a host TAP, served by a sandboxed worker (repeatable):
+    /// tap[,ifname=NAME][,mac=MAC][,queues=N]. The TAP is created, or attached to when
+    /// NAME exists (the kernel picks tapN when no name is given); the MAC defaults to one
+    /// derived from the VM's name.
+    #[arg(long, value_name = "tap[,OPTIONS]")]
+    pub net: Vec<String>,
     /// Append device worker lifecycle events (spawn, exit, crash, restart) to PATH as
     /// JSON lines.
     #[arg(long, value_name = "PATH")]
@@ -146,6 +152,7 @@ impl RunArgs {
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
             p9: (!self.p9.is_empty()).then(|| self.p9.clone()),
             display: self.display.clone(),
+            net: (!self.net.is_empty()).then(|| self.net.clone()),
             audit_log: self.audit_log.clone(),
         }
     }

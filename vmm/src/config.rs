@@ -44,6 +44,8 @@ pub enum ConfigError {
     DuplicateTag(String),
     #[error("invalid --display: {0}")]
     Display(String),
+    #[error("invalid --net: {0}")]
+    Net(String),
     #[error("no kernel to boot: give --kernel, or `kernel` in the config file")]
     NoKernel,
     #[error("cannot read config file {path}: {detail}")]
@@ -206,6 +208,8 @@ pub struct VmConfig {
     pub shares: Vec<crate::share::ShareSpec>,
     /// A virtio-gpu screen served over VNC, with a virtio-input keyboard and tablet.
     pub display: Option<crate::display::DisplaySpec>,
+    /// virtio-net devices on TAPs, one worker each, in `--net` order.
+    pub nets: Vec<crate::net::NetSpec>,
     /// Where worker lifecycle events go, as JSON lines.
     pub audit_log: Option<PathBuf>,
 }
@@ -244,6 +248,8 @@ pub struct RawConfig {
     pub p9: Option<Vec<String>>,
     /// `--display vnc[=ADDR:PORT|unix:PATH][,...]`.
     pub display: Option<String>,
+    /// `--net` values, `tap[,ifname=NAME][,mac=MAC][,queues=N]` each (`net = [...]`).
+    pub net: Option<Vec<String>>,
     pub audit_log: Option<PathBuf>,
 }
 
@@ -286,6 +292,7 @@ impl RawConfig {
             disk: over.disk.or(self.disk),
             p9: over.p9.or(self.p9),
             display: over.display.or(self.display),
+            net: over.net.or(self.net),
             audit_log: over.audit_log.or(self.audit_log),
         }
     }
@@ -331,6 +338,12 @@ impl RawConfig {
                 .display
                 .map(|display| display.parse().map_err(ConfigError::Display))
                 .transpose()?,
+            nets: self
+                .net
+                .unwrap_or_default()
+                .iter()
+                .map(|net| net.parse().map_err(ConfigError::Net))
+                .collect::<Result<_, _>>()?,
             audit_log: self.audit_log,
         })
     }
@@ -427,6 +440,16 @@ mod tests {
         let disks = disks.validate().unwrap().disks;
         assert_eq!(disks.len(), 2);
         assert!(disks[1].read_only);
+        let nets = RawConfig::from_toml("kernel = \"/k\"\nnet = [\"tap\", \"tap,ifname=bh1\"]")
+            .unwrap()
+            .validate()
+            .unwrap()
+            .nets;
+        assert_eq!(nets.len(), 2);
+        assert_eq!(nets[1].ifname.as_deref(), Some("bh1"));
+        let bad_net = RawConfig::from_toml("kernel = \"/k\"\nnet = [\"tap,queues=0\"]").unwrap();
+        let error = bad_net.validate().unwrap_err();
+        assert!(error.to_string().starts_with("invalid --net: "), "{error}");
         let bad = RawConfig::from_toml("kernel = \"/k\"\ndisk = [\"/a,rw\"]").unwrap();
         let error = bad.validate().unwrap_err();
         assert!(matches!(&error, ConfigError::Disk(_)));

@@ -9,6 +9,7 @@ use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 
 use crate::config::VmConfig;
 use crate::disk::{open_disk, queues_for, OpenedDisk};
+use crate::net::{open_net, OpenedNet};
 use crate::share::{open_share, OpenedShare};
 use crate::vhost_user::DeviceShape;
 use crate::vm::VmError;
@@ -33,6 +34,11 @@ const INPUT_CONFIG_SIZE: usize = 136;
 const P9_QUEUE_SIZE: u16 = 128;
 /// virtio_9p_config: `tag_len` (le16), then the tag.
 const P9_CONFIG_HEADER: usize = 2;
+/// Descriptors per virtio-net queue: deep enough for a burst of TSO frames.
+const NET_QUEUE_SIZE: u16 = 256;
+/// virtio_net_config up to the mtu field (mac, status, max_virtqueue_pairs, mtu), as the
+/// net worker serves it; it offers no control queue, so a pair is all a device has.
+const NET_CONFIG_SIZE: usize = 12;
 
 /// One device to attach: handed to the worker launcher and then to the supervisor, which
 /// keeps `files` open so that a replacement worker gets the same ones.
@@ -133,6 +139,20 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
                 device_type: WorkerKind::Input.virtio_device_id(),
                 queue_sizes: vec![INPUT_QUEUE_SIZE; 2],
                 config_size: INPUT_CONFIG_SIZE,
+            },
+        ));
+    }
+    for (index, spec) in config.nets.iter().enumerate() {
+        let OpenedNet { config, files, .. } = open_net(spec, &config.name, index)?;
+        let queues = 2 * usize::from(config.queue_pairs);
+        planned.push(PlannedDevice::new(
+            format!("net{index}"),
+            DeviceConfig::Net(config),
+            files,
+            DeviceShape {
+                device_type: WorkerKind::Net.virtio_device_id(),
+                queue_sizes: vec![NET_QUEUE_SIZE; queues],
+                config_size: NET_CONFIG_SIZE,
             },
         ));
     }

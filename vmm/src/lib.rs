@@ -15,6 +15,7 @@ pub mod disk;
 pub mod display;
 pub mod exit;
 pub mod memory;
+pub mod net;
 pub mod pause;
 pub mod share;
 pub mod vcpu;

@@ -66,7 +66,11 @@ pub enum VmError {
     #[error("watching a device worker")]
     Supervisor(#[source] std::io::Error),
     #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {cpu}")]
-    Msrs { cpu: u8, set: usize, wanted: usize },
+    Msrs {
+        cpu: u8,
+        set: usize,
+        wanted: usize,
+    },
     #[error("creating an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("starting a thread")]
@@ -79,6 +83,8 @@ pub enum VmError {
     Share(#[from] crate::share::ShareOpenError),
     #[error(transparent)]
     Display(#[from] crate::display::DisplayOpenError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetOpenError),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {

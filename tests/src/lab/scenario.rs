@@ -52,9 +52,10 @@ pub struct Run {
     pub timeout: Duration,
     /// Give bulkhead the console as stdin (an interactive demo) instead of /dev/null.
     pub console_input: bool,
-    /// (marker, L1 shell command): run the command in L1 once the run's output contains
-    /// the marker.
-    pub trigger: Option<(String, String)>,
+    /// (marker, L1 shell command) pairs: each command runs in L1, once, when the run's
+    /// output first contains its marker. L1 reports it as `LAB: run <label>: triggered N`,
+    /// N counting from 1 in the order given.
+    pub triggers: Vec<(String, String)>,
     /// L1 shell commands run after the run ends, e.g. to print a file bulkhead wrote.
     pub afterwards: Vec<String>,
 }
@@ -132,7 +133,7 @@ impl Scenario {
             } else {
                 "/dev/null"
             };
-            if let Some((marker, action)) = &run.trigger {
+            for (marker, action) in &run.triggers {
                 script.push_str(&format!(
                     "lab_trigger {} {}\n",
                     shell_quote(marker),
@@ -211,14 +212,22 @@ impl Run {
             args: args.into_iter().map(Into::into).collect(),
             timeout: DEFAULT_RUN_TIMEOUT,
             console_input: false,
-            trigger: None,
+            triggers: Vec::new(),
             afterwards: Vec::new(),
         }
     }
 
-    /// Runs `l1_command` in L1 once the guest (or bulkhead) prints `marker`.
+    /// Runs `l1_command` in L1 once the guest (or bulkhead) prints `marker`. May be given
+    /// several times, one marker each. The guest's output waits while the command runs,
+    /// so a long one belongs in the background, stdin from /dev/null (`cmd </dev/null &`):
+    /// see `lab_trigger` in tests/lab/l1-init.sh.
     pub fn when_output_contains(mut self, marker: &str, l1_command: &str) -> Self {
-        self.trigger = Some((marker.to_owned(), l1_command.to_owned()));
+        assert!(
+            !marker.is_empty() && !marker.contains('\n') && !l1_command.contains('\n'),
+            "a trigger is one non-empty marker line and one command line"
+        );
+        self.triggers
+            .push((marker.to_owned(), l1_command.to_owned()));
         self
     }
 
@@ -290,13 +299,18 @@ mod tests {
     fn triggers_come_before_and_follow_ups_after_their_run() {
         let scenario = Scenario::new("t").run(
             Run::new("rng", ["run"])
+                .when_output_contains("GUEST: up", "ip link set bh0 up")
                 .when_output_contains("GUEST: reading", "killall -9 bulkhead-worker")
                 .then_in_l1("cat /tmp/audit"),
         );
         let script = scenario.l1_script();
+        let first = script
+            .find("lab_trigger 'GUEST: up' 'ip link set bh0 up'\n")
+            .unwrap();
         let trigger = script
             .find("lab_trigger 'GUEST: reading' 'killall -9 bulkhead-worker'\n")
             .unwrap();
+        assert!(first < trigger, "{script}");
         let run = script
             .find("lab_run rng 120 /dev/null bulkhead run\n")
             .unwrap();

@@ -121,9 +121,10 @@ impl Tap {
                 },
             });
         }
+        // The kernel writes back the device's name: a `%d` in `name` is now a number.
         let tap = Tap {
             fd: file.into(),
-            name: name.to_owned(),
+            name: name_of(&request),
         };
         tap.set_vnet_hdr_len().map_err(|source| TapError::Setup {
             name: tap.name.clone(),
@@ -148,14 +149,9 @@ impl Tap {
         if ret < 0 || request.flags & wanted != wanted {
             return Err(TapError::NotAVnetTap { fd: raw });
         }
-        let len = request
-            .name
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(request.name.len());
         let tap = Tap {
             fd,
-            name: String::from_utf8_lossy(&request.name[..len]).into_owned(),
+            name: name_of(&request),
         };
         tap.set_vnet_hdr_len()
             .and_then(|()| set_nonblocking(&tap.fd))
@@ -230,6 +226,22 @@ impl Tap {
         }
         Ok(n as usize)
     }
+}
+
+/// The VMM opens the TAP and hands the worker only its descriptor.
+impl From<Tap> for OwnedFd {
+    fn from(tap: Tap) -> OwnedFd {
+        tap.fd
+    }
+}
+
+fn name_of(request: &IfReq) -> String {
+    let len = request
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(request.name.len());
+    String::from_utf8_lossy(&request.name[..len]).into_owned()
 }
 
 impl AsRawFd for Tap {
