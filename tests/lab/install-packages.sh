@@ -9,6 +9,8 @@
 #                     clients for bulkhead-worker p9's debug transport
 #   iproute2 procps   tests/tests/net_worker.rs and bench/net.sh: `ip netns`, `ip link`,
 #                     `ip addr`, `ip neigh` and `sysctl` for each test's network namespace
+#   libsdl2-dev       bulkhead-viewer (`--display sdl`) links the system's SDL2; its tests
+#                     run it on SDL's offscreen video driver, so no X server is needed
 #
 # The trap: these machines ship qemu-utils 10 from backports, and bookworm's
 # qemu-system-x86 7.2 breaks it. A plain `apt-get install qemu-system-x86 qemu-utils` fails
@@ -20,4 +22,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends --allow-downgrades \
     qemu-system-x86 qemu-utils/bookworm busybox-static xz-utils binutils diod \
-    iproute2 procps
+    iproute2 procps libsdl2-dev
