@@ -305,6 +305,50 @@ fn rng_worker_is_started_and_audited() -> Result<()> {
     Ok(())
 }
 
+/// A kernel that powers off two seconds after it starts, paced by the ACPI PM timer so
+/// that the wait does not depend on how fast guest code runs.
+fn power_off_later_kernel() -> Result<Vec<u8>> {
+    use bulkhead_tests::micro::hw::{PM_TIMER, PM_TIMER_HZ};
+    use iced_x86::code_asm::{dx, eax, r13d};
+
+    let mut guest = MicroGuest::new()?;
+    let a = guest.asm();
+    a.mov(dx, PM_TIMER as u32)?;
+    a.in_(eax, dx)?;
+    a.mov(r13d, eax)?;
+    let mut wait = a.create_label();
+    a.set_label(&mut wait)?;
+    a.pause()?;
+    a.in_(eax, dx)?;
+    a.sub(eax, r13d)?;
+    // The timer is 24 bits wide: two seconds fit before it wraps.
+    a.and(eax, 0xff_ffff)?;
+    a.cmp(eax, 2 * PM_TIMER_HZ)?;
+    a.jb(wait)?;
+    guest.power_off()?;
+    guest.build()
+}
+
+#[test]
+fn display_sdl_starts_the_viewer_beside_the_workers() -> Result<()> {
+    let dir = ScratchDir::new("cli")?;
+    let outcome = BulkheadCommand::new()
+        .env("SDL_VIDEODRIVER", "offscreen")
+        .arg("run")
+        .arg("--kernel")
+        .arg(dir.write("kernel", &power_off_later_kernel()?)?)
+        .args(["--display", "sdl,size=640x480"])
+        .run()?;
+    // The viewer's own log: it spoke RFB with the display worker, at the size asked for.
+    assert!(
+        outcome.stderr.contains("connected width=640 height=480"),
+        "{}",
+        outcome.stderr
+    );
+    outcome.assert_clean_exit();
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Disks
 // ---------------------------------------------------------------------------------------
@@ -522,6 +566,7 @@ fn bad_display_options_are_errors() -> Result<()> {
             "cannot read the VNC password",
         ),
         ("rdp", "unknown display"),
+        ("sdl,password=pw", "takes no password"),
     ] {
         run_image(&kernel, &["--display", bad])?.assert_error_mentioning(&[says]);
     }

@@ -117,7 +117,9 @@ pub struct RunArgs {
     /// and pointer to the guest (a virtio-input keyboard and tablet):
     /// vnc[=ADDR:PORT|unix:PATH][,password=PW|,password-file=PATH][,size=WIDTHxHEIGHT].
     /// The default address is 127.0.0.1:5900; any other than loopback needs a password.
-    #[arg(long, value_name = "vnc[=ADDR:PORT][,OPTIONS]")]
+    /// sdl[,size=WIDTHxHEIGHT] opens a window instead (bulkhead-viewer, an SDL2 VNC
+    /// client on a connection private to it).
+    #[arg(long, value_name = "vnc[=ADDR:PORT][,OPTIONS]|sdl")]
     pub display: Option<String>,
     /// Add a virtio-net device on a host TAP, served by a sandboxed worker (repeatable):
     /// tap[,ifname=NAME][,mac=MAC][,queues=N]. The TAP is created, or attached to when

@@ -246,7 +246,7 @@ pub struct RawConfig {
     /// `--9p` values, `HOSTDIR[,tag=TAG][,ro]` each (`9p = [...]` in a file).
     #[serde(rename = "9p")]
     pub p9: Option<Vec<String>>,
-    /// `--display vnc[=ADDR:PORT|unix:PATH][,...]`.
+    /// `--display vnc[=ADDR:PORT|unix:PATH][,...]` or `sdl[,size=WxH]`.
     pub display: Option<String>,
     /// `--net` values, `tap[,ifname=NAME][,mac=MAC][,queues=N]` each (`net = [...]`).
     pub net: Option<Vec<String>>,

@@ -4,6 +4,7 @@
 //! directory costs only a message, never a half-started VM.
 
 use std::fs::File;
+use std::os::unix::net::UnixStream;
 
 use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 
@@ -47,6 +48,9 @@ pub struct PlannedDevice {
     pub launch: WorkerLaunch,
     pub files: Vec<File>,
     pub shape: DeviceShape,
+    /// `--display sdl`: the connection for the viewer the VMM starts once the display
+    /// worker serves it.
+    pub viewer: Option<UnixStream>,
 }
 
 impl PlannedDevice {
@@ -64,6 +68,7 @@ impl PlannedDevice {
             },
             files,
             shape,
+            viewer: None,
         }
     }
 }
@@ -120,8 +125,9 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
             display_files,
             input,
             input_files,
+            viewer,
         } = crate::display::open_display(spec)?;
-        planned.push(PlannedDevice::new(
+        let mut display = PlannedDevice::new(
             "display0".into(),
             DeviceConfig::Display(display),
             display_files,
@@ -130,7 +136,9 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
                 queue_sizes: vec![GPU_QUEUE_SIZE; 2],
                 config_size: GPU_CONFIG_SIZE,
             },
-        ));
+        );
+        display.viewer = viewer;
+        planned.push(display);
         planned.push(PlannedDevice::new(
             "input0".into(),
             DeviceConfig::Input(input),

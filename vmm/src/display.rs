@@ -1,11 +1,14 @@
-//! `--display vnc[=ADDR:PORT|unix:PATH][,password=PW|,password-file=PATH][,size=WxH]`:
-//! the VMM opens the VNC listener and the socket pair that carries viewers' input, so
-//! the display worker creates no socket and the input worker is handed its events.
+//! `--display vnc[=ADDR:PORT|unix:PATH][,password=PW|,password-file=PATH][,size=WxH]`
+//! and `--display sdl[,size=WxH]`: the VMM opens the VNC listener and the socket pair that
+//! carries viewers' input, so the display worker creates no socket and the input worker is
+//! handed its events. For `sdl` the listener has no address left once the VMM's own
+//! connection for the SDL viewer is queued on it, so nobody else can ever connect.
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -26,6 +29,8 @@ const DIMENSIONS: std::ops::RangeInclusive<u32> = 64..=4095;
 pub enum VncAddress {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    /// `sdl`: one connection, the VMM's, handed to the `bulkhead-viewer` it starts.
+    SdlViewer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +49,8 @@ pub struct DisplaySpec {
 }
 
 const SYNTAX: &str =
-    "vnc[=ADDR:PORT|unix:PATH][,password=PW|,password-file=PATH][,size=WIDTHxHEIGHT]";
+    "vnc[=ADDR:PORT|unix:PATH][,password=PW|,password-file=PATH][,size=WIDTHxHEIGHT] \
+     or sdl[,size=WIDTHxHEIGHT]";
 
 impl std::str::FromStr for DisplaySpec {
     type Err = String;
@@ -55,12 +61,11 @@ impl std::str::FromStr for DisplaySpec {
         let address = match head.split_once('=') {
             None if head == "vnc" => DEFAULT_VNC_ADDRESS,
             Some(("vnc", address)) => address,
-            _ if head == "sdl" => {
-                return Err("--display sdl is not implemented yet; use vnc".into())
-            }
+            None if head == "sdl" => "",
             _ => return Err(format!("unknown display {head:?}: {SYNTAX}")),
         };
         let address = match address.strip_prefix("unix:") {
+            _ if head == "sdl" => VncAddress::SdlViewer,
             Some("") => return Err("unix: needs a socket path".into()),
             Some(path) => VncAddress::Unix(PathBuf::from(path)),
             None => VncAddress::Tcp(address.parse().map_err(|_| {
@@ -76,6 +81,11 @@ impl std::str::FromStr for DisplaySpec {
         for option in parts {
             let (key, value) = option.split_once('=').unwrap_or((option, ""));
             match key {
+                "password" | "password-file" if spec.address == VncAddress::SdlViewer => {
+                    return Err(
+                        "sdl's connection is private to its window and takes no password".into(),
+                    )
+                }
                 "password" | "password-file" if spec.password.is_some() => {
                     return Err("give one password or password-file".into())
                 }
@@ -139,6 +149,12 @@ pub enum DisplayOpenError {
     EmptyPassword(PathBuf),
     #[error("creating the input events socket pair")]
     EventsSocket(#[source] std::io::Error),
+    #[error("creating the SDL viewer's private VNC socket in {dir}")]
+    ViewerSocket {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The display and input devices ready to hand to their workers: each launch config and
@@ -149,6 +165,8 @@ pub struct OpenedDisplay {
     pub display_files: Vec<File>,
     pub input: InputConfig,
     pub input_files: Vec<File>,
+    /// `sdl`: the connection queued on the listener, for the viewer to speak RFB on.
+    pub viewer: Option<UnixStream>,
 }
 
 /// Opens the VNC listener and the events socket pair for `spec`.
@@ -158,7 +176,7 @@ pub fn open_display(spec: &DisplaySpec) -> Result<OpenedDisplay, DisplayOpenErro
         Some(PasswordSource::Inline(password)) => Some(password.clone()),
         Some(PasswordSource::File(path)) => Some(read_password(path)?),
     };
-    let listener = listen(&spec.address)?;
+    let (listener, viewer) = listen(&spec.address)?;
     let (to_input, from_display) = events_pair().map_err(DisplayOpenError::EventsSocket)?;
     let display_fds = device_fds(2);
     let display = DisplayConfig {
@@ -176,7 +194,40 @@ pub fn open_display(spec: &DisplaySpec) -> Result<OpenedDisplay, DisplayOpenErro
         display_files: vec![File::from(listener), File::from(to_input)],
         input,
         input_files: vec![File::from(from_display)],
+        viewer,
     })
+}
+
+/// A listener with exactly one connection queued on it, and that connection: bound in a
+/// fresh directory only root (or the VMM's user) can enter, connected to, then unlinked
+/// with its directory before any other process could have reached it.
+fn private_listener() -> Result<(OwnedFd, UnixStream), DisplayOpenError> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    let dir = base.join(format!("bulkhead-sdl-{}-{nonce}", std::process::id()));
+    let failed = |source| DisplayOpenError::ViewerSocket {
+        dir: dir.clone(),
+        source,
+    };
+    // create (not create_all): an existing directory, perhaps somebody else's, is refused.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(failed)?;
+    let path = dir.join("vnc.sock");
+    let opened = UnixListener::bind(&path).and_then(|listener| {
+        let viewer = UnixStream::connect(&path)?;
+        Ok((listener, viewer))
+    });
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    let (listener, viewer) = opened.map_err(failed)?;
+    Ok((listener.into(), viewer))
 }
 
 fn read_password(path: &Path) -> Result<String, DisplayOpenError> {
@@ -190,19 +241,25 @@ fn read_password(path: &Path) -> Result<String, DisplayOpenError> {
     }
 }
 
-fn listen(address: &VncAddress) -> Result<OwnedFd, DisplayOpenError> {
+/// The listener the display worker serves, and for `sdl` the viewer's connection to it.
+fn listen(address: &VncAddress) -> Result<(OwnedFd, Option<UnixStream>), DisplayOpenError> {
     let listen_error = |source| DisplayOpenError::Listen {
         address: match address {
             VncAddress::Tcp(addr) => addr.to_string(),
             VncAddress::Unix(path) => format!("unix:{}", path.display()),
+            VncAddress::SdlViewer => "the SDL viewer's socket".into(),
         },
         source,
     };
     match address {
-        VncAddress::Tcp(addr) => Ok(TcpListener::bind(addr).map_err(listen_error)?.into()),
+        VncAddress::Tcp(addr) => Ok((TcpListener::bind(addr).map_err(listen_error)?.into(), None)),
         VncAddress::Unix(path) => {
             remove_stale_socket(path)?;
-            Ok(UnixListener::bind(path).map_err(listen_error)?.into())
+            Ok((UnixListener::bind(path).map_err(listen_error)?.into(), None))
+        }
+        VncAddress::SdlViewer => {
+            let (listener, viewer) = private_listener()?;
+            Ok((listener, Some(viewer)))
         }
     }
 }
@@ -265,6 +322,9 @@ mod tests {
         assert_eq!(unix.password, Some(PasswordSource::Inline("pw".into())));
         let v6: DisplaySpec = "vnc=[::1]:5900".parse().unwrap();
         assert!(v6.password.is_none());
+        let sdl: DisplaySpec = "sdl,size=800x600".parse().unwrap();
+        assert_eq!(sdl.address, VncAddress::SdlViewer);
+        assert_eq!((sdl.width, sdl.height), (800, 600));
     }
 
     #[test]
@@ -272,7 +332,8 @@ mod tests {
         for (bad, says) in [
             ("", "unknown display"),
             ("rdp", "unknown display"),
-            ("sdl", "not implemented"),
+            ("sdl=:1", "unknown display"),
+            ("sdl,password=pw", "takes no password"),
             ("vnc=5900", "neither ADDR:PORT"),
             ("vnc=unix:", "needs a socket path"),
             ("vnc,bogus", "unknown display option"),
@@ -317,5 +378,27 @@ mod tests {
             Err(DisplayOpenError::NotASocket(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sdl_gets_a_listener_whose_only_connection_is_the_viewers() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixListener;
+
+        let opened = open_display(&"sdl".parse().unwrap()).unwrap();
+        assert_eq!(opened.display.vnc_listen_fd, 5);
+        let mut viewer = opened.viewer.unwrap();
+        let listener = UnixListener::from(OwnedFd::from(
+            opened.display_files.into_iter().next().unwrap(),
+        ));
+        // Nothing names the listener any more: no path to connect to.
+        let address = listener.local_addr().unwrap();
+        let path = address.as_pathname().unwrap();
+        assert!(!path.exists() && !path.parent().unwrap().exists());
+        let (mut served, _) = listener.accept().unwrap();
+        served.write_all(b"RFB 003.008\n").unwrap();
+        let mut greeting = [0u8; 12];
+        viewer.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting, b"RFB 003.008\n");
     }
 }

@@ -20,6 +20,7 @@ pub mod pause;
 pub mod share;
 pub mod vcpu;
 pub mod vhost_user;
+pub mod viewer;
 pub mod virtio;
 pub mod vm;
 pub mod worker;

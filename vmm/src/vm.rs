@@ -66,11 +66,7 @@ pub enum VmError {
     #[error("watching a device worker")]
     Supervisor(#[source] std::io::Error),
     #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {cpu}")]
-    Msrs {
-        cpu: u8,
-        set: usize,
-        wanted: usize,
-    },
+    Msrs { cpu: u8, set: usize, wanted: usize },
     #[error("creating an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("starting a thread")]
@@ -83,6 +79,8 @@ pub enum VmError {
     Share(#[from] crate::share::ShareOpenError),
     #[error(transparent)]
     Display(#[from] crate::display::DisplayOpenError),
+    #[error(transparent)]
+    Viewer(#[from] crate::viewer::ViewerError),
     #[error(transparent)]
     Net(#[from] crate::net::NetOpenError),
 }
@@ -293,6 +291,7 @@ fn attach_worker_devices(
         launch,
         files,
         shape,
+        viewer,
     } in planned
     {
         let attached = attach_worker_device(
@@ -309,6 +308,9 @@ fn attach_worker_devices(
         supervisor
             .watch(launch, files, shape, attached.transport, attached.worker)
             .map_err(VmError::Supervisor)?;
+        if let Some(connection) = viewer {
+            crate::viewer::start_viewer(connection, &format!("bulkhead {}", config.name))?;
+        }
     }
     Ok(devices)
 }
