@@ -2,7 +2,8 @@
 //! vhost-user frontend and split queues over memfd guest memory, and the screen read back
 //! by real VNC clients - vncdotool's `vncdo` (PyPI; `.ci/run` installs it) and a small RFB
 //! client here that checks what vncdotool cannot show (ZRLE bytes, DesktopSize, pixel
-//! formats, misbehaving viewers).
+//! formats, misbehaving viewers). `bulkhead-viewer`, the `--display sdl` window, is
+//! driven on SDL's offscreen video driver against the same worker.
 //!
 //! Needs the worker binary: `cargo build --workspace` first (same profile as the tests).
 
@@ -17,6 +18,8 @@ use anyhow::{bail, ensure, Context, Result};
 use bulkhead_protocol::{DeviceConfig, DisplayConfig};
 use bulkhead_tests::micro::ScratchDir;
 use bulkhead_tests::vhost::{worker_bin, Buffer, DeviceSetup, UserspaceDevice, WorkerProcess};
+use bulkhead_vmm::display::{open_display, DisplaySpec, OpenedDisplay};
+use bulkhead_vmm::viewer::viewer_command;
 use bulkhead_workers::display::vnc::des::vnc_response;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend as _;
@@ -99,14 +102,7 @@ impl Display {
     }
 
     fn expect(&mut self, bytes: &[u8], expected: u32) -> Result<()> {
-        let response = self.command(bytes, 24)?;
-        let got = response_type(&response);
-        ensure!(
-            got == expected,
-            "command {:#x}: expected response {expected:#x}, got {got:#x}",
-            u32::from_le_bytes(bytes[0..4].try_into()?)
-        );
-        Ok(())
+        expect_response(&mut self.device, bytes, expected)
     }
 
     fn assert_alive(&self) -> Result<()> {
@@ -123,32 +119,56 @@ impl Display {
         Ok(())
     }
 
-    /// Draws the pattern into a `width` x `height` resource backed by guest memory in two
-    /// pieces, transfers it, shows it and flushes it.
     fn draw_pattern(&mut self, id: u32, width: u32, height: u32) -> Result<()> {
-        self.expect(&create_2d(id, FORMAT_B8G8R8X8, width, height), OK_NODATA)?;
-        let len = width * height * 4;
-        let mut pixels = Vec::with_capacity(len as usize);
-        for y in 0..height {
-            for x in 0..width {
-                let [r, g, b] = pattern(x, y);
-                pixels.extend_from_slice(&[b, g, r, 0xff]);
-            }
-        }
-        // Two entries, split mid-row, as a scattered guest allocation would be.
-        let first = len / 2 + 12;
-        let a = self.device.memory.allocate(u64::from(first), 4096)?;
-        let b = self.device.memory.allocate(u64::from(len - first), 4096)?;
-        self.device.memory.write(a, &pixels[..first as usize])?;
-        self.device.memory.write(b, &pixels[first as usize..])?;
-        self.expect(
-            &attach_backing(id, &[(a.0, first), (b.0, len - first)]),
-            OK_NODATA,
-        )?;
-        self.expect(&transfer(id, (0, 0, width, height), 0), OK_NODATA)?;
-        self.expect(&set_scanout(0, id, (0, 0, width, height)), OK_NODATA)?;
-        self.expect(&flush(id, (0, 0, width, height)), OK_NODATA)
+        draw_pattern(&mut self.device, id, width, height)
     }
+}
+
+fn expect_response(device: &mut UserspaceDevice, bytes: &[u8], expected: u32) -> Result<()> {
+    let response = send_command(device, 0, bytes, 24)?;
+    let got = response_type(&response);
+    ensure!(
+        got == expected,
+        "command {:#x}: expected response {expected:#x}, got {got:#x}",
+        u32::from_le_bytes(bytes[0..4].try_into()?)
+    );
+    Ok(())
+}
+
+/// Draws the pattern into a `width` x `height` resource backed by guest memory in two
+/// pieces, transfers it, shows it and flushes it.
+fn draw_pattern(device: &mut UserspaceDevice, id: u32, width: u32, height: u32) -> Result<()> {
+    expect_response(
+        device,
+        &create_2d(id, FORMAT_B8G8R8X8, width, height),
+        OK_NODATA,
+    )?;
+    let len = width * height * 4;
+    let mut pixels = Vec::with_capacity(len as usize);
+    for y in 0..height {
+        for x in 0..width {
+            let [r, g, b] = pattern(x, y);
+            pixels.extend_from_slice(&[b, g, r, 0xff]);
+        }
+    }
+    // Two entries, split mid-row, as a scattered guest allocation would be.
+    let first = len / 2 + 12;
+    let a = device.memory.allocate(u64::from(first), 4096)?;
+    let b = device.memory.allocate(u64::from(len - first), 4096)?;
+    device.memory.write(a, &pixels[..first as usize])?;
+    device.memory.write(b, &pixels[first as usize..])?;
+    expect_response(
+        device,
+        &attach_backing(id, &[(a.0, first), (b.0, len - first)]),
+        OK_NODATA,
+    )?;
+    expect_response(device, &transfer(id, (0, 0, width, height), 0), OK_NODATA)?;
+    expect_response(
+        device,
+        &set_scanout(0, id, (0, 0, width, height)),
+        OK_NODATA,
+    )?;
+    expect_response(device, &flush(id, (0, 0, width, height)), OK_NODATA)
 }
 
 fn gpu_device(connection: std::os::unix::net::UnixStream) -> Result<UserspaceDevice> {
@@ -957,4 +977,160 @@ fn a_password_keeps_out_viewers_without_it() -> Result<()> {
     s.read_exact(&mut result)?;
     ensure!(result == [0, 0, 0, 1], "None accepted: {result:?}");
     d.assert_alive()
+}
+
+fn viewer_bin() -> std::path::PathBuf {
+    bulkhead_tests::built_binary("bulkhead-viewer", "BULKHEAD_VIEWER_BIN")
+}
+
+/// Runs a viewer command on SDL's offscreen driver (no X server) until it exits.
+fn run_viewer(command: &mut Command) -> Result<String> {
+    let mut child = command
+        .env("SDL_VIDEODRIVER", "offscreen")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting bulkhead-viewer")?;
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("bulkhead-viewer did not finish in {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        stderr.read_to_string(&mut log)?;
+    }
+    ensure!(status.success(), "bulkhead-viewer: {status}\n{log}");
+    Ok(log)
+}
+
+#[test]
+fn sdl_viewer_on_the_vmms_private_socket_shows_the_pattern() -> Result<()> {
+    // Wired as `bulkhead run --display sdl` wires it: the listener the worker is launched
+    // with, and the connection queued on it handed to the viewer as descriptor 3.
+    let spec: DisplaySpec = "sdl,size=800x600".parse().map_err(anyhow::Error::msg)?;
+    let OpenedDisplay {
+        display,
+        display_files,
+        viewer,
+        ..
+    } = open_display(&spec)?;
+    let viewer = viewer.context("sdl gave no viewer connection")?;
+    let config = DeviceConfig::Display(DisplayConfig {
+        input_events_fd: None,
+        ..display
+    });
+    let listener = display_files.first().context("no listener")?;
+    let (worker, connection) = WorkerProcess::launched_with_fds(
+        "display0",
+        config,
+        &[(listener.as_raw_fd(), display.vnc_listen_fd)],
+    )?;
+    drop(display_files);
+    let mut device = gpu_device(connection)?;
+    draw_pattern(&mut device, 1, 320, 240)?;
+    let dir = ScratchDir::new("display-sdl")?;
+    let snapshot = dir.path().join("window.ppm");
+    let mut command = viewer_command(&viewer_bin(), &viewer, "bulkhead test")?;
+    drop(viewer);
+    let log = run_viewer(command.arg("--snapshot").arg(&snapshot))?;
+    ensure!(log.contains("snapshot written"), "{log}");
+    check_capture(&snapshot, 320, 240)?;
+    // The window closed; the worker serves on.
+    std::thread::sleep(Duration::from_millis(100));
+    ensure!(worker.is_running(), "the worker died:\n{}", worker.stderr());
+    let info = send_command(&mut device, 0, &header(GET_DISPLAY_INFO), 408)?;
+    ensure!(response_type(&info) == OK_DISPLAY_INFO);
+    drop(device);
+    let status = worker.wait_exit(TIMEOUT)?;
+    ensure!(status.success(), "exit {status}:\n{}", worker.stderr());
+    Ok(())
+}
+
+#[test]
+fn keys_and_pointer_from_the_sdl_viewer_reach_the_input_sink() -> Result<()> {
+    let d = Display::start()?;
+    let address = format!("127.0.0.1:{}", d.port);
+    run_viewer(
+        Command::new(viewer_bin())
+            .args(["--connect", &address])
+            .args(["--type", "aB>", "--point", "10,20"]),
+    )?;
+    // What SDL reported, as keysyms: `B` is the B key with Shift held, `>` the period key.
+    let wanted = [
+        "key down keysym 0x61",
+        "key up keysym 0x61",
+        "key down keysym 0xffe1",
+        "key down keysym 0x42",
+        "key up keysym 0x42",
+        "key up keysym 0xffe1",
+        "key down keysym 0xffe1",
+        "key down keysym 0x3e",
+        "key up keysym 0x3e",
+        "key up keysym 0xffe1",
+        "key down keysym 0xff0d",
+        "key up keysym 0xff0d",
+        "pointer buttons 0x0 at 10,20",
+    ];
+    let deadline = Instant::now() + TIMEOUT;
+    while !d.worker.stderr().contains(wanted[wanted.len() - 1]) {
+        ensure!(
+            Instant::now() < deadline,
+            "no pointer event logged:\n{}",
+            d.worker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = d.worker.stderr();
+    let mut from = 0;
+    for line in wanted {
+        let at = log[from..]
+            .find(line)
+            .with_context(|| format!("{line:?} missing or out of order:\n{log}"))?;
+        from += at + line.len();
+    }
+    d.assert_alive()
+}
+
+#[test]
+fn sdl_viewer_refuses_bad_descriptors_and_servers() -> Result<()> {
+    let fail = |args: &[&str], says: &str| -> Result<()> {
+        let out = Command::new(viewer_bin())
+            .args(args)
+            .env("SDL_VIDEODRIVER", "offscreen")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "{args:?} succeeded");
+        ensure!(stderr.contains(says), "{args:?}: {stderr}");
+        Ok(())
+    };
+    fail(&["--fd", "57"], "not an open descriptor")?;
+    fail(&["--fd", "0"], "not a stream socket")?;
+    fail(
+        &["--connect", "unix:/nonexistent/vnc.sock"],
+        "cannot connect",
+    )?;
+    // A server that speaks something else.
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.write_all(b"SSH-2.0-nope\r\n")?;
+        Ok(())
+    });
+    fail(
+        &["--connect", &format!("127.0.0.1:{port}")],
+        "not an RFB server",
+    )?;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread"))??;
+    Ok(())
 }
