@@ -38,6 +38,7 @@ pub fn policy() -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kinds::{assert_denies, denied};
 
     fn allowed(name: &str) -> bool {
         policy().allows(name)
@@ -45,26 +46,11 @@ mod tests {
 
     #[test]
     fn creates_no_socket_and_opens_no_file() {
-        for name in [
-            "open",
-            "openat",
-            "openat2",
-            "creat",
-            "socket",
-            "socketpair",
-            "connect",
-            "bind",
-            "listen",
-            "execve",
-            "fork",
-            "vfork",
-            "memfd_create",
-            "kill",
-            "sendto",
-            "recvfrom",
-        ] {
-            assert!(!allowed(name), "display must not allow {name}");
-        }
+        let extra = ["openat2", "memfd_create", "sendto", "recvfrom"];
+        assert_denies(
+            &policy(),
+            &[denied::PATH, denied::SOCKET_PROGRAM_OR_SIGNAL, &extra],
+        );
         let rules = policy().landlock;
         assert!(rules.paths.is_empty() && rules.ports.is_empty());
     }
@@ -84,17 +70,6 @@ mod tests {
             "mmap",
         ] {
             assert!(allowed(name), "display must allow {name}");
-        }
-    }
-
-    #[test]
-    fn every_rule_says_why() {
-        for rule in policy().syscalls {
-            assert!(
-                !rule.reason.is_empty(),
-                "{} has no reason",
-                rule.syscall.name()
-            );
         }
     }
 }

@@ -51,11 +51,62 @@ pub fn policy_for_device(device: &DeviceConfig) -> Policy {
     }
 }
 
+/// System calls every kind's tests check its policy refuses, in groups.
+#[cfg(test)]
+pub(crate) mod denied {
+    /// No worker makes a socket of its own, starts a program, or signals another process
+    /// (a worker's SIGABRT goes only to itself: see `runtime`).
+    pub const SOCKET_PROGRAM_OR_SIGNAL: &[&str] = &[
+        "socket",
+        "socketpair",
+        "connect",
+        "bind",
+        "listen",
+        "execve",
+        "execveat",
+        "fork",
+        "vfork",
+        "kill",
+    ];
+    /// No worker opens a path: the VMM hands over what it needs. (p9 opens beneath its
+    /// share with openat2, and only with that.)
+    pub const PATH: &[&str] = &["open", "openat", "creat"];
+}
+
+/// Panics naming the first system call of `lists` that `policy` allows.
+#[cfg(test)]
+pub(crate) fn assert_denies(policy: &Policy, lists: &[&[&str]]) {
+    for name in lists.iter().flat_map(|list| list.iter()) {
+        assert!(
+            !policy.allows(name),
+            "the {} policy must not allow {name}",
+            policy.kind
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bulkhead_protocol::{P9Config, RngConfig};
 
     use super::*;
+    use crate::filter::CompiledFilter;
+
+    #[test]
+    fn every_kind_compiles_and_says_why_for_every_rule() {
+        for kind in WorkerKind::ALL {
+            let policy = policy_for(kind);
+            CompiledFilter::compile(&policy)
+                .unwrap_or_else(|e| panic!("the {kind} policy does not compile: {e}"));
+            for rule in &policy.syscalls {
+                assert!(
+                    !rule.reason.is_empty(),
+                    "{kind}: {} has no reason",
+                    rule.syscall.name()
+                );
+            }
+        }
+    }
 
     #[test]
     fn a_p9_device_is_digested_as_the_worker_applies_it() {
