@@ -16,7 +16,9 @@
 use std::time::Duration;
 
 use bulkhead_tests::bulkhead_bin;
-use bulkhead_tests::lab::{random_token, Guest, Lab, LabReport, Run, RunReport, Scenario};
+use bulkhead_tests::lab::{
+    random_token, AuditRecords, Guest, Lab, LabReport, Run, RunReport, Scenario,
+};
 
 const IMAGE: &str = "/rng.cpio";
 /// Bytes the guest reads through the kill.
@@ -134,40 +136,13 @@ fn check_kill_during_read(report: &LabReport) -> Result<(), String> {
 }
 
 fn check_audit(report: &LabReport, kill: bool) -> Result<(), String> {
-    let prefix = audit_prefix(kill);
-    let audit: Vec<&str> = report
-        .lines
-        .iter()
-        .filter_map(|line| line.text.split_once(prefix.as_str()).map(|(_, json)| json))
-        .collect();
-    let has = |event: &str, detail: &str| {
-        audit
-            .iter()
-            .any(|line| line.contains(&format!(r#""event":"{event}""#)) && line.contains(detail))
-    };
-    let count = |event: &str| {
-        audit
-            .iter()
-            .filter(|line| line.contains(&format!(r#""event":"{event}""#)))
-            .count()
-    };
-    let problem = if !has("spawn", r#""device":"rng0""#) || !has("policy", "sha256:") {
-        "the audit log lacks the spawn or policy record"
-    } else if !kill && (count("crash") != 0 || count("restart") != 0) {
-        "the worker should neither crash nor restart"
-    } else if !kill {
-        return Ok(());
-    } else if count("crash") != 1
-        || !has("crash", r#""signal":9"#)
-        || !has("crash", r#""seccomp_violation":false"#)
-    {
-        "the audit log should show exactly one SIGKILL crash"
-    } else if count("restart") != 1 || !has("restart", r#""attempt":1"#) {
-        "the audit log should show exactly one restart"
+    let audit = AuditRecords::of(report, &audit_prefix(kill));
+    audit.spawned("rng0")?;
+    if kill {
+        audit.one_kill_one_restart("rng0")
     } else {
-        return Ok(());
-    };
-    Err(format!("{problem}: {audit:#?}"))
+        audit.calm()
+    }
 }
 
 /// Boots the rng guest twice in one L1: as is, then with its worker killed mid-read.

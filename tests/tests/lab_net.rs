@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use bulkhead_tests::bulkhead_bin;
-use bulkhead_tests::lab::{Guest, Lab, LabReport, Run, RunReport, Scenario};
+use bulkhead_tests::lab::{AuditRecords, Guest, Lab, LabReport, Run, RunReport, Scenario};
 use bulkhead_workers::net::mac_from_name;
 
 const IMAGE: &str = "/net.cpio";
@@ -207,32 +207,9 @@ fn check_kill_during_transfer(report: &LabReport) -> Result<(), String> {
 }
 
 fn check_audit(report: &LabReport) -> Result<(), String> {
-    let audit: Vec<&str> = report
-        .lines
-        .iter()
-        .filter_map(|line| line.text.split_once(AUDIT_PREFIX).map(|(_, json)| json))
-        .collect();
-    let has = |event: &str, detail: &str| {
-        audit
-            .iter()
-            .any(|line| line.contains(&format!(r#""event":"{event}""#)) && line.contains(detail))
-    };
-    let count = |event: &str| {
-        audit
-            .iter()
-            .filter(|line| line.contains(&format!(r#""event":"{event}""#)))
-            .count()
-    };
-    let problem = if !has("spawn", r#""device":"net0""#) || !has("policy", "sha256:") {
-        "the audit log lacks the spawn or policy record"
-    } else if count("crash") != 1 || !has("crash", r#""signal":9"#) {
-        "the audit log should show exactly one SIGKILL crash"
-    } else if count("restart") != 1 || !has("restart", r#""attempt":1"#) {
-        "the audit log should show exactly one restart"
-    } else {
-        return Ok(());
-    };
-    Err(format!("{problem}: {audit:#?}"))
+    let audit = AuditRecords::of(report, AUDIT_PREFIX);
+    audit.spawned("net0")?;
+    audit.one_kill_one_restart("net0")
 }
 
 #[test]

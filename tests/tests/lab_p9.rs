@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bulkhead_tests::bulkhead_bin;
-use bulkhead_tests::lab::{Guest, Lab, LabReport, Run, RunReport, Scenario};
+use bulkhead_tests::lab::{AuditRecords, Guest, Lab, LabReport, Run, RunReport, Scenario};
 
 const IMAGE: &str = "/p9.cpio";
 const AUDIT_LOG: &str = "/tmp/audit.jsonl";
@@ -507,42 +507,16 @@ fn check_host(run: &RunReport, host: &HostView) -> Result<(), String> {
 }
 
 fn check_audit(report: &LabReport) -> Result<(), String> {
-    let audit: Vec<&str> = report
-        .lines
-        .iter()
-        .filter_map(|line| line.text.split_once(AUDIT_PREFIX).map(|(_, json)| json))
-        .collect();
+    let audit = AuditRecords::of(report, AUDIT_PREFIX);
     for (device, read_only) in [("9p0", false), ("9p1", true)] {
-        let spawn = format!(r#""event":"spawn","device":"{device}","kind":"p9""#);
+        audit.spawned(device)?;
         let digest = bulkhead_seccomp::p9_policy(5, read_only).digest();
-        let policy =
-            format!(r#""event":"policy","device":"{device}","kind":"p9","digest":"{digest}""#);
-        for record in [spawn, policy] {
-            if !audit.iter().any(|line| line.contains(&record)) {
-                return Err(format!("the audit log lacks {record}: {audit:#?}"));
-            }
+        let policy = format!(r#""device":"{device}","kind":"p9","digest":"{digest}""#);
+        if !audit.has("policy", &policy) {
+            return Err(format!("the audit log lacks {policy}: {audit:?}"));
         }
     }
-    let events = |event: &str| -> Vec<&str> {
-        audit
-            .iter()
-            .copied()
-            .filter(|line| line.contains(&format!(r#""event":"{event}""#)))
-            .collect()
-    };
-    let (crashes, restarts) = (events("crash"), events("restart"));
-    let killed = crashes.len() == 1
-        && crashes[0].contains(r#""device":"9p0""#)
-        && crashes[0].contains(r#""signal":9,"#);
-    let restarted = restarts.len() == 1
-        && restarts[0].contains(r#""device":"9p0""#)
-        && restarts[0].contains(r#""attempt":1"#);
-    if !(killed && restarted && events("give_up").is_empty()) {
-        return Err(format!(
-            "the audit log should show 9p0's worker killed once and restarted once: {audit:#?}"
-        ));
-    }
-    Ok(())
+    audit.one_kill_one_restart("9p0")
 }
 
 #[test]

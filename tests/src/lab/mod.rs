@@ -18,6 +18,7 @@
 //! `tests/lab/fetch-assets.sh` fetches the kernel, its modules and busybox.
 
 pub mod assets;
+pub mod audit;
 pub mod cpio;
 pub mod demo;
 mod error;
@@ -34,6 +35,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 pub use assets::Assets;
+pub use audit::AuditRecords;
 pub use error::{LabError, FETCH_ASSETS, INSTALL_PACKAGES};
 pub use report::{LabReport, RunReport};
 pub use scenario::{Guest, Run, Scenario, GUEST_MARKER};

@@ -93,32 +93,45 @@ fn file_offset(offset: u64) -> std::io::Result<libc::off_t> {
     libc::off_t::try_from(offset).map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))
 }
 
-/// Fills `bufs`, in order, from `file` at `offset`; what lies past the end of the file
-/// reads as zeros.
-pub(crate) fn read_vectored_zero_fill(
+/// Which way a vectored call moves bytes.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// preadv: file to buffers; the end of the file reads as zeros.
+    Read,
+    /// pwritev: buffers to file.
+    Write,
+}
+
+/// Moves every byte of `bufs` between them and `file` at `offset`, as many calls as it
+/// takes (short transfers, interrupted calls, more buffers than one call takes).
+fn vectored_all(
     file: &File,
     bufs: &[VolatileSlice<'_>],
     offset: u64,
+    direction: Direction,
 ) -> std::io::Result<()> {
     let mut iovecs = IoVecs::new(bufs);
     let mut at = offset;
     while !iovecs.is_empty() {
         let pending = iovecs.pending();
-        // SAFETY: every iovec lies in mapped guest memory described by a VolatileSlice of
-        // `bufs`, which outlives the call, and the kernel writes at most the iovecs'
-        // lengths. The guest may touch the same memory meanwhile, as it may under any
-        // device doing DMA; no Rust reference to it exists.
-        let n = unsafe {
-            libc::preadv(
-                file.as_raw_fd(),
-                pending.as_ptr(),
-                pending.len() as libc::c_int,
-                file_offset(at)?,
-            )
+        let (fd, count, file_at) = (
+            file.as_raw_fd(),
+            pending.len() as libc::c_int,
+            file_offset(at)?,
+        );
+        let n = match direction {
+            // SAFETY: every iovec lies in mapped guest memory described by a VolatileSlice
+            // of `bufs`, which outlives the call, and the kernel writes at most the
+            // iovecs' lengths. The guest may touch the same memory meanwhile, as it may
+            // under any device doing DMA; no Rust reference to it exists.
+            Direction::Read => unsafe { libc::preadv(fd, pending.as_ptr(), count, file_at) },
+            // SAFETY: as above; the kernel only reads the memory.
+            Direction::Write => unsafe { libc::pwritev(fd, pending.as_ptr(), count, file_at) },
         };
-        match n {
-            0 => iovecs.zero_rest(),
-            n if n > 0 => {
+        match (n, direction) {
+            (0, Direction::Read) => iovecs.zero_rest(),
+            (0, Direction::Write) => return Err(std::io::Error::from(ErrorKind::WriteZero)),
+            (n, _) if n > 0 => {
                 iovecs.advance(n as usize);
                 at += n as u64;
             }
@@ -133,41 +146,23 @@ pub(crate) fn read_vectored_zero_fill(
     Ok(())
 }
 
+/// Fills `bufs`, in order, from `file` at `offset`; what lies past the end of the file
+/// reads as zeros.
+pub(crate) fn read_vectored_zero_fill(
+    file: &File,
+    bufs: &[VolatileSlice<'_>],
+    offset: u64,
+) -> std::io::Result<()> {
+    vectored_all(file, bufs, offset, Direction::Read)
+}
+
 /// Writes `bufs`, in order, to `file` at `offset`.
 pub(crate) fn write_vectored_all(
     file: &File,
     bufs: &[VolatileSlice<'_>],
     offset: u64,
 ) -> std::io::Result<()> {
-    let mut iovecs = IoVecs::new(bufs);
-    let mut at = offset;
-    while !iovecs.is_empty() {
-        let pending = iovecs.pending();
-        // SAFETY: every iovec lies in mapped guest memory described by a VolatileSlice of
-        // `bufs`, which outlives the call; the kernel only reads it.
-        let n = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                pending.as_ptr(),
-                pending.len() as libc::c_int,
-                file_offset(at)?,
-            )
-        };
-        match n {
-            0 => return Err(std::io::Error::from(ErrorKind::WriteZero)),
-            n if n > 0 => {
-                iovecs.advance(n as usize);
-                at += n as u64;
-            }
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
+    vectored_all(file, bufs, offset, Direction::Write)
 }
 
 /// Whether `file` was opened for writing.
