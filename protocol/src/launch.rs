@@ -196,6 +196,19 @@ pub enum DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// Why a replacement worker could not carry on where this one stopped, if it could
+    /// not: the guest would silently see its disk go back in time, which is worse than a
+    /// device that fails. (Devices whose replacement merely starts afresh, with errors
+    /// the guest sees, are restarted.)
+    pub fn state_lost_on_restart(&self) -> Option<&'static str> {
+        match self {
+            DeviceConfig::Blk(blk) if blk.copy_on_write => {
+                Some("its copy-on-write changes live only in the worker's memory")
+            }
+            _ => None,
+        }
+    }
+
     pub fn kind(&self) -> WorkerKind {
         match self {
             DeviceConfig::Rng(_) => WorkerKind::Rng,

@@ -69,6 +69,8 @@ pub enum RestartWorkerError {
     Failed(String),
     #[error("device {0}'s worker is being replaced already")]
     Busy(String),
+    #[error("device {name}'s worker is not restarted: {why}")]
+    WouldLoseState { name: String, why: &'static str },
     #[error("cannot kill device {name}'s worker: {errno}")]
     Kill {
         name: String,
@@ -80,6 +82,8 @@ struct BoardEntry {
     status: DeviceStatus,
     /// The worker's coming exit was asked for by an operator, not a crash.
     operator_restart: bool,
+    /// Why the device's worker is never replaced (`DeviceConfig::state_lost_on_restart`).
+    state_lost_on_restart: Option<&'static str>,
 }
 
 /// The devices and their workers as the control socket reports them; the supervisor
@@ -122,6 +126,12 @@ impl DeviceBoard {
         };
         if entry.status.failed {
             return Err(RestartWorkerError::Failed(device.to_owned()));
+        }
+        if let Some(why) = entry.state_lost_on_restart {
+            return Err(RestartWorkerError::WouldLoseState {
+                name: device.to_owned(),
+                why,
+            });
         }
         let Some(pid) = entry.status.worker_pid.filter(|_| !entry.operator_restart) else {
             return Err(RestartWorkerError::Busy(device.to_owned()));
@@ -226,6 +236,7 @@ impl WorkerSupervisor {
                 failed: false,
             },
             operator_restart: false,
+            state_lost_on_restart: launch.device.state_lost_on_restart(),
         });
         self.devices.push(Supervised {
             launch,
@@ -339,9 +350,13 @@ impl WorkerSupervisor {
             }
         }
         let device = &mut self.devices[index];
+        let lost = device.launch.device.state_lost_on_restart();
+        if let Some(why) = lost {
+            tracing::error!(device = %name, "the worker is not restarted: {why}");
+        }
         loop {
             device.crashes += 1;
-            if device.crashes > policy.max_restarts {
+            if device.crashes > policy.max_restarts || lost.is_some() {
                 let failed = self.devices.remove(index);
                 lock(&failed.transport).mark_failed();
                 self.board.update(&name, |e| e.status.failed = true);
@@ -443,12 +458,15 @@ mod tests {
         fn reset(&mut self) {}
     }
 
-    /// A worker that dies of SIGSYS, as one does when its seccomp filter catches it, and
-    /// whose replacements cannot start: the supervisor must log a seccomp violation, try
-    /// as often as its policy says, then give the device up and mark it failed.
-    #[test]
-    fn logs_a_seccomp_kill_and_gives_up_after_the_restart_limit() {
-        let dir = std::env::temp_dir().join(format!("bulkhead-supervisor-{}", std::process::id()));
+    /// Watches one device whose worker is `sh -c SCRIPT` and whose replacements cannot
+    /// start (no worker binary), until the supervisor gives it up; returns the audit
+    /// events and whether the transport tells the driver the device needs a reset.
+    fn supervise_until_given_up(device: DeviceConfig, script: &str) -> (Vec<AuditEvent>, bool) {
+        let dir = std::env::temp_dir().join(format!(
+            "bulkhead-supervisor-{}-{}",
+            std::process::id(),
+            device.kind()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let audit_path = dir.join("audit.jsonl");
         let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
@@ -461,15 +479,16 @@ mod tests {
         };
         let mut supervisor =
             WorkerSupervisor::new(dir.join("no-such-worker"), memory, audit, policy);
+        let name = format!("{}0", device.kind());
         let transport = Arc::new(Mutex::new(VirtioMmio::new(
-            "rng0".into(),
+            name.clone(),
             Box::new(NoDevice),
             vec![EventFd::new(0).unwrap()],
             EventFd::new(0).unwrap(),
         )));
         let launch = WorkerLaunch {
-            device_name: "rng0".into(),
-            device: DeviceConfig::Rng(RngConfig::default()),
+            device_name: name,
+            device,
             vhost_user_fd: 4,
         };
         let shape = DeviceShape {
@@ -477,10 +496,7 @@ mod tests {
             queue_sizes: vec![16],
             config_size: 0,
         };
-        let child = Command::new("sh")
-            .args(["-c", "kill -SYS $$"])
-            .spawn()
-            .unwrap();
+        let child = Command::new("sh").args(["-c", script]).spawn().unwrap();
         supervisor
             .watch(launch, Vec::new(), shape, transport.clone(), child)
             .unwrap();
@@ -488,7 +504,7 @@ mod tests {
         supervisor.spawn().unwrap().join().unwrap();
 
         let log = std::fs::read_to_string(&audit_path).unwrap();
-        let events: Vec<AuditEvent> = log
+        let events = log
             .lines()
             .map(|l| {
                 serde_json::from_str::<bulkhead_protocol::audit::AuditRecord>(l)
@@ -496,8 +512,23 @@ mod tests {
                     .event
             })
             .collect();
-        assert!(matches!(events[0], AuditEvent::Spawn { .. }), "{log}");
-        assert!(matches!(events[1], AuditEvent::Policy { .. }), "{log}");
+        let mut status = [0u8; 4];
+        lock(&transport).read(0x70, &mut status);
+        let _ = std::fs::remove_dir_all(&dir);
+        let needs_reset =
+            u32::from_le_bytes(status) & crate::virtio::status::DEVICE_NEEDS_RESET != 0;
+        (events, needs_reset)
+    }
+
+    /// A worker that dies of SIGSYS, as one does when its seccomp filter catches it, and
+    /// whose replacements cannot start: the supervisor must log a seccomp violation, try
+    /// as often as its policy says, then give the device up and mark it failed.
+    #[test]
+    fn logs_a_seccomp_kill_and_gives_up_after_the_restart_limit() {
+        let rng = DeviceConfig::Rng(RngConfig::default());
+        let (events, needs_reset) = supervise_until_given_up(rng, "kill -SYS $$");
+        assert!(matches!(events[0], AuditEvent::Spawn { .. }), "{events:?}");
+        assert!(matches!(events[1], AuditEvent::Policy { .. }), "{events:?}");
         assert!(
             matches!(
                 events[2],
@@ -507,19 +538,42 @@ mod tests {
                     ..
                 }
             ),
-            "{log}"
+            "{events:?}"
         );
         assert!(
             matches!(events[3], AuditEvent::GiveUp { attempts: 2, .. }),
-            "{log}"
+            "{events:?}"
         );
-        let mut status = [0u8; 4];
-        lock(&transport).read(0x70, &mut status);
-        assert_ne!(
-            u32::from_le_bytes(status) & crate::virtio::status::DEVICE_NEEDS_RESET,
-            0
+        assert!(needs_reset);
+    }
+
+    /// A copy-on-write disk's changes die with its worker: rather than let a replacement
+    /// show the guest its disk as it was before them, the device fails at once.
+    #[test]
+    fn a_cow_disk_is_failed_not_restarted() {
+        let cow = DeviceConfig::Blk(bulkhead_protocol::BlkConfig {
+            image_fd: 5,
+            backing: Vec::new(),
+            format: None,
+            read_only: false,
+            copy_on_write: true,
+            num_queues: 1,
+            serial: String::new(),
+        });
+        let (events, needs_reset) = supervise_until_given_up(cow, "kill -KILL $$");
+        assert!(
+            matches!(
+                events.as_slice(),
+                [
+                    AuditEvent::Spawn { .. },
+                    AuditEvent::Policy { .. },
+                    AuditEvent::Crash { signal: 9, .. },
+                    AuditEvent::GiveUp { attempts: 0, .. },
+                ]
+            ),
+            "{events:?}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        assert!(needs_reset);
     }
 
     #[test]
