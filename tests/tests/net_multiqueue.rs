@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use bulkhead_protocol::{DeviceConfig, NetConfig};
 use bulkhead_tests::net::{guest_udp, parse_udp, Netns, GUEST_IP, GUEST_MAC, HOST_IP};
-use bulkhead_tests::vhost::{Buffer, DeviceSetup, UserspaceDevice, WorkerProcess};
+use bulkhead_tests::vhost::{
+    Buffer, DeviceSetup, SplitQueueDriver, UserspaceDevice, UserspaceFrontend, WorkerProcess,
+};
 use bulkhead_workers::net::{Tap, VnetHeader, VNET_HDR_LEN};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
@@ -22,6 +24,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ,
     VIRTIO_NET_OK,
 };
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::GuestAddress;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,7 +42,7 @@ const FIRST_GUEST_PORT: u16 = 7000;
 
 struct Lab {
     netns: Netns,
-    _taps: Vec<Arc<Tap>>,
+    taps: Vec<Arc<Tap>>,
     worker: WorkerProcess,
     device: UserspaceDevice,
     /// Receive buffers in flight, by (queue, head).
@@ -47,26 +50,30 @@ struct Lab {
     scratch: GuestAddress,
 }
 
+fn launch(taps: &[Arc<Tap>]) -> Result<(WorkerProcess, std::os::unix::net::UnixStream)> {
+    let inherit: Vec<_> = taps
+        .iter()
+        .zip(TAP_FDS)
+        .map(|(tap, fd)| (tap.as_raw_fd(), fd))
+        .collect();
+    Ok(WorkerProcess::launched_with(
+        "net0",
+        DeviceConfig::Net(NetConfig {
+            tap_fds: TAP_FDS.to_vec(),
+            mac: GUEST_MAC,
+            mtu: Some(1500),
+        }),
+        &inherit,
+        &[("BULKHEAD_LOG", "bulkhead_workers=debug")],
+    )?)
+}
+
 impl Lab {
     fn new(features: u64) -> Result<Lab> {
         let netns =
             Netns::new().context("cannot create a network namespace (root and iproute2 needed)")?;
         let taps = netns.host_tap_queues(PAIRS)?;
-        let inherit: Vec<_> = taps
-            .iter()
-            .zip(TAP_FDS)
-            .map(|(tap, fd)| (tap.as_raw_fd(), fd))
-            .collect();
-        let (worker, connection) = WorkerProcess::launched_with(
-            "net0",
-            DeviceConfig::Net(NetConfig {
-                tap_fds: TAP_FDS.to_vec(),
-                mac: GUEST_MAC,
-                mtu: Some(1500),
-            }),
-            &inherit,
-            &[("BULKHEAD_LOG", "bulkhead_workers=debug")],
-        )?;
+        let (worker, connection) = launch(&taps)?;
         let mut setup = DeviceSetup::new(&[QUEUE_SIZE; 2 * PAIRS + 1]).with_features(features);
         setup.memory_size = 32 << 20;
         setup.protocol_features =
@@ -75,7 +82,7 @@ impl Lab {
         let scratch = device.memory.allocate(64 << 10, 8)?;
         Ok(Lab {
             netns,
-            _taps: taps,
+            taps,
             worker,
             device,
             rx_buffers: HashMap::new(),
@@ -356,5 +363,52 @@ fn without_mq_every_flow_arrives_on_the_first_pair() -> Result<()> {
     let mut buf = [0u8; 16];
     let n = socket.recv(&mut buf)?;
     ensure!(&buf[..n] == b"tx0");
+    lab.assert_alive()
+}
+
+/// A killed worker is replaced as the VMM does it (rings resumed at the used index, every
+/// queue kicked); the new one starts from one pair, and every flow still arrives.
+#[test]
+fn a_replaced_worker_serves_both_pairs_again() -> Result<()> {
+    let features =
+        (1 << VIRTIO_NET_F_MQ) | (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_RING_F_EVENT_IDX);
+    let mut lab = Lab::new(features)?;
+    let socket = lab.host_socket()?;
+    lab.post_rx(0, 64)?;
+    lab.post_rx(2, 64)?;
+    ensure!(lab.set_pairs(2)? == VIRTIO_NET_OK as u8);
+    lab.spread(&socket)?;
+    lab.worker.kill()?;
+    let (worker, connection) = launch(&lab.taps)?;
+    lab.worker = worker;
+    let mut frontend = UserspaceFrontend::new(connection, 2 * PAIRS + 1);
+    frontend.negotiate(features, VhostUserProtocolFeatures::REPLY_ACK)?;
+    frontend.set_mem_table(&lab.device.memory)?;
+    for index in 0..=CONTROL {
+        let queue: &SplitQueueDriver = &lab.device.queues[index];
+        let used_ring = queue.layout().used_ring;
+        let bytes = lab.device.memory.read(GuestAddress(used_ring.0 + 2), 2)?;
+        frontend.resume_queue(index, queue, u16::from_le_bytes([bytes[0], bytes[1]]))?;
+    }
+    lab.device.frontend = frontend;
+    for queue in &lab.device.queues {
+        queue.kick()?;
+    }
+    for round in 0..3 {
+        let [first, second] = lab.spread(&socket)?;
+        ensure!(
+            second.is_empty() && first.len() == usize::from(FLOWS),
+            "round {round}: {first:?} / {second:?}"
+        );
+        lab.transmit(1, 4001, b"tx0")?;
+        lab.transmit(3, 4003, b"tx1")?;
+        let mut buf = [0u8; 16];
+        for _ in 0..2 {
+            socket.recv(&mut buf)?;
+        }
+    }
+    ensure!(lab.set_pairs(2)? == VIRTIO_NET_OK as u8);
+    let [first, second] = lab.spread(&socket)?;
+    ensure!(!first.is_empty() && !second.is_empty());
     lab.assert_alive()
 }

@@ -825,7 +825,8 @@ impl NetDevice {
                 self.taps.len()
             ));
         }
-        tracing::debug!("{pairs} queue pairs enabled");
+        // Once per driver probe or ethtool -L: worth seeing at the default level.
+        tracing::info!("{pairs} queue pairs enabled");
         self.enabled_pairs = pairs;
         Ok(())
     }
