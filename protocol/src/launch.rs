@@ -141,12 +141,11 @@ impl BlkConfig {
 /// A virtio-net device on a host TAP device the VMM opened.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub struct NetConfig {
-    /// Descriptor number of the TAP (opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, one
-    /// queue); the worker sets its vnet header size and offloads, nothing else.
-    pub tap_fd: i32,
+    /// Descriptor numbers of the TAP's queues, one per receive/transmit queue pair (opened
+    /// with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, and IFF_MULTI_QUEUE when there are several);
+    /// the worker sets their vnet header size and offloads, nothing else.
+    pub tap_fds: Vec<i32>,
     pub mac: [u8; 6],
-    /// Receive/transmit queue pairs; the worker serves one today and refuses more.
-    pub queue_pairs: u16,
     /// The MTU the guest is told (VIRTIO_NET_F_MTU), if any.
     pub mtu: Option<u16>,
 }
@@ -227,7 +226,7 @@ impl DeviceConfig {
             DeviceConfig::Rng(_) => Vec::new(),
             DeviceConfig::P9(p9) => vec![p9.root_fd],
             DeviceConfig::Blk(blk) => blk.descriptors().collect(),
-            DeviceConfig::Net(net) => vec![net.tap_fd],
+            DeviceConfig::Net(net) => net.tap_fds.clone(),
             DeviceConfig::Display(display) => display.descriptors().collect(),
             DeviceConfig::Input(input) => vec![input.events_fd],
         }
@@ -267,9 +266,8 @@ mod tests {
         let net = WorkerLaunch {
             device_name: "net0".into(),
             device: DeviceConfig::Net(NetConfig {
-                tap_fd: 5,
+                tap_fds: vec![5, 6],
                 mac: [0x52, 0x54, 0, 1, 2, 3],
-                queue_pairs: 1,
                 mtu: Some(1500),
             }),
             vhost_user_fd: 4,

@@ -117,6 +117,19 @@ impl Netns {
         Ok(Arc::new(tap))
     }
 
+    /// [`host_tap`](Self::host_tap) with `queues` queues (IFF_MULTI_QUEUE), one
+    /// descriptor each, as the VMM opens them for `queues=N`.
+    pub fn host_tap_queues(&self, queues: usize) -> io::Result<Vec<Arc<Tap>>> {
+        let taps = self.run(|| {
+            (0..queues)
+                .map(|_| Tap::open(TAP_NAME, true).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io::Error::other)
+        })?;
+        self.configure_tap()?;
+        Ok(taps)
+    }
+
     /// Addresses the TAP a standalone worker created in the namespace.
     pub fn configure_tap(&self) -> io::Result<()> {
         let mtu = TAP_MTU.to_string();

@@ -104,6 +104,46 @@ fn an_existing_persistent_tap_is_attached() -> Result<()> {
     Ok(())
 }
 
+/// `queues=N` opens N queues of one multiqueue TAP and hands them all to the worker; a
+/// persistent TAP made without multi_queue cannot give more than one, and says so.
+#[test]
+fn queues_open_a_multiqueue_tap() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: needs root for a network namespace and /dev/net/tun");
+        return Ok(());
+    }
+    let netns = Netns::new()?;
+    let outcome = run_in(&netns, &[], &["--net", "tap,ifname=bhmq0,queues=3"])?;
+    outcome.assert_clean_exit();
+    assert!(
+        outcome.stderr.contains("TAP bhmq0, 3 queue pair(s)"),
+        "the worker did not get 3 queues:\n{outcome}"
+    );
+
+    netns.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        "bhpmq",
+        "mode",
+        "tap",
+        "multi_queue",
+    ])?;
+    let outcome = run_in(&netns, &[], &["--net", "tap,ifname=bhpmq,queues=2"])?;
+    outcome.assert_clean_exit();
+    assert!(
+        outcome.stderr.contains("TAP bhpmq, 2 queue pair(s)"),
+        "{outcome}"
+    );
+
+    netns.ip(&["tuntap", "add", "dev", "bhsingle", "mode", "tap"])?;
+    let outcome = run_in(&netns, &[], &["--net", "tap,ifname=bhsingle,queues=2"])?;
+    outcome.assert_error_mentioning(&["bhsingle"]);
+    outcome.assert_error_mentioning(&["multi_queue"]);
+    assert!(outcome.stdout.is_empty(), "the guest ran:\n{outcome}");
+    Ok(())
+}
+
 #[test]
 fn a_busy_tap_is_a_clear_error() -> Result<()> {
     if !is_root() {
@@ -164,7 +204,7 @@ fn bad_net_options_are_usage_errors() -> Result<()> {
         ("tap,mac=01:00:5e:00:00:01", "multicast"),
         ("tap,mac=52:54:00", "not a MAC address"),
         ("tap,queues=0", "queues"),
-        ("tap,queues=4", "queue pair"),
+        ("tap,queues=17", "at most 16 queue pairs"),
     ];
     for (bad, mention) in cases {
         let outcome = BulkheadCommand::new()

@@ -46,9 +46,8 @@ const TX_BUFFER: u64 = 128 << 10;
 
 fn net_config() -> DeviceConfig {
     DeviceConfig::Net(NetConfig {
-        tap_fd: TAP_FD,
+        tap_fds: vec![TAP_FD],
         mac: GUEST_MAC,
-        queue_pairs: 1,
         mtu: Some(1500),
     })
 }

@@ -38,7 +38,7 @@ const P9_CONFIG_HEADER: usize = 2;
 /// Descriptors per virtio-net queue: deep enough for a burst of TSO frames.
 const NET_QUEUE_SIZE: u16 = 256;
 /// virtio_net_config up to the mtu field (mac, status, max_virtqueue_pairs, mtu), as the
-/// net worker serves it; it offers no control queue, so a pair is all a device has.
+/// net worker serves it; with several pairs a control queue follows them.
 const NET_CONFIG_SIZE: usize = 12;
 
 /// One device to attach: handed to the worker launcher and then to the supervisor, which
@@ -152,7 +152,7 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
     }
     for (index, spec) in config.nets.iter().enumerate() {
         let OpenedNet { config, files, .. } = open_net(spec, &config.name, index)?;
-        let queues = 2 * usize::from(config.queue_pairs);
+        let queues = bulkhead_workers::net::queues_for(config.tap_fds.len());
         planned.push(PlannedDevice::new(
             format!("net{index}"),
             DeviceConfig::Net(config),

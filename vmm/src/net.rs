@@ -1,6 +1,7 @@
 //! `--net tap[,ifname=NAME][,mac=MAC][,queues=N]`: the VMM creates (or attaches to) the
 //! TAP device, so that the net worker needs no network reach at all: it gets the open TAP
-//! queue at a fixed descriptor number and never opens /dev/net/tun itself.
+//! queues (one per queue pair) at fixed descriptor numbers and never opens /dev/net/tun
+//! itself.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -15,8 +16,8 @@ use crate::worker::launch::device_fds;
 /// The name the kernel numbers when no `ifname` is given: tap0, tap1, ...
 pub const DEFAULT_TAP_NAME: &str = "tap%d";
 
-/// Queue pairs the net worker serves today.
-pub const MAX_QUEUE_PAIRS: u16 = 1;
+/// Queue pairs a net device may have: what the worker serves.
+pub const MAX_QUEUE_PAIRS: u16 = bulkhead_workers::net::MAX_QUEUE_PAIRS as u16;
 
 /// One `--net` option.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,7 @@ pub struct NetSpec {
     pub ifname: Option<String>,
     /// None: derived from the VM's name, the same on every run.
     pub mac: Option<[u8; 6]>,
+    /// Receive/transmit queue pairs, one TAP queue each; 1 unless `queues=N` says more.
     pub queue_pairs: u16,
 }
 
@@ -73,7 +75,7 @@ impl std::str::FromStr for NetSpec {
                     })?;
                     if pairs > MAX_QUEUE_PAIRS {
                         return Err(format!(
-                            "queues={pairs}: the net worker serves {MAX_QUEUE_PAIRS} queue pair so far"
+                            "queues={pairs}: at most {MAX_QUEUE_PAIRS} queue pairs"
                         ));
                     }
                     spec.queue_pairs = pairs;
@@ -108,7 +110,7 @@ fn describe(name: &str) -> String {
     }
 }
 
-/// A network device ready to hand to a worker: its launch config and its TAP queue.
+/// A network device ready to hand to a worker: its launch config and its TAP queues.
 #[derive(Debug)]
 pub struct OpenedNet {
     pub config: NetConfig,
@@ -127,32 +129,42 @@ pub fn default_mac(vm: &VmName, index: usize) -> [u8; 6] {
 }
 
 /// Creates or attaches to the TAP of `spec`, the `index`th network device of VM `vm`:
-/// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR with the vnet header size the worker expects.
-/// A busy TAP, a name that is some other kind of device, or missing privileges are
-/// errors here, before any guest code runs.
+/// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR with the vnet header size the worker expects, and
+/// one queue per pair (IFF_MULTI_QUEUE with several: the first open creates or attaches,
+/// the others attach more queues to the same device).
+/// A busy TAP, a name that is some other kind of device (or a single-queue TAP when
+/// several queues are asked for), or missing privileges are errors here, before any
+/// guest code runs.
 pub fn open_net(spec: &NetSpec, vm: &VmName, index: usize) -> Result<OpenedNet, NetOpenError> {
     let name = spec.ifname.as_deref().unwrap_or(DEFAULT_TAP_NAME);
-    let tap = Tap::open(name, false).map_err(|source| NetOpenError::Tap {
+    let pairs = usize::from(spec.queue_pairs.max(1));
+    let multi_queue = pairs > 1;
+    let error = |name: &str, source| NetOpenError::Tap {
         index,
         name: name.to_owned(),
         source,
-    })?;
-    let ifname = tap.name().to_owned();
+    };
+    let first = Tap::open(name, multi_queue).map_err(|source| error(name, source))?;
+    // A generated name is known only now; the other queues attach to that device.
+    let ifname = first.name().to_owned();
+    let mut files = vec![File::from(OwnedFd::from(first))];
+    for _ in 1..pairs {
+        let tap = Tap::open(&ifname, true).map_err(|source| error(&ifname, source))?;
+        files.push(File::from(OwnedFd::from(tap)));
+    }
     let mac = spec.mac.unwrap_or_else(|| default_mac(vm, index));
-    let fds = device_fds(1);
     let config = NetConfig {
-        tap_fd: fds[0],
+        tap_fds: device_fds(pairs),
         mac,
-        queue_pairs: spec.queue_pairs,
         mtu: None,
     };
     tracing::info!(
-        "net{index}: TAP {ifname}, MAC {}",
+        "net{index}: TAP {ifname}, MAC {}, {pairs} queue pair(s)",
         mac.map(|b| format!("{b:02x}")).join(":")
     );
     Ok(OpenedNet {
         config,
-        files: vec![File::from(OwnedFd::from(tap))],
+        files,
         ifname,
     })
 }
@@ -163,15 +175,16 @@ mod tests {
 
     #[test]
     fn net_options_parse() {
-        let spec: NetSpec = "tap,ifname=bh0,mac=52:54:00:12:34:56,queues=1"
+        let spec: NetSpec = "tap,ifname=bh0,mac=52:54:00:12:34:56,queues=4"
             .parse()
             .unwrap();
         assert_eq!(spec.ifname.as_deref(), Some("bh0"));
         assert_eq!(spec.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
-        assert_eq!(spec.queue_pairs, 1);
+        assert_eq!(spec.queue_pairs, 4);
         let plain: NetSpec = "tap".parse().unwrap();
         assert_eq!(plain.ifname, None);
         assert_eq!(plain.mac, None);
+        assert_eq!(plain.queue_pairs, 1);
         for bad in [
             "",
             "user",
@@ -183,7 +196,8 @@ mod tests {
             "tap,mac=nonsense",
             "tap,queues=0",
             "tap,queues=x",
-            "tap,queues=2",
+            "tap,queues=17",
+            "tap,queues=-1",
         ] {
             assert!(bad.parse::<NetSpec>().is_err(), "{bad:?}");
         }

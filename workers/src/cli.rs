@@ -8,7 +8,8 @@
 //! bulkhead-worker blk --launch-fd N                           started by the bulkhead VMM
 //! bulkhead-worker p9 --socket PATH --dir DIR [--tag TAG] [--ro]  standalone virtio-9p backend
 //! bulkhead-worker p9 --launch-fd N                           started by the bulkhead VMM
-//! bulkhead-worker net --socket PATH --tap NAME [--mac MAC]  standalone vhost-user-net backend
+//! bulkhead-worker net --socket PATH --tap NAME [--mac MAC] [--queues N]
+//!                                                             standalone vhost-user-net backend
 //! bulkhead-worker net --launch-fd N                           started by the bulkhead VMM
 //! bulkhead-worker p9 --listen unix:PATH --dir DIR [--ro]      9P over a socket, for debugging
 //! bulkhead-worker display --socket PATH --vnc-listen 127.0.0.1:PORT|unix:PATH [--width W --height H]
@@ -146,7 +147,7 @@ pub struct NetArgs {
     /// on every run.
     #[arg(long, value_name = "MAC", value_parser = parse_mac, conflicts_with = "launch_fd")]
     pub mac: Option<[u8; 6]>,
-    /// Queue pairs; only 1 is served today.
+    /// Queue pairs, one TAP queue each; with more than one the TAP is opened multiqueue.
     #[arg(
         long,
         value_name = "N",

@@ -26,7 +26,7 @@ use bulkhead_workers::display::{
 };
 use bulkhead_workers::input::InputDevice;
 use bulkhead_workers::launch::{events_socket, listening_socket, read_launch};
-use bulkhead_workers::net::{mac_from_name, NetDevice, NetSettings, Tap};
+use bulkhead_workers::net::{mac_from_name, NetDevice, NetSettings, Tap, MAX_QUEUE_PAIRS};
 use bulkhead_workers::p9::{transport_unix, Export, P9Device, Root};
 use bulkhead_workers::rng::RngDevice;
 use bulkhead_workers::sandbox::enter_policy;
@@ -111,23 +111,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         WorkerCommand::Blk(args) => serve_blk(args),
         WorkerCommand::Net(args) => {
-            let (frontend, tap, settings) = match args.endpoint {
+            let (frontend, taps, settings) = match args.endpoint {
                 Endpoint {
                     socket: Some(path), ..
                 } => {
                     let Some(name) = args.tap else {
                         bail!("--tap is required with --socket");
                     };
-                    if args.queues != 1 {
-                        bail!("--queues {}: this worker serves 1 queue pair", args.queues);
+                    let pairs = usize::from(args.queues);
+                    if !(1..=MAX_QUEUE_PAIRS).contains(&pairs) {
+                        bail!("--queues {pairs}: 1 to {MAX_QUEUE_PAIRS} queue pairs");
                     }
                     // Attached before the sandbox: opening /dev/net/tun is not allowed after.
-                    let tap = Tap::open(&name, false).with_context(|| format!("--tap {name}"))?;
+                    let taps = (0..pairs)
+                        .map(|_| Tap::open(&name, pairs > 1))
+                        .collect::<Result<Vec<_>, _>>()
+                        .with_context(|| format!("--tap {name}"))?;
                     let settings = NetSettings {
                         mac: args.mac.unwrap_or_else(|| mac_from_name(&name)),
                         mtu: None,
                     };
-                    (Frontend::Listening(bind(&path)?), tap, settings)
+                    (Frontend::Listening(bind(&path)?), taps, settings)
                 }
                 Endpoint {
                     launch_fd: Some(fd),
@@ -139,31 +143,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let DeviceConfig::Net(config) = launch.device else {
                         bail!("--launch-fd {fd}: not a net launch config");
                     };
-                    if config.queue_pairs != 1 {
+                    let pairs = config.tap_fds.len();
+                    if !(1..=MAX_QUEUE_PAIRS).contains(&pairs) {
+                        bail!("--launch-fd {fd}: {pairs} TAP queues; 1 to {MAX_QUEUE_PAIRS} are served");
+                    }
+                    if launch.files.len() != pairs {
                         bail!(
-                            "--launch-fd {fd}: {} queue pairs; this worker serves 1",
-                            config.queue_pairs
+                            "--launch-fd {fd}: {} descriptors passed for {pairs} TAP queues",
+                            launch.files.len()
                         );
                     }
-                    let Some(tap) = launch.files.into_iter().next() else {
-                        bail!("--launch-fd {fd}: no TAP descriptor");
-                    };
-                    let tap = Tap::from_fd(OwnedFd::from(tap))
+                    let taps = launch
+                        .files
+                        .into_iter()
+                        .map(|file| Tap::from_fd(OwnedFd::from(file)))
+                        .collect::<Result<Vec<_>, _>>()
                         .with_context(|| format!("--launch-fd {fd}"))?;
                     let settings = NetSettings {
                         mac: config.mac,
                         mtu: config.mtu,
                     };
-                    (Frontend::Connected(launch.connection), tap, settings)
+                    (Frontend::Connected(launch.connection), taps, settings)
                 }
                 Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
             };
-            tracing::info!("TAP {}", tap.name());
-            let tap = std::sync::Arc::new(tap);
-            let keep = [(tap.as_raw_fd(), "TAP")];
+            tracing::info!("TAP {}, {} queue pair(s)", taps[0].name(), taps.len());
+            let taps: Vec<_> = taps.into_iter().map(std::sync::Arc::new).collect();
+            let keep: Vec<_> = taps.iter().map(|tap| (tap.as_raw_fd(), "TAP")).collect();
             serve(policy_for(WorkerKind::Net), frontend, &keep, || {
                 Ok(move || {
-                    NetDevice::new(tap.clone(), settings, Default::default())
+                    NetDevice::new(taps.clone(), settings, Default::default())
                         .and_then(NetDevice::into_backend)
                 })
             })

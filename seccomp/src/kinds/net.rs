@@ -1,5 +1,5 @@
 //! The net worker: a vhost-user virtio-net backend moving frames between the guest's
-//! queues and one host TAP descriptor.
+//! queues and the queues of one host TAP (a descriptor each).
 //!
 //! On top of [`super::runtime`] and [`super::vhost_user`] (the same traced baseline as
 //! [`super::rng`]), the device needs:

@@ -180,9 +180,8 @@ fn start_worker(tap: &Tap, features: u64) -> Result<(WorkerProcess, UserspaceDev
     let (worker, connection) = WorkerProcess::launched_with(
         "net0",
         DeviceConfig::Net(NetConfig {
-            tap_fd: TAP_FD,
+            tap_fds: vec![TAP_FD],
             mac: GUEST_MAC,
-            queue_pairs: 1,
             mtu: None,
         }),
         &[(tap.as_raw_fd(), TAP_FD)],

@@ -1,5 +1,15 @@
-//! The virtio-net device (virtio 1.2, section 5.1): one receive and one transmit queue on
-//! one TAP queue.
+//! The virtio-net device (virtio 1.2, section 5.1): receive/transmit queue pairs on the
+//! queues of one TAP device, one TAP queue per pair.
+//!
+//! Multiqueue: with several pairs the device also has a control queue (the last one) and
+//! offers VIRTIO_NET_F_MQ, which Linux takes only with VIRTIO_NET_F_CTRL_VQ. The guest
+//! starts with one pair and enables more with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET. The kernel
+//! hashes flows onto every queue of a multiqueue TAP, enabled pairs or not, so each TAP
+//! queue's frames go to receive queue `tap queue % enabled pairs`: no TAP queue is ever
+//! left unread, and nothing about the TAP changes when the guest changes its pairs (nor
+//! when a restarted worker does not know what the guest had enabled: it starts with one
+//! pair, which the guest's receive queue 0 always serves). Transmit queue `p` writes to
+//! TAP queue `p`, whichever pairs are enabled.
 //!
 //! Transmit: each chain is a vnet header and a frame, both device-readable; a copy of the
 //! header is checked ([`VnetHeader::check_tx`]) and written to the TAP with the frame, one
@@ -27,10 +37,12 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
@@ -44,13 +56,16 @@ use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_U
 use crate::vhost_user::{DeviceBackend, EventSource, GuestRam};
 use crate::virtio::writable_len;
 
+/// Queues of a device with one pair (no control queue).
 pub const NUM_QUEUES: usize = 2;
 pub const MAX_QUEUE_SIZE: usize = 1024;
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
-/// The device's own epoll set (holding the TAP); event ids up to `NUM_QUEUES` belong to
-/// the server.
-const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// The most queue pairs a device serves: all its queues fit one vring thread's event ids.
+pub const MAX_QUEUE_PAIRS: usize = 16;
+/// Readable bytes of a control command looked at: class, command and the largest data
+/// this device understands; longer commands are answered from their first bytes.
+const CTRL_PEEK_LEN: usize = 64;
 /// Largest chain either way: header and the largest frame.
 const MAX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 /// The virtio-net configuration space served: mac, status, max_virtqueue_pairs, mtu.
@@ -60,6 +75,8 @@ const CONFIG_LEN: usize = 12;
 pub enum NetError {
     #[error("cannot create the device's epoll set: {0}")]
     Epoll(io::Error),
+    #[error("{0} TAP queues: a device has 1 to {MAX_QUEUE_PAIRS} queue pairs, one TAP queue each")]
+    QueuePairs(usize),
 }
 
 /// What the device has done, shared with whoever wants to look (logs, tests).
@@ -76,6 +93,10 @@ pub struct NetStats {
     pub rx_dropped: AtomicU64,
     /// Receive chains given back unused because they were malformed.
     pub rx_bad_chains: AtomicU64,
+    /// Control commands answered VIRTIO_NET_ERR: unknown, or asking for what cannot be.
+    pub ctrl_refused: AtomicU64,
+    /// Control chains given back unanswered because they were malformed.
+    pub ctrl_bad_chains: AtomicU64,
 }
 
 /// What the guest is told in the configuration space.
@@ -112,6 +133,29 @@ enum QueueFault {
     Host(#[from] io::Error),
 }
 
+/// Why a control chain was given back unanswered.
+#[derive(Debug, Error)]
+enum CtrlDrop {
+    #[error("the chain has no device-writable byte for the status")]
+    NoStatus,
+    #[error("a device-readable buffer follows the writable status")]
+    ReadableAfterStatus,
+    #[error("the chain does not end, or is longer than the queue")]
+    Unterminated,
+    #[error("the command has {0} bytes, fewer than its class and command")]
+    Short(usize),
+    #[error("the chain's buffers are not in guest memory: {0}")]
+    Memory(String),
+}
+
+/// What a queue index stands for under the negotiated features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Rx(usize),
+    Tx(usize),
+    Control,
+}
+
 /// How delivering the pending received frame went.
 enum Delivery {
     Delivered,
@@ -119,68 +163,20 @@ enum Delivery {
     NoBuffers,
 }
 
-pub struct NetDevice {
+/// One TAP queue and what the device keeps about it.
+struct TapQueue {
     tap: Arc<Tap>,
     /// Holds the TAP with `interest`; empty interest means the TAP is not in the set.
     poll: Epoll,
     interest: EventSet,
-    settings: NetSettings,
-    memory: Option<GuestRam>,
-    features: u64,
-    event_idx: bool,
-    stats: Arc<NetStats>,
     rx_frame: Vec<u8>,
     /// Length of the frame in `rx_frame` read from the TAP but not yet delivered; 0: none.
     rx_len: usize,
     /// The TAP's queue was full: the device waits for it to be writable.
     tx_blocked: bool,
-    ring_fault_reported: [bool; NUM_QUEUES],
 }
 
-impl NetDevice {
-    pub fn new(
-        tap: Arc<Tap>,
-        settings: NetSettings,
-        stats: Arc<NetStats>,
-    ) -> Result<NetDevice, NetError> {
-        let poll = Epoll::new().map_err(NetError::Epoll)?;
-        Ok(NetDevice {
-            tap,
-            poll,
-            interest: EventSet::empty(),
-            settings,
-            memory: None,
-            features: 0,
-            event_idx: false,
-            stats,
-            rx_frame: vec![0; MAX_CHAIN_LEN],
-            rx_len: 0,
-            tx_blocked: false,
-            ring_fault_reported: [false; NUM_QUEUES],
-        })
-    }
-
-    pub fn into_backend(mut self) -> Result<DeviceBackend<Arc<RwLock<NetDevice>>>, NetError> {
-        // Watch the TAP from the start; the first event with no receive ring running just
-        // stops watching it again until the ring starts.
-        self.set_interest(EventSet::IN).map_err(NetError::Epoll)?;
-        let event_sources = vec![EventSource {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&self.poll),
-            id: TAP_EVENT,
-            thread: 0,
-        }];
-        Ok(DeviceBackend {
-            backend: Arc::new(RwLock::new(self)),
-            event_sources,
-            // Chains complete in order; the used index says all there is.
-            inflight: None,
-        })
-    }
-
-    fn has(&self, bit: u32) -> bool {
-        self.features & (1 << bit) != 0
-    }
-
+impl TapQueue {
     fn set_interest(&mut self, want: EventSet) -> io::Result<()> {
         if want == self.interest {
             return Ok(());
@@ -197,12 +193,128 @@ impl NetDevice {
         self.interest = want;
         Ok(())
     }
+}
+
+pub struct NetDevice {
+    /// One per queue pair, in pair order.
+    taps: Vec<TapQueue>,
+    /// Pairs the guest has enabled (VQ_PAIRS_SET); 1 until it says otherwise.
+    enabled_pairs: usize,
+    settings: NetSettings,
+    memory: Option<GuestRam>,
+    features: u64,
+    event_idx: bool,
+    stats: Arc<NetStats>,
+    ring_fault_reported: Vec<bool>,
+}
+
+impl NetDevice {
+    /// A device with one queue pair per TAP queue in `taps` (all queues of one TAP).
+    pub fn new(
+        taps: Vec<Arc<Tap>>,
+        settings: NetSettings,
+        stats: Arc<NetStats>,
+    ) -> Result<NetDevice, NetError> {
+        if taps.is_empty() || taps.len() > MAX_QUEUE_PAIRS {
+            return Err(NetError::QueuePairs(taps.len()));
+        }
+        let taps = taps
+            .into_iter()
+            .map(|tap| {
+                Ok(TapQueue {
+                    tap,
+                    poll: Epoll::new().map_err(NetError::Epoll)?,
+                    interest: EventSet::empty(),
+                    rx_frame: vec![0; MAX_CHAIN_LEN],
+                    rx_len: 0,
+                    tx_blocked: false,
+                })
+            })
+            .collect::<Result<Vec<_>, NetError>>()?;
+        let num_queues = queues_for(taps.len());
+        Ok(NetDevice {
+            taps,
+            enabled_pairs: 1,
+            settings,
+            memory: None,
+            features: 0,
+            event_idx: false,
+            stats,
+            ring_fault_reported: vec![false; num_queues],
+        })
+    }
+
+    pub fn into_backend(mut self) -> Result<DeviceBackend<Arc<RwLock<NetDevice>>>, NetError> {
+        // Watch the TAP from the start; the first event with no receive ring running just
+        // stops watching it again until the ring starts.
+        let mut event_sources = Vec::with_capacity(self.taps.len());
+        for index in 0..self.taps.len() {
+            let tap = &mut self.taps[index];
+            tap.set_interest(EventSet::IN).map_err(NetError::Epoll)?;
+            event_sources.push(EventSource {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&tap.poll),
+                id: self.tap_event(index),
+                thread: 0,
+            });
+        }
+        Ok(DeviceBackend {
+            backend: Arc::new(RwLock::new(self)),
+            event_sources,
+            // Chains complete in order; the used index says all there is.
+            inflight: None,
+        })
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.features & (1 << bit) != 0
+    }
+
+    fn multiqueue(&self) -> bool {
+        self.taps.len() > 1
+    }
+
+    /// The event id of TAP queue `index`'s epoll set: past the queues' ids and the
+    /// server's own.
+    fn tap_event(&self, index: usize) -> u16 {
+        (queues_for(self.taps.len()) + 1 + index) as u16
+    }
+
+    /// Pairs the guest may use: all of them with VIRTIO_NET_F_MQ, else the first.
+    fn usable_pairs(&self) -> usize {
+        if self.has(VIRTIO_NET_F_MQ) {
+            self.taps.len()
+        } else {
+            1
+        }
+    }
+
+    /// What queue `queue` is (virtio 1.2, 5.1.2): the pairs first, then the control queue
+    /// right after the last pair the features allow.
+    fn role(&self, queue: usize) -> Option<Role> {
+        let pairs = self.usable_pairs();
+        if queue < 2 * pairs {
+            Some(if queue.is_multiple_of(2) {
+                Role::Rx(queue / 2)
+            } else {
+                Role::Tx(queue / 2)
+            })
+        } else if queue == 2 * pairs && self.has(VIRTIO_NET_F_CTRL_VQ) {
+            Some(Role::Control)
+        } else {
+            None
+        }
+    }
+
+    /// The receive queue TAP queue `index` delivers to.
+    fn rx_queue_of(&self, index: usize) -> usize {
+        2 * (index % self.enabled_pairs.max(1))
+    }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
         let mut config = [0; CONFIG_LEN];
         config[0..6].copy_from_slice(&self.settings.mac);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[8..10].copy_from_slice(&(self.taps.len() as u16).to_le_bytes());
         config[10..12].copy_from_slice(&self.settings.mtu.unwrap_or(0).to_le_bytes());
         config
     }
@@ -234,12 +346,12 @@ impl NetDevice {
         state.is_enabled() && state.get_queue().ready()
     }
 
-    fn handle_fault(&mut self, queue: u16, result: Result<(), QueueFault>) -> io::Result<()> {
+    fn handle_fault(&mut self, queue: usize, result: Result<(), QueueFault>) -> io::Result<()> {
         match result {
             Ok(()) => Ok(()),
             Err(QueueFault::Ring(e)) => {
                 // Only the guest suffers: its ring stays stuck until the driver resets it.
-                if let Some(reported) = self.ring_fault_reported.get_mut(usize::from(queue)) {
+                if let Some(reported) = self.ring_fault_reported.get_mut(queue) {
                     if !std::mem::replace(reported, true) {
                         tracing::warn!("queue {queue}: {e}");
                     }
@@ -252,9 +364,9 @@ impl NetDevice {
 
     // ---- transmit ----
 
-    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_tx(&mut self, pair: usize, vring: &VringRwLock) -> io::Result<()> {
         // Set again below if the TAP is still full; a stopped ring waits for nothing.
-        self.tx_blocked = false;
+        self.taps[pair].tx_blocked = false;
         let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
             return Ok(());
         };
@@ -263,18 +375,19 @@ impl NetDevice {
         }
         let mut state = vring.get_mut();
         let mut completed = 0u32;
-        let result = self.serve_tx(&mut state, &memory, &mut completed);
+        let result = self.serve_tx(pair, &mut state, &memory, &mut completed);
         let notified = if completed > 0 {
             notify(&mut state, false)
         } else {
             Ok(())
         };
         drop(state);
-        self.handle_fault(TX_QUEUE, result.and(notified))
+        self.handle_fault(2 * pair + 1, result.and(notified))
     }
 
     fn serve_tx(
         &mut self,
+        pair: usize,
         state: &mut VringState,
         memory: &GuestMemoryMmap,
         completed: &mut u32,
@@ -291,7 +404,7 @@ impl NetDevice {
                     self.tx_drop(&format!("head index {head} out of range"));
                     continue;
                 }
-                match self.send_chain(chain, memory) {
+                match self.send_chain(pair, chain, memory) {
                     Ok(len) => {
                         self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                         self.stats.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -301,7 +414,7 @@ impl NetDevice {
                         // room, so that the ring's state is all there is to it (a stop or
                         // a restart in between loses nothing).
                         queue.go_to_previous_position();
-                        self.tx_blocked = true;
+                        self.taps[pair].tx_blocked = true;
                         return Ok(());
                     }
                     Err(reason) => self.tx_drop(&reason.to_string()),
@@ -331,6 +444,7 @@ impl NetDevice {
     /// copies it once; its contents are the kernel's to parse, as on a real NIC.
     fn send_chain(
         &mut self,
+        pair: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         memory: &GuestMemoryMmap,
     ) -> Result<usize, TxDrop> {
@@ -382,7 +496,7 @@ impl NetDevice {
         // SAFETY: the first iovec is `header`, the others point into guest memory mapped
         // for as long as `memory` (held by the caller) lives, each within a region
         // (get_slices checked the ranges); the guards keep them valid across the call.
-        match unsafe { self.tap.writev(&iov) } {
+        match unsafe { self.taps[pair].tap.writev(&iov) } {
             Ok(_) => Ok(total - VNET_HDR_LEN),
             Err(e) => Err(TxDrop::Refused(e)),
         }
@@ -390,7 +504,9 @@ impl NetDevice {
 
     // ---- receive ----
 
-    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    /// Moves what TAP queue `index` has into receive ring `vring` (the one
+    /// [`rx_queue_of`](Self::rx_queue_of) names).
+    fn process_rx(&mut self, index: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
             return Ok(());
         };
@@ -400,37 +516,40 @@ impl NetDevice {
         let mut state = vring.get_mut();
         let mut completed = 0u32;
         let mut batched = false;
-        let result = self.serve_rx(&mut state, &memory, &mut completed, &mut batched);
+        let result = self.serve_rx(index, &mut state, &memory, &mut completed, &mut batched);
         let notified = if completed > 0 {
             notify(&mut state, batched)
         } else {
             Ok(())
         };
         drop(state);
-        self.handle_fault(RX_QUEUE, result.and(notified))
+        let queue = self.rx_queue_of(index);
+        self.handle_fault(queue, result.and(notified))
     }
 
     /// Moves frames from the TAP to the ring until either runs dry. True in `batched` when
     /// a frame used several chains at once (event-index bookkeeping then under-counts).
     fn serve_rx(
         &mut self,
+        index: usize,
         state: &mut VringState,
         memory: &GuestMemoryMmap,
         completed: &mut u32,
         batched: &mut bool,
     ) -> Result<(), QueueFault> {
         loop {
-            if self.rx_len == 0 {
-                match self.tap.read(&mut self.rx_frame) {
+            let tap = &mut self.taps[index];
+            if tap.rx_len == 0 {
+                match tap.tap.read(&mut tap.rx_frame) {
                     Ok(n) if n <= VNET_HDR_LEN => continue,
-                    Ok(n) => self.rx_len = n,
+                    Ok(n) => tap.rx_len = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(QueueFault::Host(e)),
                 }
             }
-            match self.deliver(state, memory, completed, batched)? {
-                Delivery::Delivered | Delivery::Dropped => self.rx_len = 0,
+            match self.deliver(index, state, memory, completed, batched)? {
+                Delivery::Delivered | Delivery::Dropped => self.taps[index].rx_len = 0,
                 Delivery::NoBuffers => {
                     // Ask for a kick when the guest posts more, then look once more: a
                     // buffer posted in between would otherwise wait for the next kick.
@@ -445,13 +564,14 @@ impl NetDevice {
 
     fn deliver(
         &mut self,
+        index: usize,
         state: &mut VringState,
         memory: &GuestMemoryMmap,
         completed: &mut u32,
         batched: &mut bool,
     ) -> Result<Delivery, QueueFault> {
         let mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF);
-        let total = self.rx_len;
+        let total = self.taps[index].rx_len;
         let queue = state.get_queue_mut();
         let size = queue.size();
         let mut chains: Vec<(u16, DescriptorChain<&GuestMemoryMmap>)> = Vec::new();
@@ -521,14 +641,15 @@ impl NetDevice {
         }
 
         let num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
-        self.rx_frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+        let frame = &mut self.taps[index].rx_frame;
+        frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
         let mut offset = 0;
         let mut used = Vec::with_capacity(chains.len());
         for (head, chain) in chains {
             let written = match Writer::new(memory, chain) {
                 Ok(mut writer) => {
                     let n = writer.available_bytes().min(total - offset);
-                    match writer.write_all(&self.rx_frame[offset..offset + n]) {
+                    match writer.write_all(&frame[offset..offset + n]) {
                         Ok(()) => n,
                         // Buffers outside guest memory: the guest sees a short frame.
                         Err(_) => writer.bytes_written(),
@@ -551,17 +672,172 @@ impl NetDevice {
         Ok(Delivery::Delivered)
     }
 
-    /// Watches the TAP for what the device can act on now.
-    fn update_interest(&mut self, rx_running: bool) -> io::Result<()> {
+    /// Watches TAP queue `index` for what the device can act on now.
+    fn update_interest(&mut self, index: usize, vrings: &[VringRwLock]) -> io::Result<()> {
+        let rx_running = self.memory.is_some()
+            && vrings
+                .get(self.rx_queue_of(index))
+                .is_some_and(Self::running);
+        let tap = &mut self.taps[index];
         let mut want = EventSet::empty();
         // A frame still waiting means no buffers: reading on would only pile up more.
-        if rx_running && self.rx_len == 0 {
+        if rx_running && tap.rx_len == 0 {
             want |= EventSet::IN;
         }
-        if self.tx_blocked {
+        if tap.tx_blocked {
             want |= EventSet::OUT;
         }
-        self.set_interest(want)
+        tap.set_interest(want)
+    }
+
+    // ---- control ----
+
+    fn process_ctrl(&mut self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        if !Self::running(vring) {
+            return Ok(());
+        }
+        let mut state = vring.get_mut();
+        let mut completed = 0u32;
+        let result = self.serve_ctrl(&mut state, &memory, &mut completed);
+        let notified = if completed > 0 {
+            notify(&mut state, false)
+        } else {
+            Ok(())
+        };
+        drop(state);
+        self.handle_fault(queue, result.and(notified))
+    }
+
+    fn serve_ctrl(
+        &mut self,
+        state: &mut VringState,
+        memory: &GuestMemoryMmap,
+        completed: &mut u32,
+    ) -> Result<(), QueueFault> {
+        loop {
+            if self.event_idx {
+                state.disable_notification()?;
+            }
+            let queue = state.get_queue_mut();
+            let size = queue.size();
+            while let Some(chain) = queue.iter(memory)?.next() {
+                let head = chain.head_index();
+                if head >= size {
+                    self.ctrl_drop(&format!("head index {head} out of range"));
+                    continue;
+                }
+                let written = match self.control(chain, memory) {
+                    Ok(()) => 1,
+                    Err(reason) => {
+                        self.ctrl_drop(&reason.to_string());
+                        0
+                    }
+                };
+                queue.add_used(memory, head, written)?;
+                *completed = completed.saturating_add(1);
+            }
+            if !self.event_idx || !state.enable_notification()? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn ctrl_drop(&self, reason: &str) {
+        let bad = self.stats.ctrl_bad_chains.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!("control chain given back unanswered: {reason} ({bad} so far)");
+    }
+
+    /// Reads one command (class, command, data: device-readable; then a writable status
+    /// byte), carries it out and writes the status.
+    fn control(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        memory: &GuestMemoryMmap,
+    ) -> Result<(), CtrlDrop> {
+        let mut command = [0u8; CTRL_PEEK_LEN];
+        let mut len = 0usize;
+        let mut total = 0u64;
+        let mut status = None;
+        let mut ended = false;
+        for descriptor in chain {
+            ended = !descriptor.has_next();
+            if descriptor.is_write_only() {
+                if status.is_none() && descriptor.len() > 0 {
+                    status = Some(descriptor.addr());
+                }
+                continue;
+            }
+            if status.is_some() {
+                return Err(CtrlDrop::ReadableAfterStatus);
+            }
+            total += u64::from(descriptor.len());
+            let take = (descriptor.len() as usize).min(CTRL_PEEK_LEN - len);
+            memory
+                .read_slice(&mut command[len..len + take], descriptor.addr())
+                .map_err(|e| CtrlDrop::Memory(e.to_string()))?;
+            len += take;
+        }
+        if !ended {
+            return Err(CtrlDrop::Unterminated);
+        }
+        let Some(status_addr) = status else {
+            return Err(CtrlDrop::NoStatus);
+        };
+        if len < 2 {
+            return Err(CtrlDrop::Short(total as usize));
+        }
+        let answer = match self.command(command[0], command[1], &command[2..len]) {
+            Ok(()) => VIRTIO_NET_OK as u8,
+            Err(reason) => {
+                let refused = self.stats.ctrl_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!("control command refused: {reason} ({refused} so far)");
+                VIRTIO_NET_ERR as u8
+            }
+        };
+        memory
+            .write_obj(answer, status_addr)
+            .map_err(|e| CtrlDrop::Memory(e.to_string()))
+    }
+
+    /// Carries out a well-formed command; Err(why) is answered VIRTIO_NET_ERR.
+    fn command(&mut self, class: u8, command: u8, data: &[u8]) -> Result<(), String> {
+        if u32::from(class) != VIRTIO_NET_CTRL_MQ
+            || u32::from(command) != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
+        {
+            return Err(format!("class {class} command {command} is not supported"));
+        }
+        if !self.has(VIRTIO_NET_F_MQ) {
+            return Err("VQ_PAIRS_SET without VIRTIO_NET_F_MQ".to_owned());
+        }
+        let [low, high, ..] = *data else {
+            return Err(format!(
+                "VQ_PAIRS_SET with {} bytes of data, not 2",
+                data.len()
+            ));
+        };
+        let pairs = usize::from(u16::from_le_bytes([low, high]));
+        if pairs == 0 || pairs > self.taps.len() {
+            return Err(format!(
+                "VQ_PAIRS_SET {pairs}: the device has 1 to {} pairs",
+                self.taps.len()
+            ));
+        }
+        // Once per driver probe or ethtool -L: worth seeing at the default level.
+        tracing::info!("{pairs} queue pairs enabled");
+        self.enabled_pairs = pairs;
+        Ok(())
+    }
+}
+
+/// Queues of a device with `pairs` pairs: with more than one, a control queue follows.
+pub fn queues_for(pairs: usize) -> usize {
+    if pairs > 1 {
+        2 * pairs + 1
+    } else {
+        2 * pairs
     }
 }
 
@@ -570,16 +846,20 @@ impl Drop for NetDevice {
         let s = &self.stats;
         let n = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         tracing::info!(
-            "TAP {}: sent {} frames ({} bytes), {} dropped; received {} frames ({} bytes), \
-             {} dropped, {} bad receive chains",
-            self.tap.name(),
+            "TAP {} ({} queues): sent {} frames ({} bytes), {} dropped; received {} frames \
+             ({} bytes), {} dropped, {} bad receive chains; {} control commands refused, {} bad \
+             control chains",
+            self.taps[0].tap.name(),
+            self.taps.len(),
             n(&s.tx_frames),
             n(&s.tx_bytes),
             n(&s.tx_dropped),
             n(&s.rx_frames),
             n(&s.rx_bytes),
             n(&s.rx_dropped),
-            n(&s.rx_bad_chains)
+            n(&s.rx_bad_chains),
+            n(&s.ctrl_refused),
+            n(&s.ctrl_bad_chains)
         );
     }
 }
@@ -652,7 +932,7 @@ impl VhostUserBackendMut for NetDevice {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        queues_for(self.taps.len())
     }
 
     fn max_queue_size(&self) -> usize {
@@ -683,16 +963,21 @@ impl VhostUserBackendMut for NetDevice {
         if self.settings.mtu.is_some() {
             features |= 1 << VIRTIO_NET_F_MTU;
         }
+        if self.multiqueue() {
+            features |= (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_MQ);
+        }
         features
     }
 
     fn acked_features(&mut self, features: u64) {
         self.features = features;
         let offloads = self.tap_offloads();
-        if let Err(e) = self.tap.set_offload(offloads) {
+        // Offloads belong to the TAP device, not to one of its queues.
+        let tap = &self.taps[0].tap;
+        if let Err(e) = tap.set_offload(offloads) {
             // Older kernels know no UFO; the guest then just never gets UFO frames.
             let fallback = offloads & !(TUN_F_UFO | TUN_F_TSO_ECN);
-            match self.tap.set_offload(fallback) {
+            match tap.set_offload(fallback) {
                 Ok(()) => {
                     tracing::debug!("TAP offloads {offloads:#x} refused ({e}); using {fallback:#x}")
                 }
@@ -711,8 +996,11 @@ impl VhostUserBackendMut for NetDevice {
         // A frame read from the TAP but not delivered is kept for the next driver.
         self.event_idx = false;
         self.features = 0;
-        self.tx_blocked = false;
-        self.ring_fault_reported = [false; NUM_QUEUES];
+        self.enabled_pairs = 1;
+        for tap in &mut self.taps {
+            tap.tx_blocked = false;
+        }
+        self.ring_fault_reported.fill(false);
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -739,31 +1027,60 @@ impl VhostUserBackendMut for NetDevice {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
-        else {
+        let event = usize::from(device_event);
+        let first_tap_event = usize::from(self.tap_event(0));
+        if let Some(index) = event
+            .checked_sub(first_tap_event)
+            .filter(|&index| index < self.taps.len())
+        {
+            // Level-triggered: collect the set's readiness so it is re-evaluated, then
+            // serve whichever direction can move.
+            let mut events = [EpollEvent::default(); 1];
+            self.taps[index].poll.wait(0, &mut events)?;
+            if self.taps[index].tx_blocked {
+                if let Some(tx) = vrings.get(2 * index + 1) {
+                    self.process_tx(index, tx)?;
+                }
+            }
+            if let Some(rx) = vrings.get(self.rx_queue_of(index)) {
+                self.process_rx(index, rx)?;
+            }
+            return self.update_interest(index, vrings);
+        }
+        if event >= self.num_queues() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown device event {device_event}"),
+            ));
+        }
+        let Some(vring) = vrings.get(event) else {
             return Ok(());
         };
-        match device_event {
-            RX_QUEUE => self.process_rx(rx)?,
-            TX_QUEUE => self.process_tx(tx)?,
-            TAP_EVENT => {
-                // Level-triggered: collect the set's readiness so it is re-evaluated, then
-                // serve whichever direction can move.
-                let mut events = [EpollEvent::default(); 1];
-                self.poll.wait(0, &mut events)?;
-                if self.tx_blocked {
-                    self.process_tx(tx)?;
+        match self.role(event) {
+            Some(Role::Tx(pair)) => {
+                self.process_tx(pair, vring)?;
+                self.update_interest(pair, vrings)
+            }
+            Some(Role::Rx(pair)) => {
+                // Every TAP queue that delivers here may have waited for these buffers.
+                for index in 0..self.taps.len() {
+                    if self.rx_queue_of(index) == 2 * pair {
+                        self.process_rx(index, vring)?;
+                        self.update_interest(index, vrings)?;
+                    }
                 }
-                self.process_rx(rx)?;
+                Ok(())
             }
-            other => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("unknown device event {other}"),
-                ))
+            Some(Role::Control) => {
+                self.process_ctrl(event, vring)?;
+                // The pairs may have changed: each TAP queue now feeds another ring.
+                for index in 0..self.taps.len() {
+                    self.update_interest(index, vrings)?;
+                }
+                Ok(())
             }
+            // A queue the negotiated features leave unused: nothing to serve.
+            None => Ok(()),
         }
-        let rx_running = self.memory.is_some() && Self::running(rx);
-        self.update_interest(rx_running)
     }
 }

@@ -6,7 +6,8 @@ mod header;
 mod tap;
 
 pub use device::{
-    NetDevice, NetError, NetSettings, NetStats, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE,
+    queues_for, NetDevice, NetError, NetSettings, NetStats, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
+    NUM_QUEUES, RX_QUEUE, TX_QUEUE,
 };
 pub use header::{HeaderError, VnetHeader, ETH_HLEN, MAX_FRAME_LEN};
 pub use tap::{Tap, TapError, VNET_HDR_LEN};

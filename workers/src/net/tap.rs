@@ -43,7 +43,7 @@ pub enum TapError {
     Permission { name: String },
     #[error("TAP {name:?} is busy: another process has it open (and it is not multiqueue)")]
     Busy { name: String },
-    #[error("{name:?} exists and is not a TAP device with the flags asked for")]
+    #[error("{name:?} exists and is not a TAP device with the flags asked for (or its multi_queue flag does not match: multi_queue exactly when queues > 1)")]
     WrongDevice { name: String },
     #[error("cannot set up TAP {name:?}: {source}")]
     Setup { name: String, source: io::Error },
