@@ -5,8 +5,9 @@
 //! Needs QEMU and the lab assets (`.ci/run` installs both); fails, naming the fix, without
 //! them. Watch a run with `tail -f target/lab/logs/boot.log`.
 
-use bulkhead_tests::bulkhead_bin;
-use bulkhead_tests::lab::{random_token, Guest, Lab, LabReport, Run, RunReport, Scenario};
+use bulkhead_tests::lab::{
+    boot_scenario, random_token, Guest, Lab, LabReport, Run, RunReport, Scenario,
+};
 
 /// The guest reports what it sees, then halts the way its command line asks.
 const PROBE_INIT: &str = r#"
@@ -60,11 +61,7 @@ fn bulkhead_boots_linux_and_stops_on_poweroff_and_reboot() {
             &format!("{cmdline} lab.halt=reboot"),
         ));
 
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
-    let report = lab
-        .run(&scenario, &bulkhead_bin())
-        .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
-    eprintln!("{}", report.timings());
+    let report = boot_scenario(&scenario);
 
     if report.marker_at("kvm ready").is_none() {
         let errors = report.errors();
@@ -148,12 +145,7 @@ fn the_probe_guest_boots_under_plain_qemu() {
 
 /// The run `label`, which must have exited 0.
 fn expect_run<'r>(report: &'r LabReport, label: &str) -> &'r RunReport {
-    let Some(run) = report.run(label) else {
-        panic!(
-            "{}",
-            report.explain(&format!("bulkhead run {label:?} never started"))
-        );
-    };
+    let run = report.started_run(label);
     if run.exit != Some(0) {
         let why = match run.exit {
             Some(137) => "was killed at its timeout (exit 137)".to_owned(),

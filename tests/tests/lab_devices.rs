@@ -15,9 +15,8 @@
 
 use std::time::Duration;
 
-use bulkhead_tests::bulkhead_bin;
 use bulkhead_tests::lab::{
-    random_token, AuditRecords, Guest, Lab, LabReport, Run, RunReport, Scenario,
+    boot_scenario, random_token, AuditRecords, Guest, LabReport, Run, RunReport, Scenario,
 };
 
 const IMAGE: &str = "/rng.cpio";
@@ -154,18 +153,9 @@ fn rng_worker_serves_a_linux_guest_and_survives_a_kill() {
         .guest(Guest::new(IMAGE, &guest_init()).modules(&["virtio_mmio", "virtio_rng"]))
         .run(rng_run(&cmdline, false))
         .run(rng_run(&cmdline, true));
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
-    let report = lab
-        .run(&scenario, &bulkhead_bin())
-        .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
-    eprintln!("{}", report.timings());
+    let report = boot_scenario(&scenario);
     for kill in [false, true] {
-        let Some(run) = report.run(label(kill)) else {
-            panic!(
-                "{}",
-                report.explain(&format!("run {} never started", label(kill)))
-            );
-        };
+        let run = report.started_run(label(kill));
         check_reads(run)
             .and_then(|()| {
                 if kill {

@@ -31,8 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use bulkhead_tests::bulkhead_bin;
-use bulkhead_tests::lab::{lab_dir, random_token, Guest, Lab, LabReport, Run, Scenario};
+use bulkhead_tests::lab::{boot_scenario, lab_dir, random_token, Guest, LabReport, Run, Scenario};
 
 const GUEST_IMAGE: &str = "/disk.cpio";
 /// Prefix of what L1 prints about the image files; it must not contain `LAB: `, which the
@@ -471,11 +470,7 @@ fn disks_serve_a_linux_guest_and_qemu_img_agrees() {
     for name in ["raw.img", "q.qcow2", "base.raw", "cow.qcow2", "ro.raw"] {
         scenario = scenario.l1_file(&format!("/disks/{name}"), &images.path(name));
     }
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
-    let report = lab
-        .run(&scenario, &bulkhead_bin())
-        .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
-    eprintln!("{}", report.timings());
+    let report = boot_scenario(&scenario);
     let problems = problems(&report, &token);
     assert!(
         problems.is_empty(),

@@ -22,9 +22,9 @@
 
 use std::time::Duration;
 
-use bulkhead_tests::lab::{lab_dir, random_token, Guest, Lab, LabReport, Run, Scenario};
+use bulkhead_tests::built_binary;
+use bulkhead_tests::lab::{boot_scenario, lab_dir, random_token, Guest, LabReport, Run, Scenario};
 use bulkhead_tests::screenshot::{base64_decode, Screen};
-use bulkhead_tests::{built_binary, bulkhead_bin};
 
 const IMAGE: &str = "/display.cpio";
 const VNC: &str = "127.0.0.1:5900";
@@ -134,14 +134,8 @@ fn a_vnc_viewer_sees_the_console_and_types_into_it() {
         ]))
         .l1_program(&built_binary("vnc-probe", "BULKHEAD_VNC_PROBE"))
         .run(run);
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
-    let report = lab
-        .run(&scenario, &bulkhead_bin())
-        .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
-    eprintln!("{}", report.timings());
-    let Some(run) = report.run("display") else {
-        panic!("{}", report.explain("the display run never started"));
-    };
+    let report = boot_scenario(&scenario);
+    let run = report.started_run("display");
     let typed = format!("typed-42-{token}");
     let result = (|| {
         let fb = run.guest("fb").unwrap_or_default();

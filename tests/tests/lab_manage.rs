@@ -8,8 +8,9 @@
 
 use std::time::Duration;
 
-use bulkhead_tests::bulkhead_bin;
-use bulkhead_tests::lab::{random_token, Guest, Lab, LabReport, Run, RunReport, Scenario};
+use bulkhead_tests::lab::{
+    boot_scenario, random_token, Guest, LabReport, Run, RunReport, Scenario,
+};
 
 const IMAGE: &str = "/manage.cpio";
 const NAME: &str = "lab-vm";
@@ -138,13 +139,7 @@ fn stop_pause_and_resume_a_linux_guest() {
             "virtio_rng",
         ]))
         .run(manage_run(&cmdline));
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
-    let report = lab
-        .run(&scenario, &bulkhead_bin())
-        .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
-    eprintln!("{}", report.timings());
-    let Some(run) = report.run("manage") else {
-        panic!("{}", report.explain("the run never started"));
-    };
+    let report = boot_scenario(&scenario);
+    let run = report.started_run("manage");
     check(&report, run).unwrap_or_else(|problem| panic!("{}", report.explain(&problem)));
 }

@@ -15,8 +15,9 @@
 
 use std::time::Duration;
 
-use bulkhead_tests::bulkhead_bin;
-use bulkhead_tests::lab::{AuditRecords, Guest, Lab, LabReport, Run, RunReport, Scenario};
+use bulkhead_tests::lab::{
+    boot_scenario, AuditRecords, Guest, LabReport, Run, RunReport, Scenario,
+};
 use bulkhead_workers::net::mac_from_name;
 
 const IMAGE: &str = "/net.cpio";
@@ -221,14 +222,8 @@ fn net_worker_carries_tcp_both_ways_through_a_kill() {
     for line in l1_setup() {
         scenario = scenario.l1_setup(&line);
     }
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
-    let report = lab
-        .run(&scenario, &bulkhead_bin())
-        .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
-    eprintln!("{}", report.timings());
-    let Some(run) = report.run("net") else {
-        panic!("{}", report.explain("the net run never started"));
-    };
+    let report = boot_scenario(&scenario);
+    let run = report.started_run("net");
     check_guest(run, &report)
         .and_then(|()| check_kill_during_transfer(&report))
         .and_then(|()| check_audit(&report))

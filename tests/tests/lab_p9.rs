@@ -22,8 +22,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bulkhead_tests::bulkhead_bin;
-use bulkhead_tests::lab::{AuditRecords, Guest, Lab, LabReport, Run, RunReport, Scenario};
+use bulkhead_tests::lab::{
+    boot_scenario, AuditRecords, Guest, LabReport, Run, RunReport, Scenario,
+};
 
 const IMAGE: &str = "/p9.cpio";
 const AUDIT_LOG: &str = "/tmp/audit.jsonl";
@@ -527,14 +528,8 @@ fn a_linux_guest_works_in_a_shared_directory() {
     for command in l1_setup() {
         scenario = scenario.l1_setup(&command);
     }
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
-    let report = lab
-        .run(&scenario, &bulkhead_bin())
-        .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
-    eprintln!("{}", report.timings());
-    let Some(run) = report.run("p9") else {
-        panic!("{}", report.explain("the p9 run never started"));
-    };
+    let report = boot_scenario(&scenario);
+    let run = report.started_run("p9");
     if let Some(seconds) = run.guest("big_seconds") {
         eprintln!("lab p9: 50 MiB through 9p: {seconds} (seconds)");
     }

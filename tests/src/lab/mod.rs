@@ -184,6 +184,18 @@ impl Lab {
     }
 }
 
+/// For a test: boots `scenario` in the lab with this build's bulkhead, prints how long each
+/// part took, and returns the report. Panics (failing the test) only when the lab cannot
+/// start or boot at all; what the guests did is the test's to judge.
+pub fn boot_scenario(scenario: &Scenario) -> LabReport {
+    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot start the nested lab: {e}"));
+    let report = lab
+        .run(scenario, &crate::bulkhead_bin())
+        .unwrap_or_else(|e| panic!("nested lab boot failed: {e}"));
+    eprintln!("{}", report.timings());
+    report
+}
+
 /// A fresh random token in hex, for a guest to echo back from its command line (proving the
 /// output came from this boot, with this command line).
 pub fn random_token() -> Result<String, LabError> {

@@ -188,6 +188,17 @@ impl LabReport {
         self.runs.iter().find(|run| run.label == label)
     }
 
+    /// The run `label`; panics (failing the test) with the console's story if it never
+    /// started.
+    pub fn started_run(&self, label: &str) -> &RunReport {
+        self.run(label).unwrap_or_else(|| {
+            panic!(
+                "{}",
+                self.explain(&format!("bulkhead run {label:?} never started"))
+            )
+        })
+    }
+
     /// A failure message for the test: `what` went wrong, where the full log is, and the
     /// console's last lines.
     pub fn explain(&self, what: &str) -> String {
