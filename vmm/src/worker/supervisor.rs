@@ -458,52 +458,87 @@ mod tests {
         fn reset(&mut self) {}
     }
 
-    /// Watches one device whose worker is `sh -c SCRIPT` and whose replacements cannot
-    /// start (no worker binary), until the supervisor gives it up; returns the audit
-    /// events and whether the transport tells the driver the device needs a reset.
+    /// A supervisor watching one device whose worker is `child`, with a fast restart
+    /// policy and no worker binary to start replacements from.
+    struct Watched {
+        dir: std::path::PathBuf,
+        audit: Arc<AuditLog>,
+        supervisor: WorkerSupervisor,
+        transport: Arc<Mutex<VirtioMmio>>,
+    }
+
+    impl Watched {
+        fn new(device: DeviceConfig, test: &str, child: Child) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("bulkhead-supervisor-{}-{test}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let audit = Arc::new(AuditLog::open(&dir.join("audit.jsonl")).unwrap());
+            let memory = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let policy = RestartPolicy {
+                max_restarts: 2,
+                initial_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(1),
+                stable_after: Duration::from_secs(60),
+            };
+            let mut supervisor =
+                WorkerSupervisor::new(dir.join("no-such-worker"), memory, audit.clone(), policy);
+            let name = format!("{}0", device.kind());
+            let transport = Arc::new(Mutex::new(VirtioMmio::new(
+                name.clone(),
+                Box::new(NoDevice),
+                vec![EventFd::new(0).unwrap()],
+                EventFd::new(0).unwrap(),
+            )));
+            let launch = WorkerLaunch {
+                device_name: name,
+                device,
+                vhost_user_fd: 4,
+            };
+            let shape = DeviceShape {
+                device_type: 4,
+                queue_sizes: vec![16],
+                config_size: 0,
+            };
+            supervisor
+                .watch(launch, Vec::new(), shape, transport.clone(), child)
+                .unwrap();
+            Watched {
+                dir,
+                audit,
+                supervisor,
+                transport,
+            }
+        }
+    }
+
+    fn cow_disk() -> DeviceConfig {
+        DeviceConfig::Blk(bulkhead_protocol::BlkConfig {
+            image_fd: 5,
+            backing: Vec::new(),
+            format: None,
+            read_only: false,
+            copy_on_write: true,
+            num_queues: 1,
+            serial: String::new(),
+        })
+    }
+
+    /// Watches one device whose worker is `sh -c SCRIPT` until the supervisor gives it
+    /// up; returns the audit events and whether the transport tells the driver the device
+    /// needs a reset.
     fn supervise_until_given_up(device: DeviceConfig, script: &str) -> (Vec<AuditEvent>, bool) {
-        let dir = std::env::temp_dir().join(format!(
-            "bulkhead-supervisor-{}-{}",
-            std::process::id(),
-            device.kind()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let audit_path = dir.join("audit.jsonl");
-        let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
-        let memory = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let policy = RestartPolicy {
-            max_restarts: 2,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(1),
-            stable_after: Duration::from_secs(60),
-        };
-        let mut supervisor =
-            WorkerSupervisor::new(dir.join("no-such-worker"), memory, audit, policy);
-        let name = format!("{}0", device.kind());
-        let transport = Arc::new(Mutex::new(VirtioMmio::new(
-            name.clone(),
-            Box::new(NoDevice),
-            vec![EventFd::new(0).unwrap()],
-            EventFd::new(0).unwrap(),
-        )));
-        let launch = WorkerLaunch {
-            device_name: name,
-            device,
-            vhost_user_fd: 4,
-        };
-        let shape = DeviceShape {
-            device_type: 4,
-            queue_sizes: vec![16],
-            config_size: 0,
-        };
+        let test = format!("given-up-{}", device.kind());
         let child = Command::new("sh").args(["-c", script]).spawn().unwrap();
-        supervisor
-            .watch(launch, Vec::new(), shape, transport.clone(), child)
-            .unwrap();
+        let Watched {
+            dir,
+            supervisor,
+            transport,
+            ..
+        } = Watched::new(device, &test, child);
         // The thread ends once no device is left to watch.
         supervisor.spawn().unwrap().join().unwrap();
 
-        let log = std::fs::read_to_string(&audit_path).unwrap();
+        let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
         let events = log
             .lines()
             .map(|l| {
@@ -551,15 +586,7 @@ mod tests {
     /// show the guest its disk as it was before them, the device fails at once.
     #[test]
     fn a_cow_disk_is_failed_not_restarted() {
-        let cow = DeviceConfig::Blk(bulkhead_protocol::BlkConfig {
-            image_fd: 5,
-            backing: Vec::new(),
-            format: None,
-            read_only: false,
-            copy_on_write: true,
-            num_queues: 1,
-            serial: String::new(),
-        });
+        let cow = cow_disk();
         let (events, needs_reset) = supervise_until_given_up(cow, "kill -KILL $$");
         assert!(
             matches!(
@@ -574,6 +601,24 @@ mod tests {
             "{events:?}"
         );
         assert!(needs_reset);
+    }
+
+    /// An operator cannot restart a copy-on-write disk's worker either: the refusal says
+    /// why, and the worker is left alone.
+    #[test]
+    fn restart_worker_refuses_a_cow_disk() {
+        let child = Command::new("sleep").arg("5").spawn().unwrap();
+        let pid = child.id();
+        let watched = Watched::new(cow_disk(), "restart-cow", child);
+        let board = watched.supervisor.board();
+        let refusal = board.restart_worker("blk0", &watched.audit).unwrap_err();
+        assert!(refusal.to_string().contains("copy-on-write"), "{refusal}");
+        assert_eq!(board.snapshot()[0].worker_pid, Some(pid));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = std::fs::remove_dir_all(&watched.dir);
     }
 
     #[test]
