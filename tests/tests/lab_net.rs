@@ -1,7 +1,10 @@
 //! virtio-net in a real Linux guest, inside the nested lab: one L1 boot, one L2 boot with
-//! `--net tap,ifname=bh0`, whose worker L1 kills in the middle of a transfer.
+//! `--cpus 2 --net tap,ifname=bh0,queues=2`, whose worker L1 kills in the middle of a
+//! transfer.
 //!
-//! L1 loads `tun`; bulkhead creates TAP bh0 and hands it to the net worker. The guest
+//! L1 loads `tun`; bulkhead creates the multiqueue TAP bh0 and hands its two queues to the
+//! net worker. The guest's driver takes both queue pairs (one per CPU, enabled through the
+//! control queue: the worker logs it) and the guest shows them in sysfs. The guest
 //! brings up eth0 with 169.254.10.2/16 and says so; on that marker L1 starts two busybox
 //! `nc` listeners (one receives, one serves 20 MiB L1 made before the run) and gives bh0
 //! 169.254.10.1/16. The guest pings L1 until it answers, sends its own 20 MiB to L1 and
@@ -52,6 +55,7 @@ ip addr add {GUEST_IP}/16 dev eth0
 echo "GUEST: driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)")"
 echo "GUEST: mac=$(cat /sys/class/net/eth0/address)"
 echo "GUEST: carrier=$(cat /sys/class/net/eth0/carrier)"
+echo "GUEST: queues=$(echo $(ls /sys/class/net/eth0/queues))"
 head -c {TRANSFER} /dev/urandom >/tmp/tx
 echo "GUEST: tx_sha=$(sha256sum </tmp/tx | cut -d' ' -f1)"
 echo "GUEST: net-ready"
@@ -124,7 +128,7 @@ fn net_run() -> Run {
         "--memory",
         "512M",
         "--net",
-        &format!("tap,ifname={TAP}"),
+        &format!("tap,ifname={TAP},queues=2"),
         "--audit-log",
         AUDIT_LOG,
         "--cmdline",
@@ -159,6 +163,15 @@ fn check_guest(run: &RunReport, report: &LabReport) -> Result<(), String> {
     let mac = mac_from_name(VM_NAME).map(|b| format!("{b:02x}")).join(":");
     expect("mac", &mac)?;
     expect("carrier", "1")?;
+    expect("queues", "rx-0 rx-1 tx-0 tx-1")?;
+    // The driver enabled both pairs through the control queue (the worker logs it).
+    if !report
+        .lines
+        .iter()
+        .any(|line| line.text.contains("2 queue pairs enabled"))
+    {
+        return Err("the worker never saw VQ_PAIRS_SET 2".to_owned());
+    }
     expect("reached", "1")?;
     expect("pings", "5")?;
     let sent = run.guest("sent").unwrap_or_default();
