@@ -10,16 +10,18 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{QueueOwnedT, QueueT, Writer};
+use virtio_queue::{DescriptorChain, QueueT, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::config::InputConfigSpace;
 use super::event::{decode_report, InputRecord, EVENT_SIZE, MAX_EVENTS_PER_REPORT};
 use crate::vhost_user::{DeviceBackend, EventSource, GuestRam};
+use crate::virtio::drain::{notify, settle};
+use crate::virtio::{drain, Drained, Next, QueueFault};
 
 pub const NUM_QUEUES: usize = 2;
 pub const MAX_QUEUE_SIZE: usize = 256;
@@ -124,79 +126,51 @@ impl InputDevice {
 
     /// Writes pending events into the guest's event buffers, as many as it posted.
     fn deliver(&mut self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
-            return Ok(());
-        };
-        let mut state = vring.get_mut();
-        if !(state.is_enabled() && state.get_queue().ready()) {
+        if self.pending.is_empty() {
             return Ok(());
         }
-        let mut completed = 0u32;
-        let result = loop {
-            if self.pending.is_empty() {
-                break Ok(());
-            }
-            if self.event_idx {
-                if let Err(e) = state.disable_notification() {
-                    break Err(e);
-                }
-            }
-            if let Err(e) = self.fill(&mut state, &memory, &mut completed) {
-                break Err(e);
-            }
-            if self.pending.is_empty() || !self.event_idx {
-                break Ok(());
-            }
-            // Buffers posted while notifications were off must not be missed.
-            match state.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
-        self.finish(&mut state, completed, result)
+        self.serve(vring, |device, chain, memory| device.fill(chain, memory))
     }
 
-    fn fill(
-        &mut self,
-        state: &mut VringState,
-        memory: &GuestMemoryMmap,
-        completed: &mut u32,
-    ) -> Result<(), virtio_queue::Error> {
-        let queue = state.get_queue_mut();
-        while let Some(&event) = self.pending.front() {
-            let Some(chain) = queue.iter(memory)?.next() else {
-                return Ok(());
-            };
-            let head = chain.head_index();
-            let written = match Writer::new(memory, chain) {
-                Ok(mut writer) if writer.available_bytes() >= EVENT_SIZE => {
-                    match writer.write_all(&event.to_bytes()) {
-                        Ok(()) => {
-                            self.pending.pop_front();
-                            EVENT_SIZE as u32
-                        }
-                        Err(e) => {
-                            tracing::debug!("event buffer {head} refused: {e}");
-                            0
-                        }
+    /// Puts the first pending event in one buffer; a buffer too small or not writable
+    /// is given back empty and the event waits.
+    fn fill(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, memory: &GuestMemoryMmap) -> Next {
+        let Some(&event) = self.pending.front() else {
+            return Next::PutBack;
+        };
+        let head = chain.head_index();
+        match Writer::new(memory, chain) {
+            Ok(mut writer) if writer.available_bytes() >= EVENT_SIZE => {
+                match writer.write_all(&event.to_bytes()) {
+                    Ok(()) => {
+                        self.pending.pop_front();
+                        Next::Used(EVENT_SIZE as u32)
+                    }
+                    Err(e) => {
+                        tracing::debug!("event buffer {head} refused: {e}");
+                        Next::Used(0)
                     }
                 }
-                // Too small or not writable: given back empty, the event waits.
-                Ok(_) => 0,
-                Err(e) => {
-                    tracing::debug!("event buffer {head} refused: {e}");
-                    0
-                }
-            };
-            queue.add_used(memory, head, written)?;
-            *completed = completed.saturating_add(1);
+            }
+            Ok(_) => Next::Used(0),
+            Err(e) => {
+                tracing::debug!("event buffer {head} refused: {e}");
+                Next::Used(0)
+            }
         }
-        Ok(())
     }
 
-    /// Gives back whatever the driver sent on the status queue.
+    /// Gives back whatever the driver sent on the status queue (LED states: no LEDs here).
     fn drain_status(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        self.serve(vring, |_, _, _| Next::Used(0))
+    }
+
+    /// One pass over `vring`, `serve` saying what each chain gets.
+    fn serve(
+        &mut self,
+        vring: &VringRwLock,
+        mut serve: impl FnMut(&mut Self, DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> Next,
+    ) -> io::Result<()> {
         let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
             return Ok(());
         };
@@ -204,36 +178,17 @@ impl InputDevice {
         if !(state.is_enabled() && state.get_queue().ready()) {
             return Ok(());
         }
-        let mut completed = 0u32;
-        let result = (|| {
-            let queue = state.get_queue_mut();
-            while let Some(chain) = queue.iter(&*memory)?.next() {
-                queue.add_used(&*memory, chain.head_index(), 0)?;
-                completed = completed.saturating_add(1);
-            }
-            Ok(())
-        })();
-        self.finish(&mut state, completed, result)
-    }
-
-    fn finish(
-        &mut self,
-        state: &mut VringState,
-        completed: u32,
-        result: Result<(), virtio_queue::Error>,
-    ) -> io::Result<()> {
-        let notified = if completed > 0 && state.needs_notification().unwrap_or(true) {
-            state.signal_used_queue()
-        } else {
-            Ok(())
-        };
-        if let Err(e) = result {
-            // Only the guest suffers: its ring stays stuck until the driver resets it.
-            if !std::mem::replace(&mut self.ring_fault_reported, true) {
-                tracing::warn!("input queue: {e}");
-            }
-        }
-        notified
+        let mut drained = Drained::default();
+        let event_idx = self.event_idx;
+        let result = drain(&mut state, &memory, event_idx, &mut drained, |chain| {
+            Ok::<_, QueueFault>(serve(self, chain, &memory))
+        });
+        let notified = notify(&mut state, drained.completed, false);
+        settle(
+            result.and(notified),
+            "input queue",
+            &mut self.ring_fault_reported,
+        )
     }
 }
 

@@ -54,7 +54,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::header::{VnetHeader, MAX_FRAME_LEN};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
 use crate::vhost_user::{DeviceBackend, EventSource, GuestRam};
-use crate::virtio::writable_len;
+use crate::virtio::drain::{notify, settle};
+use crate::virtio::{drain, writable_len, Drained, Next, QueueFault};
 
 /// Queues of a device with one pair (no control queue).
 pub const NUM_QUEUES: usize = 2;
@@ -123,14 +124,6 @@ enum TxDrop {
     Header(#[from] super::header::HeaderError),
     #[error("the TAP refused the frame: {0}")]
     Refused(io::Error),
-}
-
-#[derive(Debug, Error)]
-enum QueueFault {
-    #[error("the guest's ring is unusable: {0}")]
-    Ring(#[from] virtio_queue::Error),
-    #[error(transparent)]
-    Host(#[from] io::Error),
 }
 
 /// Why a control chain was given back unanswered.
@@ -347,19 +340,12 @@ impl NetDevice {
     }
 
     fn handle_fault(&mut self, queue: usize, result: Result<(), QueueFault>) -> io::Result<()> {
-        match result {
-            Ok(()) => Ok(()),
-            Err(QueueFault::Ring(e)) => {
-                // Only the guest suffers: its ring stays stuck until the driver resets it.
-                if let Some(reported) = self.ring_fault_reported.get_mut(queue) {
-                    if !std::mem::replace(reported, true) {
-                        tracing::warn!("queue {queue}: {e}");
-                    }
-                }
-                Ok(())
-            }
-            Err(QueueFault::Host(e)) => Err(e),
-        }
+        let mut ignored = false;
+        let reported = self
+            .ring_fault_reported
+            .get_mut(queue)
+            .unwrap_or(&mut ignored);
+        settle(result, format_args!("queue {queue}"), reported)
     }
 
     // ---- transmit ----
@@ -374,58 +360,39 @@ impl NetDevice {
             return Ok(());
         }
         let mut state = vring.get_mut();
-        let mut completed = 0u32;
-        let result = self.serve_tx(pair, &mut state, &memory, &mut completed);
-        let notified = if completed > 0 {
-            notify(&mut state, false)
-        } else {
-            Ok(())
-        };
+        let mut drained = Drained::default();
+        let result = drain(&mut state, &memory, self.event_idx, &mut drained, |chain| {
+            Ok::<_, QueueFault>(self.transmit(pair, chain, &memory))
+        });
+        let notified = notify(&mut state, drained.completed, false);
         drop(state);
+        for _ in 0..drained.bad_heads {
+            self.tx_drop("head index out of range");
+        }
         self.handle_fault(2 * pair + 1, result.and(notified))
     }
 
-    fn serve_tx(
+    /// Sends one chain, or leaves it on the ring while the TAP is full: read again from
+    /// guest memory when the TAP has room, so that the ring's state is all there is to it
+    /// (a stop or a restart in between loses nothing).
+    fn transmit(
         &mut self,
         pair: usize,
-        state: &mut VringState,
+        chain: DescriptorChain<&GuestMemoryMmap>,
         memory: &GuestMemoryMmap,
-        completed: &mut u32,
-    ) -> Result<(), QueueFault> {
-        loop {
-            if self.event_idx {
-                state.disable_notification()?;
+    ) -> Next {
+        match self.send_chain(pair, chain, memory) {
+            Ok(len) => {
+                self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                self.stats.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
             }
-            let queue = state.get_queue_mut();
-            let size = queue.size();
-            while let Some(chain) = queue.iter(memory)?.next() {
-                let head = chain.head_index();
-                if head >= size {
-                    self.tx_drop(&format!("head index {head} out of range"));
-                    continue;
-                }
-                match self.send_chain(pair, chain, memory) {
-                    Ok(len) => {
-                        self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                        self.stats.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    }
-                    Err(TxDrop::Refused(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Back on the ring: read again from guest memory when the TAP has
-                        // room, so that the ring's state is all there is to it (a stop or
-                        // a restart in between loses nothing).
-                        queue.go_to_previous_position();
-                        self.taps[pair].tx_blocked = true;
-                        return Ok(());
-                    }
-                    Err(reason) => self.tx_drop(&reason.to_string()),
-                }
-                queue.add_used(memory, head, 0)?;
-                *completed = completed.saturating_add(1);
+            Err(TxDrop::Refused(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.taps[pair].tx_blocked = true;
+                return Next::PutBack;
             }
-            if !self.event_idx || !state.enable_notification()? {
-                return Ok(());
-            }
+            Err(reason) => self.tx_drop(&reason.to_string()),
         }
+        Next::Used(0)
     }
 
     fn tx_drop(&self, reason: &str) {
@@ -517,11 +484,7 @@ impl NetDevice {
         let mut completed = 0u32;
         let mut batched = false;
         let result = self.serve_rx(index, &mut state, &memory, &mut completed, &mut batched);
-        let notified = if completed > 0 {
-            notify(&mut state, batched)
-        } else {
-            Ok(())
-        };
+        let notified = notify(&mut state, completed, batched);
         drop(state);
         let queue = self.rx_queue_of(index);
         self.handle_fault(queue, result.and(notified))
@@ -700,49 +663,22 @@ impl NetDevice {
             return Ok(());
         }
         let mut state = vring.get_mut();
-        let mut completed = 0u32;
-        let result = self.serve_ctrl(&mut state, &memory, &mut completed);
-        let notified = if completed > 0 {
-            notify(&mut state, false)
-        } else {
-            Ok(())
-        };
-        drop(state);
-        self.handle_fault(queue, result.and(notified))
-    }
-
-    fn serve_ctrl(
-        &mut self,
-        state: &mut VringState,
-        memory: &GuestMemoryMmap,
-        completed: &mut u32,
-    ) -> Result<(), QueueFault> {
-        loop {
-            if self.event_idx {
-                state.disable_notification()?;
-            }
-            let queue = state.get_queue_mut();
-            let size = queue.size();
-            while let Some(chain) = queue.iter(memory)?.next() {
-                let head = chain.head_index();
-                if head >= size {
-                    self.ctrl_drop(&format!("head index {head} out of range"));
-                    continue;
+        let mut drained = Drained::default();
+        let result = drain(&mut state, &memory, self.event_idx, &mut drained, |chain| {
+            Ok::<_, QueueFault>(match self.control(chain, &memory) {
+                Ok(()) => Next::Used(1),
+                Err(reason) => {
+                    self.ctrl_drop(&reason.to_string());
+                    Next::Used(0)
                 }
-                let written = match self.control(chain, memory) {
-                    Ok(()) => 1,
-                    Err(reason) => {
-                        self.ctrl_drop(&reason.to_string());
-                        0
-                    }
-                };
-                queue.add_used(memory, head, written)?;
-                *completed = completed.saturating_add(1);
-            }
-            if !self.event_idx || !state.enable_notification()? {
-                return Ok(());
-            }
+            })
+        });
+        let notified = notify(&mut state, drained.completed, false);
+        drop(state);
+        for _ in 0..drained.bad_heads {
+            self.ctrl_drop("head index out of range");
         }
+        self.handle_fault(queue, result.and(notified))
     }
 
     fn ctrl_drop(&self, reason: &str) {
@@ -891,15 +827,6 @@ fn publish_used<Q: QueueT>(
     // ...then the last one moves it past all of them, with a release store.
     queue.set_next_used(start.wrapping_add(first.len() as u16));
     queue.add_used(memory, last_head, last_len)
-}
-
-/// Tells the guest about completed chains; `always` when the event index bookkeeping
-/// cannot be trusted (several chains published at once).
-fn notify(state: &mut VringState, always: bool) -> Result<(), QueueFault> {
-    if always || state.needs_notification()? {
-        state.signal_used_queue()?;
-    }
-    Ok(())
 }
 
 /// The buffers of a chain made only of device-readable buffers, (address, length) each.

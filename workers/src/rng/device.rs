@@ -8,17 +8,18 @@ use std::sync::{Arc, RwLock};
 use bulkhead_protocol::RngConfig;
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
+use virtio_queue::{DescriptorChain, QueueT, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::entropy;
 use super::rate_limit::{RateLimitError, RateLimiter};
 use crate::vhost_user::{DeviceBackend, EventSource, GuestRam};
-use crate::virtio::writable_len;
+use crate::virtio::drain::{notify, settle};
+use crate::virtio::{drain, writable_len, Drained, Next, QueueFault};
 
 pub const NUM_QUEUES: usize = 1;
 /// Largest ring the frontend may set up.
@@ -35,27 +36,6 @@ const RATE_LIMIT_TIMER: u16 = NUM_QUEUES as u16 + 1;
 pub enum RngError {
     #[error(transparent)]
     RateLimit(#[from] RateLimitError),
-}
-
-/// Why a pass over the ring stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// No more requests.
-    Empty,
-    /// Requests remain, but the rate limit's budget is spent.
-    Throttled,
-}
-
-/// A failure while serving the ring.
-#[derive(Debug, Error)]
-enum QueueFault {
-    /// The rings themselves are unusable (unreadable avail ring, an avail index that jumps
-    /// ahead by more than the queue size, ...): the guest's doing.
-    #[error("the guest's ring is unusable: {0}")]
-    Ring(#[from] virtio_queue::Error),
-    /// Something on the host failed.
-    #[error(transparent)]
-    Host(#[from] io::Error),
 }
 
 pub struct RngDevice {
@@ -105,84 +85,40 @@ impl RngDevice {
         if !(state.is_enabled() && state.get_queue().ready()) {
             return Ok(());
         }
-        let mut completed = 0;
-        let result = self.serve_ring(&mut state, &memory, &mut completed);
-        // Whatever happened, the guest must hear about the requests already completed.
-        let notified = if completed > 0 {
-            notify_guest(&mut state)
-        } else {
-            Ok(())
-        };
-        match result.and(notified) {
-            Ok(()) => Ok(()),
-            Err(QueueFault::Ring(e)) => {
-                // Only the guest suffers: its ring stays stuck until the driver resets it.
-                if !std::mem::replace(&mut self.ring_fault_reported, true) {
-                    tracing::warn!("request queue: {e}");
-                }
-                Ok(())
-            }
-            Err(QueueFault::Host(e)) => Err(e),
-        }
-    }
-
-    fn serve_ring(
-        &mut self,
-        state: &mut VringState,
-        memory: &GuestMemoryMmap,
-        completed: &mut u32,
-    ) -> Result<(), QueueFault> {
-        loop {
-            // With EVENT_IDX, drain with notifications off, then turn them back on and look
-            // again, so that a request posted in between is not missed.
-            if self.event_idx {
-                state.disable_notification()?;
-            }
-            let stop = self.drain(state, memory, completed)?;
-            if stop == Stop::Throttled {
-                if let Some(limiter) = &mut self.limiter {
-                    limiter.wake_on_refill()?;
-                }
-                return Ok(());
-            }
-            if !self.event_idx || !state.enable_notification()? {
-                return Ok(());
-            }
-        }
-    }
-
-    fn drain(
-        &mut self,
-        state: &mut VringState,
-        memory: &GuestMemoryMmap,
-        completed: &mut u32,
-    ) -> Result<Stop, QueueFault> {
-        let queue = state.get_queue_mut();
-        let queue_size = queue.size();
-        loop {
-            let budget = match &mut self.limiter {
-                Some(limiter) => limiter.available(),
-                None => u64::MAX,
-            };
+        let queue_size = state.get_queue().size();
+        let mut drained = Drained::default();
+        let mut result = drain(&mut state, &memory, self.event_idx, &mut drained, |chain| {
+            let budget = self.limiter.as_mut().map_or(u64::MAX, |l| l.available());
             if budget == 0 {
-                return Ok(Stop::Throttled);
+                return Ok(Next::PutBack);
             }
-            let Some(chain) = queue.iter(memory)?.next() else {
-                return Ok(Stop::Empty);
-            };
-            let head = chain.head_index();
-            if head >= queue_size {
-                // There is no such descriptor to give back: the request is dropped.
-                tracing::debug!("request queue: head index {head} out of range, dropped");
-                continue;
-            }
-            let written = fill_request(chain, memory, queue_size, budget)?;
+            let written = fill_request(chain, &memory, queue_size, budget)?;
             if let Some(limiter) = &mut self.limiter {
                 limiter.spend(u64::from(written));
             }
-            queue.add_used(memory, head, written)?;
-            *completed = completed.saturating_add(1);
+            Ok::<_, QueueFault>(Next::Used(written))
+        });
+        if drained.bad_heads > 0 {
+            // There is no such descriptor to give back: the requests are dropped.
+            tracing::debug!(
+                "request queue: {} head indexes out of range",
+                drained.bad_heads
+            );
         }
+        if drained.stopped {
+            // Only the budget puts a request back: wait for it to refill.
+            if let Some(limiter) = &mut self.limiter {
+                result = result.and(limiter.wake_on_refill().map_err(QueueFault::Host));
+            }
+        }
+        // Whatever happened, the guest must hear about the requests already completed.
+        let notified = notify(&mut state, drained.completed, false);
+        // Only the guest suffers a broken ring: it stays stuck until the driver resets it.
+        settle(
+            result.and(notified),
+            "request queue",
+            &mut self.ring_fault_reported,
+        )
     }
 }
 
@@ -215,13 +151,6 @@ fn fill_request(
     // `len` is at most MAX_REQUEST_BYTES.
     entropy::write_random(&mut writer, len as usize)?;
     Ok(writer.bytes_written() as u32)
-}
-
-fn notify_guest(state: &mut VringState) -> Result<(), QueueFault> {
-    if state.needs_notification()? {
-        state.signal_used_queue()?;
-    }
-    Ok(())
 }
 
 impl VhostUserBackendMut for RngDevice {

@@ -6,10 +6,10 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -23,6 +23,8 @@ use super::resources::{CommandError, Resources};
 use super::scanout::Scanout;
 use crate::display::framebuffer::Framebuffer;
 use crate::vhost_user::{DeviceBackend, GuestRam};
+use crate::virtio::drain::{notify, settle};
+use crate::virtio::{drain, Drained, Next, QueueFault};
 
 pub const NUM_QUEUES: usize = 2;
 pub const CONTROL_QUEUE: u16 = 0;
@@ -97,49 +99,16 @@ impl GpuDevice {
         if !(state.is_enabled() && state.get_queue().ready()) {
             return Ok(());
         }
-        let mut completed = 0u32;
-        let result = self.serve_ring(&mut state, &memory, &mut completed);
-        let notified = if completed > 0 && state.needs_notification().unwrap_or(true) {
-            state.signal_used_queue()
-        } else {
-            Ok(())
-        };
-        if let Err(e) = result {
-            if !std::mem::replace(&mut self.ring_fault_reported, true) {
-                tracing::warn!("virtio-gpu queue: the guest's ring is unusable: {e}");
-            }
-        }
-        notified
-    }
-
-    fn serve_ring(
-        &mut self,
-        state: &mut VringState,
-        memory: &GuestMemoryMmap,
-        completed: &mut u32,
-    ) -> Result<(), virtio_queue::Error> {
-        loop {
-            if self.event_idx {
-                state.disable_notification()?;
-            }
-            loop {
-                let queue = state.get_queue_mut();
-                let queue_size = queue.size();
-                let Some(chain) = queue.iter(memory)?.next() else {
-                    break;
-                };
-                let head = chain.head_index();
-                if head >= queue_size {
-                    continue;
-                }
-                let written = self.process_chain(chain, memory);
-                state.get_queue_mut().add_used(memory, head, written)?;
-                *completed = completed.saturating_add(1);
-            }
-            if !self.event_idx || !state.enable_notification()? {
-                return Ok(());
-            }
-        }
+        let mut drained = Drained::default();
+        let result = drain(&mut state, &memory, self.event_idx, &mut drained, |chain| {
+            Ok::<_, QueueFault>(Next::Used(self.process_chain(chain, &memory)))
+        });
+        let notified = notify(&mut state, drained.completed, false);
+        settle(
+            result.and(notified),
+            "virtio-gpu queue",
+            &mut self.ring_fault_reported,
+        )
     }
 
     /// Runs one command; returns how many bytes of response were written.
