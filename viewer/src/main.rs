@@ -6,7 +6,6 @@
 
 mod connection;
 mod keysym;
-mod rfb;
 mod window;
 
 use std::io::Write;
@@ -23,8 +22,8 @@ use sdl2::event::{Event, WindowEvent};
 use sdl2::keyboard::{Keycode, Mod};
 use sdl2::mouse::{MouseButton, MouseState, MouseWheelDirection};
 
+use bulkhead_viewer::rfb::{self, Framebuffer, RfbError, ServerMessage};
 use connection::Connection;
-use rfb::{Framebuffer, RfbError, ServerMessage};
 
 /// How long the window waits for a person before looking for new frames.
 const FRAME_POLL: Duration = Duration::from_millis(15);

@@ -10,7 +10,7 @@ use sdl2::surface::Surface;
 use sdl2::video::Window;
 use sdl2::EventPump;
 
-use crate::rfb::Framebuffer;
+use bulkhead_viewer::rfb::Framebuffer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WindowError {

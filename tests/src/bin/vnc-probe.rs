@@ -1,20 +1,23 @@
-//! `vnc-probe ADDR:PORT [--type TEXT]`: a minimal RFB 3.8 viewer for the nested lab, where
-//! L1 has only busybox. It grabs the screen (raw encoding) until it shows something,
-//! prints it as a base64 PNG on stdout (`VNC-PNG: ` lines) with a summary line, then types
-//! TEXT and Return with key events.
+//! `vnc-probe ADDR:PORT [--type TEXT]`: the nested lab's RFB viewer (L1 has only
+//! busybox), on the SDL viewer's protocol code. It grabs the screen (raw encoding) until
+//! it shows something, prints it as a base64 PNG on stdout (`VNC-PNG: ` lines) with a
+//! summary line, then types TEXT and Return with key events.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bulkhead_tests::screenshot::{base64_encode, Screen};
+use bulkhead_viewer::rfb::{self, Framebuffer, ServerMessage, BYTES_PER_PIXEL};
 
 /// Grabs until this many pixels differ from the background, or the time is up.
 const ENOUGH_INK: usize = 500;
 const GRAB_FOR: Duration = Duration::from_secs(30);
 const CONNECT_FOR: Duration = Duration::from_secs(30);
 const KEY_GAP: Duration = Duration::from_millis(20);
+/// Mode changes one grab waits through before it gives up.
+const MAX_MODE_CHANGES: usize = 8;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -71,16 +74,16 @@ fn probe(address: &str, typed: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
+/// A connection and the screen as the server last sent it.
 struct Viewer {
     stream: TcpStream,
-    width: u32,
-    height: u32,
+    screen: Framebuffer,
 }
 
 impl Viewer {
     fn connect(address: &str) -> Result<Viewer, String> {
         let deadline = Instant::now() + CONNECT_FOR;
-        let stream = loop {
+        let mut stream = loop {
             match TcpStream::connect(address) {
                 Ok(stream) => break stream,
                 Err(e) if Instant::now() > deadline => return Err(format!("connect: {e}")),
@@ -90,103 +93,50 @@ impl Viewer {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(|e| e.to_string())?;
-        let mut viewer = Viewer {
-            stream,
-            width: 0,
-            height: 0,
-        };
-        let version = viewer.read(12)?;
-        if !version.starts_with(b"RFB 003.") {
-            return Err(format!("not an RFB server: {version:?}"));
-        }
-        viewer.write(b"RFB 003.008\n")?;
-        let count = viewer.read(1)?[0];
-        let types = viewer.read(usize::from(count))?;
-        if !types.contains(&1) {
-            return Err(format!("security types {types:?} lack None"));
-        }
-        viewer.write(&[1])?;
-        if viewer.read(4)? != [0, 0, 0, 0] {
-            return Err("security handshake failed".into());
-        }
-        viewer.write(&[1])?; // ClientInit: shared
-        let init = viewer.read(24)?;
-        viewer.width = u32::from(u16::from_be_bytes([init[0], init[1]]));
-        viewer.height = u32::from(u16::from_be_bytes([init[2], init[3]]));
-        let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
-        viewer.read(name_len as usize)?;
-        // SetPixelFormat: 32 bpp, depth 24, little-endian, true colour, 0x00RRGGBB.
-        let mut format = vec![0u8, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0];
-        format.extend([0, 0, 0]);
-        viewer.write(&format)?;
-        // SetEncodings: raw only.
-        viewer.write(&[2, 0, 0, 1, 0, 0, 0, 0])?;
-        Ok(viewer)
+        let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
+        let init = rfb::handshake(&mut reader, &mut stream).map_err(|e| e.to_string())?;
+        let screen = Framebuffer::new(init.width, init.height).map_err(|e| e.to_string())?;
+        Ok(Viewer { stream, screen })
     }
 
+    /// The whole screen, fresh from the server (a full, not incremental, update). After a
+    /// mode change the full screen comes with the next request.
     fn grab(&mut self) -> Result<Screen, String> {
-        let (w, h) = (self.width, self.height);
-        let mut request = vec![3u8, 0, 0, 0, 0, 0];
-        request.extend((w as u16).to_be_bytes());
-        request.extend((h as u16).to_be_bytes());
-        self.write(&request)?;
-        let mut pixels = vec![0u32; (w * h) as usize];
-        loop {
-            match self.read(1)?[0] {
-                0 => break,
-                2 => {} // Bell
-                3 => {
-                    let header = self.read(7)?;
-                    let len = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
-                    self.read(len as usize)?;
+        let mut resized = true;
+        for _ in 0..MAX_MODE_CHANGES {
+            let (width, height) = (self.screen.width, self.screen.height);
+            rfb::request_update(&mut self.stream, false, width, height)
+                .map_err(|e| format!("write: {e}"))?;
+            resized = loop {
+                match rfb::read_message(&mut self.stream, &mut self.screen) {
+                    Ok(ServerMessage::Update { resized }) => break resized,
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
                 }
-                other => return Err(format!("server message type {other}")),
+            };
+            if !resized {
+                break;
             }
         }
-        let header = self.read(3)?;
-        let rects = u16::from_be_bytes([header[1], header[2]]);
-        for _ in 0..rects {
-            let r = self.read(12)?;
-            let field = |i: usize| u32::from(u16::from_be_bytes([r[i], r[i + 1]]));
-            let (x, y, rw, rh) = (field(0), field(2), field(4), field(6));
-            let encoding = i32::from_be_bytes([r[8], r[9], r[10], r[11]]);
-            if encoding != 0 {
-                return Err(format!("encoding {encoding} was not asked for"));
-            }
-            if x + rw > w || y + rh > h {
-                return Err(format!("rectangle {x},{y} {rw}x{rh} outside {w}x{h}"));
-            }
-            let data = self.read((rw * rh * 4) as usize)?;
-            for (i, p) in data.chunks_exact(4).enumerate() {
-                let (dx, dy) = (i as u32 % rw, i as u32 / rw);
-                pixels[((y + dy) * w + x + dx) as usize] =
-                    u32::from_le_bytes([p[0], p[1], p[2], p[3]]) & 0x00ff_ffff;
-            }
+        if resized {
+            return Err(format!(
+                "the mode changed {MAX_MODE_CHANGES} times in a row"
+            ));
         }
+        let pixels = self
+            .screen
+            .pixels
+            .chunks_exact(BYTES_PER_PIXEL)
+            .map(|p| u32::from_le_bytes([p[0], p[1], p[2], p[3]]) & 0x00ff_ffff)
+            .collect();
         Ok(Screen {
-            width: w,
-            height: h,
+            width: self.screen.width,
+            height: self.screen.height,
             pixels,
         })
     }
 
     fn key(&mut self, keysym: u32, down: bool) -> Result<(), String> {
-        let mut event = vec![4u8, u8::from(down), 0, 0];
-        event.extend(keysym.to_be_bytes());
-        self.write(&event)
-    }
-
-    fn read(&mut self, len: usize) -> Result<Vec<u8>, String> {
-        let mut buf = vec![0u8; len];
-        self.stream
-            .read_exact(&mut buf)
-            .map_err(|e| format!("read: {e}"))?;
-        Ok(buf)
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.stream
-            .write_all(bytes)
-            .map_err(|e| format!("write: {e}"))
+        rfb::key_event(&mut self.stream, down, keysym).map_err(|e| format!("write: {e}"))
     }
 }
