@@ -693,6 +693,96 @@ fn discard_and_write_zeroes() -> Result<()> {
     Ok(())
 }
 
+/// A loop device over a file of the test's: a host block device, detached when dropped.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Result<LoopDevice> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", p(file)])
+            .output()
+            .context("run losetup")?;
+        ensure!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok(LoopDevice(PathBuf::from(device)))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// The promise for host block devices: served as a raw disk, written through in
+/// read-write mode, and never written with ro or cow.
+#[test]
+fn a_host_block_device_is_a_raw_disk_and_cow_or_ro_never_write_it() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: loop devices need root");
+        return Ok(());
+    }
+    let dir = TempDir::new("blockdev");
+    let backing = dir.path("backing.raw");
+    fs::write(&backing, pattern(11, DISK_SIZE as usize))?;
+    let device = LoopDevice::attach(&backing)?;
+    let before = fs::read(&backing)?;
+    for mode in ["--cow", "--ro"] {
+        let worker = standalone(&device.0, &["--format", "raw", mode])?;
+        let mut blk = Blk::start(worker.connect()?, 1, 1 << VIRTIO_RING_F_EVENT_IDX)?;
+        let capacity = blk.config(0, 8)?;
+        ensure!(
+            capacity == (DISK_SIZE / SECTOR).to_le_bytes(),
+            "{mode}: capacity {capacity:?}, the device has {DISK_SIZE} bytes"
+        );
+        let (status, head) = blk.read(0, 64 << 10)?;
+        ensure!(status == OK && head == before[..64 << 10], "{mode}: read");
+        let data = pattern(12, 64 << 10);
+        if mode == "--cow" {
+            ensure!(blk.write(8, &data)? == OK, "cow write");
+            ensure!(blk.ranges(VIRTIO_BLK_T_WRITE_ZEROES, &[(512, 64, 0)])? == OK);
+            let (_, back) = blk.read(8, 64 << 10)?;
+            ensure!(back == data, "cow read back");
+        } else {
+            ensure!(blk.write(8, &data)? == IOERR, "ro write accepted");
+        }
+        ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK, "{mode}: flush");
+        assert_alive(&worker)?;
+        drop(blk);
+        worker.kill()?;
+        ensure!(fs::read(&device.0)? == before, "{mode}: the device changed");
+    }
+    // Read-write: writes and zeroes reach the device, and through it the file.
+    let worker = standalone(&device.0, &["--format", "raw"])?;
+    let mut blk = Blk::start(worker.connect()?, 1, 1 << VIRTIO_RING_F_EVENT_IDX)?;
+    let data = pattern(13, 1 << 20);
+    ensure!(blk.write(2048, &data)? == OK, "write");
+    ensure!(blk.ranges(VIRTIO_BLK_T_WRITE_ZEROES, &[(2048, 8, 0)])? == OK);
+    ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK, "flush");
+    assert_alive(&worker)?;
+    drop(blk);
+    worker.kill()?;
+    let mut expected = before;
+    let at = 2048 * SECTOR as usize;
+    expected[at..at + data.len()].copy_from_slice(&data);
+    expected[at..at + 8 * SECTOR as usize].fill(0);
+    ensure!(
+        fs::read(&device.0)? == expected,
+        "the device holds other bytes"
+    );
+    drop(device);
+    ensure!(
+        fs::read(&backing)? == expected,
+        "the file under the device differs"
+    );
+    Ok(())
+}
+
 #[test]
 fn bad_requests_get_a_status_not_a_crash() -> Result<()> {
     let dir = TempDir::new("bad");
