@@ -315,7 +315,11 @@ impl OverlayStore {
             .map(|&w| data_bits(w))
             .sum();
         if old[..] != words[first_word..end_word] {
-            self.write_words(chunk, &words[first_word..end_word], first_word)?;
+            if let Err(e) = self.write_words(chunk, &words[first_word..end_word], first_word) {
+                // What the store does not say, memory must not either.
+                words[first_word..end_word].copy_from_slice(&old);
+                return Err(e);
+            }
         }
         state.data_blocks = state.data_blocks - before + after;
         Ok(())
