@@ -845,6 +845,54 @@ fn launched_worker_serves_inherited_image_and_backing_file() -> Result<()> {
     qemu_img_ok(&["check", p(&top)])
 }
 
+/// A launch config is checked like any input: an overlay store for a disk that is not
+/// copy-on-write, or a store that does not belong to the disk, is a clear error at startup.
+#[test]
+fn launched_worker_refuses_a_wrong_overlay_store() -> Result<()> {
+    let dir = TempDir::new("overlay-refused");
+    let image = create(&dir, "disk.raw", "raw")?;
+    let config = |cow: bool| {
+        DeviceConfig::Blk(BlkConfig {
+            image_fd: 5,
+            backing: Vec::new(),
+            format: Some(ImageFormat::Raw),
+            read_only: false,
+            copy_on_write: cow,
+            overlay_fd: Some(6),
+            num_queues: 1,
+            serial: String::new(),
+        })
+    };
+    let store = bulkhead_workers::disk::cow::new_store()?;
+    store.write_all_at(b"not a cow store", 0)?;
+    for (cow, why) in [
+        (
+            false,
+            "an overlay store for a disk that is not copy-on-write",
+        ),
+        (true, "no overlay header"),
+    ] {
+        let file = OpenOptions::new().read(true).write(!cow).open(&image)?;
+        let (worker, _connection) =
+            WorkerProcess::launched_with_files("blk0", config(cow), &[&file, &store])?;
+        let status = worker.wait_exit(TIMEOUT)?;
+        // Its stderr is collected by a thread of the harness: give that a moment.
+        for _ in 0..100 {
+            if worker.stderr().contains(why) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ensure!(
+            status.code() == Some(1),
+            "exit {status:?}: {}",
+            worker.stderr()
+        );
+        ensure!(worker.stderr().contains(why), "{}", worker.stderr());
+    }
+    Ok(())
+}
+
 /// Counts the requests an inflight region (libvhost-user's layout) records as in flight
 /// on queue 0.
 fn in_flight_in_region(region: &File, queue_size: u16) -> Result<usize> {
