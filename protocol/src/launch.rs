@@ -123,8 +123,12 @@ pub struct BlkConfig {
     pub format: Option<ImageFormat>,
     /// The guest sees a read-only disk (VIRTIO_BLK_F_RO); writes fail.
     pub read_only: bool,
-    /// Guest writes stay in the worker's memory and vanish when it exits.
+    /// Guest writes go to an overlay in memory, never to the image.
     pub copy_on_write: bool,
+    /// With `copy_on_write`: the overlay store, a memfd the VMM made for this disk and
+    /// hands to every worker it starts for it, so that a replacement carries on with its
+    /// predecessor's changes (they vanish with the VMM). None: the worker makes its own.
+    pub overlay_fd: Option<i32>,
     /// Request queues (VIRTIO_BLK_F_MQ), at least 1.
     pub num_queues: u16,
     /// What GET_ID answers: up to 20 bytes.
@@ -132,9 +136,11 @@ pub struct BlkConfig {
 }
 
 impl BlkConfig {
-    /// Every descriptor this config names: the image, then its backing chain.
+    /// Every descriptor this config names: the image, its backing chain, the overlay store.
     pub fn descriptors(&self) -> impl Iterator<Item = i32> + '_ {
-        std::iter::once(self.image_fd).chain(self.backing.iter().map(|b| b.fd))
+        std::iter::once(self.image_fd)
+            .chain(self.backing.iter().map(|b| b.fd))
+            .chain(self.overlay_fd)
     }
 }
 
@@ -195,19 +201,6 @@ pub enum DeviceConfig {
 }
 
 impl DeviceConfig {
-    /// Why a replacement worker could not carry on where this one stopped, if it could
-    /// not: the guest would silently see its disk go back in time, which is worse than a
-    /// device that fails. (Devices whose replacement merely starts afresh, with errors
-    /// the guest sees, are restarted.)
-    pub fn state_lost_on_restart(&self) -> Option<&'static str> {
-        match self {
-            DeviceConfig::Blk(blk) if blk.copy_on_write => {
-                Some("its copy-on-write changes live only in the worker's memory")
-            }
-            _ => None,
-        }
-    }
-
     pub fn kind(&self) -> WorkerKind {
         match self {
             DeviceConfig::Rng(_) => WorkerKind::Rng,
@@ -337,6 +330,7 @@ mod tests {
                 format: Some(ImageFormat::Qcow2),
                 read_only: false,
                 copy_on_write: true,
+                overlay_fd: Some(7),
                 num_queues: 2,
                 serial: "disk0".into(),
             }),
@@ -348,7 +342,7 @@ mod tests {
         let DeviceConfig::Blk(blk) = &launch.device else {
             unreachable!()
         };
-        assert_eq!(blk.descriptors().collect::<Vec<_>>(), [5, 6]);
+        assert_eq!(blk.descriptors().collect::<Vec<_>>(), [5, 6, 7]);
     }
 
     #[test]

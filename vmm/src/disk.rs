@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use bulkhead_protocol::{BackingFile, BlkConfig, ImageFormat};
 use bulkhead_workers::blk::MAX_QUEUES;
-use bulkhead_workers::disk::{self, Format, MAX_BACKING_DEPTH};
+use bulkhead_workers::disk::{self, cow, Format, MAX_BACKING_DEPTH};
 use thiserror::Error;
 
 use crate::worker::launch::device_fds;
@@ -89,6 +89,12 @@ pub enum DiskOpenError {
     },
     #[error("disk image {path}: the backing chain is deeper than {MAX_BACKING_DEPTH}")]
     TooDeep { path: PathBuf },
+    #[error("disk image {path}: cannot create its copy-on-write overlay store")]
+    OverlayStore {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A disk ready to hand to a worker: its launch config and the files it names, in order.
@@ -179,17 +185,30 @@ pub fn open_disk(
         names.push(name);
         current_path = resolved;
     }
+    let chain = files.len();
+    // Made here, kept by the supervisor for the VM's life and handed to every worker the
+    // disk gets: a restarted worker finds the guest's changes in it. Sparse and empty:
+    // the worker lays it out, and only what the guest writes costs memory.
+    if spec.copy_on_write {
+        files.push(
+            cow::new_store().map_err(|source| DiskOpenError::OverlayStore {
+                path: spec.path.clone(),
+                source,
+            })?,
+        );
+    }
     let fds = device_fds(files.len());
     let config = BlkConfig {
         image_fd: fds[0],
         backing: names
             .into_iter()
-            .zip(fds[1..].iter())
+            .zip(fds[1..chain].iter())
             .map(|(name, &fd)| BackingFile { name, fd })
             .collect(),
         format: Some(format),
         read_only: spec.read_only,
         copy_on_write: spec.copy_on_write,
+        overlay_fd: fds.get(chain).copied(),
         num_queues,
         serial: format!("bulkhead-disk{index}"),
     };
@@ -245,6 +264,23 @@ mod tests {
         assert!("/d,format=vmdk".parse::<DiskSpec>().is_err());
         assert!("/d,rw".parse::<DiskSpec>().is_err());
         assert!("/d,ro,cow".parse::<DiskSpec>().is_err());
+    }
+
+    /// A cow disk comes with an overlay store after its image (and chain), named in the
+    /// launch config; other disks have none.
+    #[test]
+    fn a_cow_disk_gets_an_overlay_store() {
+        let path = std::env::temp_dir().join(format!("bulkhead-cow-store-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+        let name = path.to_str().unwrap();
+        let cow = open_disk(&format!("{name},format=raw,cow").parse().unwrap(), 0, 1).unwrap();
+        let plain = open_disk(&format!("{name},format=raw").parse().unwrap(), 1, 1).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(cow.files.len(), 2);
+        assert_eq!(cow.config.overlay_fd, Some(cow.config.image_fd + 1));
+        assert_eq!(cow.config.descriptors().count(), 2);
+        assert_eq!(cow.files[1].metadata().unwrap().len(), 0);
+        assert_eq!((plain.files.len(), plain.config.overlay_fd), (1, None));
     }
 
     #[test]

@@ -19,7 +19,9 @@ use bulkhead_workers::blk::{BlkDevice, BlkOptions};
 use bulkhead_workers::cli::{
     BlkArgs, Cli, DisplayArgs, Endpoint, InputArgs, P9Args, VncListen, WorkerCommand,
 };
-use bulkhead_workers::disk::{self, Format, Mode, PreopenedBacking, MAX_BACKING_DEPTH};
+use bulkhead_workers::disk::{
+    self, DiskOptions, Format, Mode, PreopenedBacking, MAX_BACKING_DEPTH,
+};
 use bulkhead_workers::display::vnc::VncServer;
 use bulkhead_workers::display::{
     EventSocketSink, Framebuffer, GpuDevice, GpuLimits, InputSink, LoggingInputSink,
@@ -348,6 +350,8 @@ struct DiskFiles {
     backing: Vec<(String, File)>,
     format: Option<Format>,
     mode: Mode,
+    /// A `,cow` disk's overlay store from the VMM, which outlives this worker.
+    overlay: Option<File>,
     options: BlkOptions,
 }
 
@@ -381,14 +385,19 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<()> {
                 .backing
                 .iter()
                 .map(|b| b.name.clone())
-                .zip(inherited)
+                .zip(inherited.by_ref())
                 .collect();
+            let overlay = inherited.next();
             let mode = disk_mode(config.read_only, config.copy_on_write);
+            if overlay.is_some() && mode != Mode::Cow {
+                bail!("--launch-fd {fd}: an overlay store for a disk that is not copy-on-write");
+            }
             let files = DiskFiles {
                 image,
                 backing,
                 format: config.format.map(format_of),
                 mode,
+                overlay,
                 options: BlkOptions {
                     num_queues: config.num_queues,
                     serial: config.serial,
@@ -406,6 +415,12 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<()> {
             .iter()
             .map(|(_, file)| (file.as_raw_fd(), "backing file")),
     );
+    keep.extend(
+        files
+            .overlay
+            .iter()
+            .map(|file| (file.as_raw_fd(), "copy-on-write overlay store")),
+    );
     serve(policy_for(WorkerKind::Blk), frontend, &keep, move || {
         // Opened inside the sandbox: the engine duplicates backing descriptors, and
         // duplicates made before would be closed on the way in.
@@ -414,10 +429,15 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<()> {
             backing,
             format,
             mode,
+            overlay,
             options,
         } = files;
-        let disk = disk::open(image, format, mode, &PreopenedBacking::new(backing))
-            .context("cannot open the disk image")?;
+        let backing = PreopenedBacking::new(backing);
+        let disk = match overlay {
+            Some(store) => disk::open_cow(image, format, &backing, &DiskOptions::default(), store),
+            None => disk::open(image, format, mode, &backing),
+        }
+        .context("cannot open the disk image")?;
         // Checked once here, so that a bad option is an error at startup rather than
         // for each connecting frontend.
         BlkDevice::new(disk.clone(), &options)?;
@@ -498,6 +518,12 @@ fn open_disk_standalone(path: &Path, args: &BlkArgs) -> anyhow::Result<DiskFiles
         backing,
         format: args.format.map(format_of),
         mode,
+        // Made before the sandbox, as the VMM would: the worker itself creates none.
+        overlay: args
+            .cow
+            .then(disk::cow::new_store)
+            .transpose()
+            .context("cannot create the copy-on-write overlay store")?,
         options: BlkOptions {
             num_queues: args.queues,
             serial: args.serial.clone(),

@@ -8,7 +8,9 @@
 //! calls are its `File` calls: `read_at`/`write_at` (pread64/pwrite64), `sync_data`
 //! (fdatasync), `metadata` (fstat, in the vhost-user set), a raw image's size by seeking
 //! to its end (lseek), and `try_clone` of backing files (fcntl F_DUPFD_CLOEXEC, in the
-//! vhost-user set).
+//! vhost-user set). A `,cow` disk's overlay store is one more descriptor, a memfd made
+//! before the sandbox: the same positioned I/O and hole punching, and one ftruncate to
+//! empty it when it is blank.
 //!
 //! No path at all: every system call that takes one is missing, and Landlock grants none.
 

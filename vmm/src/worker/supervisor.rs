@@ -69,8 +69,6 @@ pub enum RestartWorkerError {
     Failed(String),
     #[error("device {0}'s worker is being replaced already")]
     Busy(String),
-    #[error("device {name}'s worker is not restarted: {why}")]
-    WouldLoseState { name: String, why: &'static str },
     #[error("cannot kill device {name}'s worker: {errno}")]
     Kill {
         name: String,
@@ -82,8 +80,6 @@ struct BoardEntry {
     status: DeviceStatus,
     /// The worker's coming exit was asked for by an operator, not a crash.
     operator_restart: bool,
-    /// Why the device's worker is never replaced (`DeviceConfig::state_lost_on_restart`).
-    state_lost_on_restart: Option<&'static str>,
 }
 
 /// The devices and their workers as the control socket reports them; the supervisor
@@ -126,12 +122,6 @@ impl DeviceBoard {
         };
         if entry.status.failed {
             return Err(RestartWorkerError::Failed(device.to_owned()));
-        }
-        if let Some(why) = entry.state_lost_on_restart {
-            return Err(RestartWorkerError::WouldLoseState {
-                name: device.to_owned(),
-                why,
-            });
         }
         let Some(pid) = entry.status.worker_pid.filter(|_| !entry.operator_restart) else {
             return Err(RestartWorkerError::Busy(device.to_owned()));
@@ -236,7 +226,6 @@ impl WorkerSupervisor {
                 failed: false,
             },
             operator_restart: false,
-            state_lost_on_restart: launch.device.state_lost_on_restart(),
         });
         self.devices.push(Supervised {
             launch,
@@ -350,13 +339,9 @@ impl WorkerSupervisor {
             }
         }
         let device = &mut self.devices[index];
-        let lost = device.launch.device.state_lost_on_restart();
-        if let Some(why) = lost {
-            tracing::error!(device = %name, "the worker is not restarted: {why}");
-        }
         loop {
             device.crashes += 1;
-            if device.crashes > policy.max_restarts || lost.is_some() {
+            if device.crashes > policy.max_restarts {
                 let failed = self.devices.remove(index);
                 lock(&failed.transport).mark_failed();
                 self.board.update(&name, |e| e.status.failed = true);
@@ -518,9 +503,21 @@ mod tests {
             format: None,
             read_only: false,
             copy_on_write: true,
+            overlay_fd: Some(6),
             num_queues: 1,
             serial: String::new(),
         })
+    }
+
+    fn audit_events(dir: &Path) -> Vec<AuditEvent> {
+        let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+        log.lines()
+            .map(|l| {
+                serde_json::from_str::<bulkhead_protocol::audit::AuditRecord>(l)
+                    .unwrap()
+                    .event
+            })
+            .collect()
     }
 
     /// Watches one device whose worker is `sh -c SCRIPT` until the supervisor gives it
@@ -538,15 +535,7 @@ mod tests {
         // The thread ends once no device is left to watch.
         supervisor.spawn().unwrap().join().unwrap();
 
-        let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
-        let events = log
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<bulkhead_protocol::audit::AuditRecord>(l)
-                    .unwrap()
-                    .event
-            })
-            .collect();
+        let events = audit_events(&dir);
         let mut status = [0u8; 4];
         lock(&transport).read(0x70, &mut status);
         let _ = std::fs::remove_dir_all(&dir);
@@ -582,12 +571,12 @@ mod tests {
         assert!(needs_reset);
     }
 
-    /// A copy-on-write disk's changes die with its worker: rather than let a replacement
-    /// show the guest its disk as it was before them, the device fails at once.
+    /// A copy-on-write disk's changes live in the overlay store the supervisor keeps with
+    /// the disk's files, not in its worker: the worker is replaced like any other, as often
+    /// as the policy says (here no replacement can start, so the device is given up).
     #[test]
-    fn a_cow_disk_is_failed_not_restarted() {
-        let cow = cow_disk();
-        let (events, needs_reset) = supervise_until_given_up(cow, "kill -KILL $$");
+    fn a_cow_disk_s_worker_is_restarted_like_any_other() {
+        let (events, needs_reset) = supervise_until_given_up(cow_disk(), "kill -KILL $$");
         assert!(
             matches!(
                 events.as_slice(),
@@ -595,7 +584,7 @@ mod tests {
                     AuditEvent::Spawn { .. },
                     AuditEvent::Policy { .. },
                     AuditEvent::Crash { signal: 9, .. },
-                    AuditEvent::GiveUp { attempts: 0, .. },
+                    AuditEvent::GiveUp { attempts: 2, .. },
                 ]
             ),
             "{events:?}"
@@ -603,22 +592,36 @@ mod tests {
         assert!(needs_reset);
     }
 
-    /// An operator cannot restart a copy-on-write disk's worker either: the refusal says
-    /// why, and the worker is left alone.
+    /// An operator's restart-worker kills a copy-on-write disk's worker for the
+    /// supervisor to replace, as for any other device.
     #[test]
-    fn restart_worker_refuses_a_cow_disk() {
-        let child = Command::new("sleep").arg("5").spawn().unwrap();
+    fn restart_worker_takes_a_cow_disk() {
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
-        let watched = Watched::new(cow_disk(), "restart-cow", child);
-        let board = watched.supervisor.board();
-        let refusal = board.restart_worker("blk0", &watched.audit).unwrap_err();
-        assert!(refusal.to_string().contains("copy-on-write"), "{refusal}");
-        assert_eq!(board.snapshot()[0].worker_pid, Some(pid));
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
+        let Watched {
+            dir,
+            audit,
+            supervisor,
+            ..
+        } = Watched::new(cow_disk(), "restart-cow", child);
+        let board = supervisor.board();
+        board.restart_worker("blk0", &audit).unwrap();
+        supervisor.spawn().unwrap().join().unwrap();
+        let events = audit_events(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            matches!(
+                events.as_slice(),
+                [
+                    AuditEvent::Spawn { .. },
+                    AuditEvent::Policy { .. },
+                    AuditEvent::OperatorRestart { pid: p, .. },
+                    AuditEvent::Crash { signal: 9, .. },
+                    AuditEvent::GiveUp { .. },
+                ] if *p == pid
+            ),
+            "{events:?}"
         );
-        let _ = std::fs::remove_dir_all(&watched.dir);
     }
 
     #[test]

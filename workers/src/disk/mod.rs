@@ -180,7 +180,8 @@ pub enum Mode {
     ReadWrite,
     /// Writes fail with [`DiskError::ReadOnly`].
     ReadOnly,
-    /// Writes go to an in-memory overlay and vanish at exit; the image is never written.
+    /// Writes go to an overlay store in memory and vanish with it; the image is never
+    /// written. [`open`] makes the store; [`open_cow`] takes one.
     Cow,
 }
 
@@ -234,9 +235,22 @@ pub fn open_with(
     }
     let base = open_inner(file, format, writable, resolver, options, 0)?;
     Ok(match mode {
-        Mode::Cow => Arc::new(CowOverlay::new(base)),
+        Mode::Cow => Arc::new(CowOverlay::new(base)?),
         _ => Arc::from(base),
     })
+}
+
+/// Opens `file` in [`Mode::Cow`] with its changes in `store` (see [`cow::store`]): an empty
+/// store starts afresh, one an earlier worker for the same disk used is carried on.
+pub fn open_cow(
+    file: File,
+    format: Option<Format>,
+    resolver: &dyn BackingResolver,
+    options: &DiskOptions,
+    store: File,
+) -> Result<Arc<dyn DiskImage>> {
+    let base = open_inner(file, format, false, resolver, options, 0)?;
+    Ok(Arc::new(CowOverlay::open(base, store)?))
 }
 
 pub(crate) fn open_inner(
