@@ -256,6 +256,17 @@ impl BlkDevice {
 
     /// Completes what queue `index`'s ring has finished.
     fn complete_async(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        let mut state = vring.get_mut();
+        let Some(mut queue) = self.tracking.queue(index) else {
+            return Ok(());
+        };
+        let Some(mut ring) = self.uring.as_ref().and_then(|u| u.ring(index)) else {
+            return Ok(());
+        };
+        // Reaped whatever else holds: the eventfd stays readable (and the thread awake)
+        // until it is read.
+        let finished = ring.reap_woken();
+        drop(ring);
         let Some(ram) = self
             .memory
             .read()
@@ -265,20 +276,11 @@ impl BlkDevice {
             return Ok(());
         };
         let memory = ram.memory();
-        let mut state = vring.get_mut();
-        let Some(mut queue) = self.tracking.queue(index) else {
-            return Ok(());
-        };
-        let Some(mut ring) = self.uring.as_ref().and_then(|u| u.ring(index)) else {
-            return Ok(());
-        };
         let generation = queue.generation();
-        let done: Vec<Completion> = ring
-            .reap_woken()
+        let done: Vec<Completion> = finished
             .into_iter()
             .filter_map(|f| answer(f, generation))
             .collect();
-        drop(ring);
         tracing::trace!(queue = index, requests = done.len(), "async requests done");
         let completed = queue.complete_batch(&mut state, &memory, &done);
         self.check(index, completed)
@@ -329,10 +331,28 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn reset_device(&self) {
+        // No I/O may land in buffers the driver takes back with the reset.
+        if let Some(uring) = &self.uring {
+            uring.quiesce();
+        }
         self.event_idx.store(false, Ordering::Relaxed);
         for reported in &self.ring_fault_reported {
             reported.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// I/O of the stopped ring is waited for, so none lands in guest memory after the
+    /// frontend got the ring back; its requests stay in flight in the inflight region and
+    /// are served again if the ring resumes.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(mut ring) = self
+            .uring
+            .as_ref()
+            .and_then(|u| u.ring(queue_index as usize))
+        {
+            drop(ring.wait_idle());
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
