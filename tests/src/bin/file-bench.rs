@@ -1,8 +1,9 @@
-//! `file-bench --file PATH --size BYTES [--seconds S] [--only NAME]`: the raw-file limit
-//! for bench/blk.sh. The same workloads as `blk-bench` straight on a file with positioned
-//! reads and writes (pread/pwrite, buffered, as the workers do them), one thread per
-//! request in flight (fio's psync engine with numjobs = queue depth). Prints
-//! `<workload> <IOPS> <MiB/s>` per workload. Not a test.
+//! `file-bench --file PATH --size BYTES [--seconds S] [--only NAME] [--threads N]`: the
+//! raw-file limit for bench/blk.sh. The same workloads as `blk-bench` straight on a file
+//! with positioned reads and writes (pread/pwrite, buffered, as the workers do them), one
+//! thread per request in flight (fio's psync engine with numjobs = queue depth;
+//! `--threads` overrides that). Prints `<workload> <IOPS> <MiB/s>` per workload. Not a
+//! test.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -25,6 +26,7 @@ fn main() -> Result<()> {
     let size: u64 = arg(&args, "--size").context("--size BYTES")?.parse()?;
     let seconds: f64 = arg(&args, "--seconds").map_or(Ok(3.0), |s| s.parse())?;
     let only = arg(&args, "--only");
+    let threads: Option<usize> = arg(&args, "--threads").map(|t| t.parse()).transpose()?;
     let file = Arc::new(
         OpenOptions::new()
             .read(true)
@@ -36,13 +38,19 @@ fn main() -> Result<()> {
         if only.as_deref().is_some_and(|o| !workload.name.contains(o)) {
             continue;
         }
-        let (iops, mibs) = run(&file, size, workload, seconds)?;
+        let (iops, mibs) = run(&file, size, workload, seconds, threads)?;
         println!("{} {iops:.0} {mibs:.1}", workload.name);
     }
     Ok(())
 }
 
-fn run(file: &Arc<std::fs::File>, size: u64, w: Workload, seconds: f64) -> Result<(f64, f64)> {
+fn run(
+    file: &Arc<std::fs::File>,
+    size: u64,
+    w: Workload,
+    seconds: f64,
+    threads: Option<usize>,
+) -> Result<(f64, f64)> {
     ensure!(size >= w.len, "the file is smaller than one request");
     // Random streams are one per thread; a sequential one is shared, as the requests of
     // one sequential stream in flight together are.
@@ -50,7 +58,7 @@ fn run(file: &Arc<std::fs::File>, size: u64, w: Workload, seconds: f64) -> Resul
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
-    let threads: Vec<_> = (0..w.depth)
+    let threads: Vec<_> = (0..threads.unwrap_or(w.depth))
         .map(|t| {
             let (file, shared, done) = (file.clone(), shared.clone(), done.clone());
             let mut own = Offsets::new(w, size, t as u64 + 1);

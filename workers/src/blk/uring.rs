@@ -392,10 +392,11 @@ impl QueueRing {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The kernel is short of memory for now (EAGAIN) or has too many
-                // completions to post (EBUSY): reaping makes room.
+                // completions to post (EBUSY): reaping makes room. Anything else cannot
+                // be answered but by trying again, without spinning hot.
                 Err(e) => {
                     tracing::debug!("io_uring_enter: {e}, retrying");
-                    std::thread::yield_now();
+                    std::thread::sleep(std::time::Duration::from_micros(100));
                     if want == 0 && self.ring.submission().is_empty() {
                         self.unsubmitted = 0;
                         return;
