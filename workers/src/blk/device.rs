@@ -200,38 +200,37 @@ impl BlkDevice {
         let mut done = Vec::new();
         let mut completed = Ok(());
         for r in batch {
-            let r = match ring.as_mut() {
-                Some(ring) => {
-                    let r = match request::plan(&ctx, &memory, &r) {
-                        Plan::Direct(direct) if ring.wants_inline(&direct) => {
-                            let result = uring::run_inline(&direct);
-                            drop(direct);
-                            done.push(Completion {
-                                head: r.head,
-                                written: request::finish(&memory, &r, result),
-                            });
-                            continue;
-                        }
-                        Plan::Direct(direct) => {
-                            match ring.submit(r, direct, memory.clone(), generation) {
-                                Ok(()) => continue,
-                                Err(r) => r,
-                            }
-                        }
-                        Plan::Sync => r,
-                    };
+            let sync = match ring.as_mut() {
+                Some(ring) => match request::plan(&ctx, &memory, &r) {
+                    Plan::Direct(direct) if ring.wants_inline(&direct) => {
+                        let result = uring::run_inline(&direct);
+                        drop(direct);
+                        done.push(Completion {
+                            head: r.head,
+                            written: request::finish(&memory, &r, result),
+                        });
+                        None
+                    }
+                    // A request the ring cannot take comes back, to be served here.
+                    Plan::Direct(direct) => {
+                        ring.submit(r, direct, memory.clone(), generation).err()
+                    }
+                    Plan::Sync => Some(r),
+                }
+                .inspect(|_| {
                     // Served synchronously: after every earlier request of the queue.
                     ring.flush();
                     let finished = ring.wait_idle();
                     done.extend(finished.into_iter().filter_map(|f| answer(f, generation)));
-                    r
-                }
-                None => r,
+                }),
+                None => Some(r),
             };
-            done.push(Completion {
-                head: r.head,
-                written: request::serve(&mut ctx, &memory, &r),
-            });
+            if let Some(r) = sync {
+                done.push(Completion {
+                    head: r.head,
+                    written: request::serve(&mut ctx, &memory, &r),
+                });
+            }
             if done.len() >= COMPLETE_EVERY && completed.is_ok() {
                 tracing::trace!(queue = index, requests = done.len(), "requests served");
                 completed = queue.complete_batch(&mut state, &memory, &done);
