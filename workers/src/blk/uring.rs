@@ -237,7 +237,8 @@ impl QueueRing {
 
     /// Queues the ops of `request` (submitted at the next [`flush`](Self::flush)). Gives
     /// the request back, untouched, when an op is not one this ring may do (a file it
-    /// was not given, too many buffers): the caller serves it synchronously.
+    /// was not given, too many buffers) or there is none: the caller serves it
+    /// synchronously.
     pub fn submit(
         &mut self,
         request: Request,
@@ -245,6 +246,9 @@ impl QueueRing {
         memory: Arc<GuestMemoryMmap>,
         generation: u64,
     ) -> Result<(), Request> {
+        if direct.ops.is_empty() {
+            return Err(request);
+        }
         let mut slots = Vec::with_capacity(direct.ops.len());
         for op in &direct.ops {
             match self.files.iter().position(|&fd| fd == op.fd) {
