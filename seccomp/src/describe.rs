@@ -327,7 +327,7 @@ mod tests {
     /// The blk policy's digest; same rule as for rng.
     #[cfg(target_arch = "x86_64")]
     const BLK_DIGEST: &str =
-        "sha256:ebb44205606798cc546456430656d317c5d0bd0c36ce88bffa1e9d29e6220cf0";
+        "sha256:056b58c4598465f9ecbf9bd8a37ba7ddcc613786bd736d170b2603adb8cf8885";
 
     #[cfg(target_arch = "x86_64")]
     #[test]

@@ -69,6 +69,7 @@ fn forbidden_syscalls() -> Vec<Syscall> {
         sys!(SYS_bpf),
         sys!(SYS_perf_event_open),
         sys!(SYS_io_uring_setup),
+        sys!(SYS_io_uring_register),
         sys!(SYS_keyctl),
         sys!(SYS_add_key),
         sys!(SYS_request_key),

@@ -154,6 +154,44 @@ fn cases() -> Vec<Case> {
             check: sandboxed_only,
         },
         Case {
+            name: "blk_policy_kills_making_an_io_uring",
+            expect: Expect::SeccompKill,
+            child: |report| {
+                sandbox_blk(report, &[]);
+                // A ring made now would come without the restrictions the worker's own
+                // rings were given before confinement.
+                let _ = io_uring_setup();
+            },
+            check: sandboxed_only,
+        },
+        Case {
+            name: "blk_policy_kills_registering_with_an_io_uring_made_before",
+            expect: Expect::SeccompKill,
+            child: |report| {
+                let ring = match io_uring_setup() {
+                    Ok(ring) => ring,
+                    Err(e) => {
+                        report.line("io_uring_setup", e);
+                        return;
+                    }
+                };
+                sandbox_blk(report, &[ring.as_raw_fd()]);
+                // Registering would widen what the ring may do (files, buffers, its
+                // restrictions before enabling).
+                // SAFETY: IORING_REGISTER_ENABLE_RINGS takes no argument buffer.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_io_uring_register,
+                        ring.as_raw_fd(),
+                        IORING_REGISTER_ENABLE_RINGS,
+                        std::ptr::null::<u8>(),
+                        0,
+                    )
+                };
+            },
+            check: sandboxed_only,
+        },
+        Case {
             name: "rng_policy_lets_panics_and_aborts_be_themselves",
             expect: Expect::Signal(libc::SIGABRT),
             child: |report| {
@@ -233,6 +271,41 @@ fn sandbox_rng(report: &mut Report) {
             std::process::exit(3);
         }
     }
+}
+
+/// Applies the blk policy, keeping `fds` too, and says so.
+fn sandbox_blk(report: &mut Report, fds: &[RawFd]) {
+    let mut policy = policy_for(WorkerKind::Blk).keep_fd(report.fd, "test report pipe");
+    for &fd in fds {
+        policy = policy.keep_fd(fd, "io_uring");
+    }
+    match apply(&policy) {
+        Ok(_) => report.line("sandboxed", "yes"),
+        Err(e) => {
+            report.line("sandbox_error", format!("{e:?}"));
+            std::process::exit(3);
+        }
+    }
+}
+
+/// linux/io_uring.h
+const IORING_REGISTER_ENABLE_RINGS: libc::c_uint = 12;
+/// Bytes of struct io_uring_params.
+const IO_URING_PARAMS_LEN: usize = 120;
+
+/// A small ring with IORING_SETUP_R_DISABLED (it is never used).
+fn io_uring_setup() -> std::io::Result<OwnedFd> {
+    let mut params = [0u8; IO_URING_PARAMS_LEN];
+    // flags is the u32 at offset 8; IORING_SETUP_R_DISABLED = 1 << 6.
+    params[8..12].copy_from_slice(&(1u32 << 6).to_ne_bytes());
+    // SAFETY: `params` is a zeroed io_uring_params the kernel reads and fills, and
+    // outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor the kernel just returned, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn errno_name(result: std::io::Result<()>) -> String {

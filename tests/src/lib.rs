@@ -7,7 +7,9 @@
 //! - [`net`]: network namespaces, a TAP in them, frames for the net worker tests.
 //! - [`p9`]: a small 9P2000.L client and a `bulkhead-worker p9` debug server to point it at.
 //! - [`screenshot`]: a screen as a PNG, and the PNG as base64 lines a console can carry.
+//! - [`blk_bench`]: the block benchmark's workloads (`blk-bench`, `file-bench`).
 
+pub mod blk_bench;
 pub mod lab;
 pub mod micro;
 pub mod net;

@@ -1001,7 +1001,15 @@ fn in_flight_in_region(region: &File, queue_size: u16) -> Result<usize> {
 /// is only promised durable by a FLUSH, which a crash test of the engine covers).
 #[test]
 fn killed_worker_with_requests_in_flight_is_replaced_without_loss() -> Result<()> {
-    kill_mid_writes_and_replace(false)
+    killed_mid_io(40, 256 << 10, |i| i as u64, false)
+}
+
+/// The same with 32 writes of 64 KiB (each its own io_uring op) at scattered places, all
+/// posted at once: a queue depth of 32 in flight when the kill lands.
+#[test]
+fn killed_worker_with_qd32_in_flight_is_replaced_without_loss() -> Result<()> {
+    // Slot i of the disk's 1024 64 KiB slots: a permutation, so no two writes overlap.
+    killed_mid_io(32, 64 << 10, |i| (i as u64 * 397 + 11) % 1024, false)
 }
 
 /// The same on a `,cow` disk: the replacement is handed the killed worker's overlay store
@@ -1009,7 +1017,7 @@ fn killed_worker_with_requests_in_flight_is_replaced_without_loss() -> Result<()
 /// completed and every one it left in flight, and the image file is never touched.
 #[test]
 fn killed_cow_worker_is_replaced_with_its_overlay_intact() -> Result<()> {
-    kill_mid_writes_and_replace(true)
+    killed_mid_io(40, 256 << 10, |i| i as u64, true)
 }
 
 /// Reads `len` bytes at `sector` through `queue`, one request, waited for.
@@ -1035,9 +1043,16 @@ fn read_through(
     Ok(memory.read(data, len as usize)?)
 }
 
-fn kill_mid_writes_and_replace(cow: bool) -> Result<()> {
-    const REQUESTS: usize = 40;
-    const LEN: usize = 256 << 10;
+/// Posts `requests` writes of `len` bytes, write `i` at `len * place(i)`, kills the worker
+/// while some are in flight, and checks a replacement finishes them exactly once. With
+/// `cow` the disk is copy-on-write and the replacement gets the killed worker's overlay
+/// store.
+fn killed_mid_io(
+    requests: usize,
+    len: usize,
+    place: impl Fn(usize) -> u64,
+    cow: bool,
+) -> Result<()> {
     let dir = TempDir::new(if cow { "inflight-cow" } else { "inflight" });
     let image = create(&dir, "disk.raw", "raw")?;
     let pristine = fs::read(&image)?;
@@ -1086,17 +1101,17 @@ fn kill_mid_writes_and_replace(cow: bool) -> Result<()> {
         frontend.start_queue(0, &queue)?;
 
         let mut heads = Vec::new();
-        for i in 0..REQUESTS {
+        for i in 0..requests {
             let header = memory.allocate(16, 16)?;
-            let data = memory.allocate(LEN as u64, 4096)?;
+            let data = memory.allocate(len as u64, 4096)?;
             let status = memory.allocate(1, 1)?;
-            let sector = (i * LEN) as u64 / SECTOR;
+            let sector = place(i) * len as u64 / SECTOR;
             memory.write(header, &Blk::header(VIRTIO_BLK_T_OUT, sector))?;
-            memory.write(data, &pattern(i as u64 + 1000, LEN))?;
+            memory.write(data, &pattern(i as u64 + 1000, len))?;
             memory.write(status, &[0xff])?;
             let head = queue.post(&[
                 Buffer::readable(header, 16),
-                Buffer::readable(data, LEN as u32),
+                Buffer::readable(data, len as u32),
                 Buffer::writable(status, 1),
             ])?;
             heads.push((head, status, sector));
@@ -1127,7 +1142,7 @@ fn kill_mid_writes_and_replace(cow: bool) -> Result<()> {
         let used_idx = memory.read(GuestAddress(used_ring.0 + 2), 2)?;
         frontend.resume_queue(0, &queue, u16::from_le_bytes([used_idx[0], used_idx[1]]))?;
         queue.kick()?;
-        let rest = queue.wait_used(REQUESTS - answered.len(), TIMEOUT)?;
+        let rest = queue.wait_used(requests - answered.len(), TIMEOUT)?;
         answered.extend(rest.iter().map(|u| u.id));
         std::thread::sleep(Duration::from_millis(100));
         let extra = queue.collect_used()?;
@@ -1136,8 +1151,8 @@ fn kill_mid_writes_and_replace(cow: bool) -> Result<()> {
         sorted.sort_unstable();
         sorted.dedup();
         ensure!(
-            sorted.len() == REQUESTS && answered.len() == REQUESTS,
-            "{REQUESTS} requests, answers {answered:?}"
+            sorted.len() == requests && answered.len() == requests,
+            "{requests} requests, answers {answered:?}"
         );
         for &(_, status, _) in &heads {
             ensure!(
@@ -1162,9 +1177,9 @@ fn kill_mid_writes_and_replace(cow: bool) -> Result<()> {
         // Every write reads back, those the killed worker completed and those its
         // replacement finished.
         for (i, &(_, _, sector)) in heads.iter().enumerate() {
-            let back = read_through(&memory, &mut queue, sector, LEN as u32)?;
+            let back = read_through(&memory, &mut queue, sector, len as u32)?;
             ensure!(
-                back == pattern(i as u64 + 1000, LEN),
+                back == pattern(i as u64 + 1000, len),
                 "write {i} at sector {sector} does not read back"
             );
         }
@@ -1174,7 +1189,7 @@ fn kill_mid_writes_and_replace(cow: bool) -> Result<()> {
         second.kill()?;
         eprintln!(
             "killed with {} requests answered and {left} in flight on attempt {attempt}",
-            REQUESTS - left
+            requests - left
         );
         if cow {
             ensure!(fs::read(&image)? == pristine, "the cow image changed");
@@ -1183,8 +1198,8 @@ fn kill_mid_writes_and_replace(cow: bool) -> Result<()> {
         let expected_path = dir.path("expected.raw");
         let expected = File::create(&expected_path)?;
         expected.set_len(DISK_SIZE)?;
-        for i in 0..REQUESTS {
-            expected.write_all_at(&pattern(i as u64 + 1000, LEN), (i * LEN) as u64)?;
+        for i in 0..requests {
+            expected.write_all_at(&pattern(i as u64 + 1000, len), place(i) * len as u64)?;
         }
         return qemu_img_ok(&[
             "compare",
@@ -1315,4 +1330,280 @@ fn a_raw_disk_that_looks_like_qcow2_opens_nothing_else() -> Result<()> {
         "the raw bytes read back"
     );
     assert_alive(&worker)
+}
+
+/// A small deterministic generator for the tests' random offsets and lengths.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Rounds of random writes, then random reads, with every slot of every queue in flight at
+/// once on four queues; what reads back must match a plain file written the same way.
+/// Writes in flight together never overlap (each owns a 1 MiB region of the disk, the
+/// owners shuffled every round); their sizes, 512 B to 256 KiB, cover both the writes done
+/// on the queue's thread and those that go to its io_uring.
+fn random_io_on_all_queues(format: &str, create_args: &[&str]) -> Result<()> {
+    const QUEUES: usize = 4;
+    const PER_QUEUE: usize = 16;
+    const REGION: u64 = 1 << 20;
+    const ROUNDS: usize = 4;
+    let slots = QUEUES * PER_QUEUE;
+    let dir = TempDir::new("random");
+    let image = dir.path(&format!("disk.{format}"));
+    let mut args = vec!["create", "-q", "-f", format];
+    args.extend_from_slice(create_args);
+    let size = DISK_SIZE.to_string();
+    args.extend_from_slice(&[p(&image), &size]);
+    qemu_img_ok(&args)?;
+    let (expected_path, expected) = expected_raw(&dir)?;
+    let worker = standalone(
+        &image,
+        &["--format", format, "--queues", &QUEUES.to_string()],
+    )?;
+    let mut blk = Blk::start(worker.connect()?, QUEUES, 1 << VIRTIO_RING_F_EVENT_IDX)?;
+    let mut rng = XorShift(0x5eed_0000 + format.len() as u64);
+    let regions = DISK_SIZE / REGION;
+    let random_run = |rng: &mut XorShift, region: u64| {
+        let len = (1 + rng.below(512)) * SECTOR;
+        let start = region * REGION + rng.below((REGION - len) / SECTOR + 1) * SECTOR;
+        (start / SECTOR, len as usize)
+    };
+    let run_all = |blk: &mut Blk, reqs: &[(usize, Req<'_>)]| -> Result<()> {
+        for (slot, req) in reqs {
+            blk.post(slot / PER_QUEUE, *slot, req)?;
+        }
+        for q in 0..QUEUES {
+            blk.device.queues[q].kick()?;
+        }
+        for q in 0..QUEUES {
+            let used = blk.device.queues[q]
+                .wait_used(PER_QUEUE, TIMEOUT)
+                .with_context(|| format!("queue {q}: {}", worker.stderr()))?;
+            ensure!(used.len() == PER_QUEUE, "queue {q}: {} answers", used.len());
+        }
+        for (slot, _) in reqs {
+            ensure!(blk.status(*slot)? == OK, "request in slot {slot} failed");
+        }
+        Ok(())
+    };
+    for round in 0..ROUNDS {
+        let offset = rng.below(regions);
+        let writes: Vec<(u64, Vec<u8>)> = (0..slots)
+            .map(|slot| {
+                let (sector, len) = random_run(&mut rng, (slot as u64 + offset) % regions);
+                (sector, pattern((round * slots + slot) as u64 + 7, len))
+            })
+            .collect();
+        let reqs: Vec<(usize, Req<'_>)> = writes
+            .iter()
+            .enumerate()
+            .map(|(slot, (sector, data))| {
+                let req = Req {
+                    kind: VIRTIO_BLK_T_OUT,
+                    sector: *sector,
+                    out: data,
+                    in_len: 0,
+                };
+                (slot, req)
+            })
+            .collect();
+        run_all(&mut blk, &reqs)?;
+        for (sector, data) in &writes {
+            expected.write_all_at(data, sector * SECTOR)?;
+        }
+    }
+    for _ in 0..ROUNDS {
+        let reads: Vec<(u64, usize)> = (0..slots)
+            .map(|_| {
+                let region = rng.below(regions);
+                random_run(&mut rng, region)
+            })
+            .collect();
+        let reqs: Vec<(usize, Req<'_>)> = reads
+            .iter()
+            .enumerate()
+            .map(|(slot, &(sector, len))| {
+                let req = Req {
+                    kind: VIRTIO_BLK_T_IN,
+                    sector,
+                    out: &[],
+                    in_len: len as u32,
+                };
+                (slot, req)
+            })
+            .collect();
+        run_all(&mut blk, &reqs)?;
+        for (slot, &(sector, len)) in reads.iter().enumerate() {
+            let mut want = vec![0u8; len];
+            expected.read_exact_at(&mut want, sector * SECTOR)?;
+            ensure!(
+                blk.data(slot, len as u32)? == want,
+                "read of {len} bytes at sector {sector} differs from the reference"
+            );
+        }
+    }
+    ensure!(blk.simple(VIRTIO_BLK_T_FLUSH)? == OK, "flush");
+    assert_alive(&worker)?;
+    drop(blk);
+    worker.kill()?;
+    if format == "qcow2" {
+        qemu_img_ok(&["check", p(&image)])?;
+    }
+    qemu_img_ok(&[
+        "compare",
+        "-f",
+        format,
+        "-F",
+        "raw",
+        p(&image),
+        p(&expected_path),
+    ])
+}
+
+#[test]
+fn random_io_in_flight_on_four_queues_matches_a_reference_on_raw() -> Result<()> {
+    random_io_on_all_queues("raw", &[])
+}
+
+/// Preallocated metadata: the clusters are the image's already, so reads and writes go
+/// straight to them (and to io_uring) rather than through allocation.
+#[test]
+fn random_io_in_flight_on_four_queues_matches_a_reference_on_qcow2() -> Result<()> {
+    random_io_on_all_queues("qcow2", &["-o", "preallocation=metadata"])
+}
+
+/// A FLUSH posted behind writes still in flight is answered after every one of them (the
+/// used ring's order says so), and the writes posted behind it complete too.
+#[test]
+fn flush_among_writes_in_flight_comes_after_every_earlier_write() -> Result<()> {
+    const BEFORE: usize = 20;
+    const AFTER: usize = 8;
+    const LEN: usize = 128 << 10;
+    let dir = TempDir::new("flush-order");
+    let image = create(&dir, "disk.raw", "raw")?;
+    let (expected_path, expected) = expected_raw(&dir)?;
+    let worker = standalone(&image, &["--format", "raw"])?;
+    let mut blk = Blk::start(worker.connect()?, 1, 1 << VIRTIO_RING_F_EVENT_IDX)?;
+    let data: Vec<Vec<u8>> = (0..BEFORE + AFTER)
+        .map(|i| pattern(i as u64 + 300, LEN))
+        .collect();
+    let mut heads = Vec::new();
+    let mut flush_head = None;
+    for (i, bytes) in data.iter().enumerate() {
+        if i == BEFORE {
+            let req = Req {
+                kind: VIRTIO_BLK_T_FLUSH,
+                sector: 0,
+                out: &[],
+                in_len: 0,
+            };
+            flush_head = Some(blk.post(0, BEFORE + AFTER, &req)?);
+        }
+        // Every other 128 KiB block, backwards: no two writes are adjacent.
+        let sector = ((BEFORE + AFTER - i) * 2 * LEN) as u64 / SECTOR;
+        let req = Req {
+            kind: VIRTIO_BLK_T_OUT,
+            sector,
+            out: bytes,
+            in_len: 0,
+        };
+        heads.push(blk.post(0, i, &req)?);
+        expected.write_all_at(bytes, sector * SECTOR)?;
+    }
+    let flush_head = u32::from(flush_head.context("no flush posted")?);
+    blk.device.queues[0].kick()?;
+    let used = blk.device.queues[0]
+        .wait_used(BEFORE + AFTER + 1, TIMEOUT)
+        .with_context(|| worker.stderr())?;
+    ensure!(used.len() == BEFORE + AFTER + 1, "{} answers", used.len());
+    let flush_at = used
+        .iter()
+        .position(|u| u.id == flush_head)
+        .context("the flush was not answered")?;
+    for head in &heads[..BEFORE] {
+        let at = used
+            .iter()
+            .position(|u| u.id == u32::from(*head))
+            .context("a write was not answered")?;
+        ensure!(
+            at < flush_at,
+            "a write posted before the flush was answered after it"
+        );
+    }
+    ensure!(blk.status(BEFORE + AFTER)? == OK, "flush");
+    for i in 0..BEFORE + AFTER {
+        ensure!(blk.status(i)? == OK, "write {i}");
+    }
+    assert_alive(&worker)?;
+    drop(blk);
+    worker.kill()?;
+    qemu_img_ok(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        p(&image),
+        p(&expected_path),
+    ])
+}
+
+/// The rings of a worker process: its io_uring descriptors.
+fn io_uring_descriptors(pid: u32) -> Result<usize> {
+    let mut rings = 0;
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        if let Ok(target) = fs::read_link(entry?.path()) {
+            rings += usize::from(target.to_string_lossy() == "anon_inode:[io_uring]");
+        }
+    }
+    Ok(rings)
+}
+
+/// Both data paths serve the same disk: io_uring (one ring per queue) by default where the
+/// kernel allows it, and the synchronous path with `BULKHEAD_BLK_IO=sync`.
+#[test]
+fn io_uring_serves_by_default_and_sync_io_when_asked() -> Result<()> {
+    let uring_allowed =
+        fs::read_to_string("/proc/sys/kernel/io_uring_disabled").map_or(true, |v| v.trim() == "0");
+    for (mode, rings) in [("uring", if uring_allowed { 2 } else { 0 }), ("sync", 0)] {
+        let dir = TempDir::new(mode);
+        let image = create(&dir, "disk.qcow2", "qcow2")?;
+        let (expected_path, expected) = expected_raw(&dir)?;
+        let socket = dir.path("blk.sock");
+        let mut command = Command::new(bulkhead_tests::vhost::worker_bin());
+        command
+            .args(["blk", "--socket", p(&socket), "--image", p(&image)])
+            .args(["--queues", "2"])
+            .env("BULKHEAD_BLK_IO", mode);
+        let worker = WorkerProcess::listening_command(command, socket)?;
+        ensure!(
+            io_uring_descriptors(worker.pid())? == rings,
+            "{mode}: the worker should hold {rings} rings"
+        );
+        let mut blk = Blk::start(worker.connect()?, 2, 1 << VIRTIO_RING_F_EVENT_IDX)?;
+        write_patterns(&mut blk, &expected)?;
+        // Rewritten in place, now that the clusters are allocated: the direct path.
+        write_patterns(&mut blk, &expected)?;
+        assert_alive(&worker)?;
+        drop(blk);
+        worker.kill()?;
+        qemu_img_ok(&["check", p(&image)])?;
+        qemu_img_ok(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(&image),
+            p(&expected_path),
+        ])?;
+    }
+    Ok(())
 }

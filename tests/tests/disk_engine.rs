@@ -1405,3 +1405,64 @@ fn backing_files_only_through_the_resolver() -> Result<()> {
     ));
     Ok(())
 }
+
+/// The mapping the blk worker's io_uring path asks for: raw maps everything; QCOW2 maps
+/// only data clusters the image owns (a write to an unallocated cluster must allocate, a
+/// read of one comes from elsewhere), in host-contiguous runs, with a hold that keeps a
+/// discarded cluster from being handed out again until the I/O has ended.
+#[test]
+fn direct_mappings_name_owned_clusters_and_hold_them() -> Result<()> {
+    const CLUSTER: u64 = 64 << 10;
+    let dir = TempDir::new("direct");
+    let raw = dir.path("disk.raw");
+    qemu_img(&["create", "-q", "-f", "raw", p(&raw), "4M"])?;
+    let disk = open(&raw, Mode::ReadWrite)?;
+    let map = disk
+        .map_direct(4096, 8192, true)?
+        .context("raw maps every range")?;
+    ensure!(map.runs.len() == 1 && map.runs[0].host == 4096 && map.runs[0].len == 8192);
+    ensure!(map.hold.is_none(), "nothing moves under a raw mapping");
+    ensure!(
+        disk.map_direct(4 << 20, 512, false).is_err(),
+        "a range past the end is refused"
+    );
+
+    let qcow2 = dir.path("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&qcow2), "4M"])?;
+    let disk = open(&qcow2, Mode::ReadWrite)?;
+    ensure!(
+        disk.map_direct(0, CLUSTER, true)?.is_none() && disk.map_direct(0, 4096, false)?.is_none(),
+        "an unallocated cluster maps to nothing"
+    );
+    disk.write_at(&vec![7u8; 3 * CLUSTER as usize], 0)?;
+    let map = disk
+        .map_direct(512, 2 * CLUSTER, true)?
+        .context("owned clusters map")?;
+    let mapped: u64 = map.runs.iter().map(|r| r.len).sum();
+    ensure!(
+        mapped == 2 * CLUSTER && map.runs[0].at == 0,
+        "runs cover the request"
+    );
+    ensure!(map.hold.is_some(), "a QCOW2 mapping holds its clusters");
+    ensure!(
+        disk.map_direct(2 * CLUSTER, 2 * CLUSTER, false)?.is_none(),
+        "a range reaching an unallocated cluster maps to nothing"
+    );
+    // The first cluster freed while the mapping is held: a flush may not reuse it yet.
+    let first = map.runs[0].host - 512;
+    disk.discard(0, CLUSTER)?;
+    disk.flush()?;
+    disk.write_at(&vec![9u8; CLUSTER as usize], 3 * CLUSTER)?;
+    let fourth = disk
+        .map_direct(3 * CLUSTER, CLUSTER, false)?
+        .context("the new cluster maps")?;
+    ensure!(
+        fourth.runs[0].host != first,
+        "a cluster was reused while an I/O held it"
+    );
+    drop((map, fourth));
+    // Released: the next flush frees it, and the image stays consistent.
+    disk.flush()?;
+    drop(disk);
+    check(&qcow2, false)
+}

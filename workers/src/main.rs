@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use bulkhead_protocol::{DeviceConfig, DisplayConfig, ImageFormat, RngConfig, WorkerKind};
 use bulkhead_seccomp::{policy_for, Policy};
-use bulkhead_workers::blk::{BlkDevice, BlkOptions};
+use bulkhead_workers::blk::{AsyncIo, BlkDevice, BlkOptions, UringOptions};
 use bulkhead_workers::cli::{
     BlkArgs, Cli, DisplayArgs, Endpoint, InputArgs, P9Args, VncListen, WorkerCommand,
 };
@@ -421,6 +421,11 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<()> {
             .iter()
             .map(|file| (file.as_raw_fd(), "copy-on-write overlay store")),
     );
+    // Made (and restricted) now: the sandbox forbids making rings.
+    let uring = async_io(&files)?;
+    if let Some(uring) = &uring {
+        keep.extend(uring.descriptors());
+    }
     serve(policy_for(WorkerKind::Blk), frontend, &keep, move || {
         // Opened inside the sandbox: the engine duplicates backing descriptors, and
         // duplicates made before would be closed on the way in.
@@ -442,9 +447,67 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<()> {
         // for each connecting frontend.
         BlkDevice::new(disk.clone(), &options)?;
         tracing::info!("disk of {} bytes, {mode:?}", disk.len());
-        Ok(move || BlkDevice::new(Arc::clone(&disk), &options).map(BlkDevice::into_backend))
+        Ok(move || {
+            BlkDevice::new(Arc::clone(&disk), &options).map(|device| match &uring {
+                Some(uring) => device.with_async_io(Arc::clone(uring)).into_backend(),
+                None => device.into_backend(),
+            })
+        })
     })
 }
+
+/// Reads and writes go through io_uring unless `BULKHEAD_BLK_IO=sync` says otherwise or
+/// the kernel refuses rings (ENOSYS, EPERM: io_uring_disabled, a container's seccomp);
+/// then every request is served synchronously. `BULKHEAD_BLK_URING_PUNT` is the size from
+/// which an op goes to the kernel's workers rather than being tried inline (bytes, or
+/// `off`); writes shorter than `BULKHEAD_BLK_URING_INLINE_WRITES` bytes are done on the
+/// queue's thread.
+fn async_io(files: &DiskFiles) -> anyhow::Result<Option<Arc<AsyncIo>>> {
+    match std::env::var("BULKHEAD_BLK_IO").as_deref() {
+        Ok("sync") => {
+            tracing::info!("BULKHEAD_BLK_IO=sync: synchronous I/O");
+            return Ok(None);
+        }
+        Ok("uring") | Err(_) => {}
+        Ok(other) => bail!("BULKHEAD_BLK_IO={other}: give sync or uring"),
+    }
+    let punt_from = match std::env::var("BULKHEAD_BLK_URING_PUNT").as_deref() {
+        Err(_) => Some(DEFAULT_PUNT_FROM),
+        Ok("off") => None,
+        Ok(bytes) => Some(bytes.parse().with_context(|| {
+            format!("BULKHEAD_BLK_URING_PUNT={bytes}: give a size in bytes or off")
+        })?),
+    };
+    let inline_writes_below = match std::env::var("BULKHEAD_BLK_URING_INLINE_WRITES").as_deref() {
+        Err(_) => DEFAULT_INLINE_WRITES_BELOW,
+        Ok(bytes) => bytes.parse().with_context(|| {
+            format!("BULKHEAD_BLK_URING_INLINE_WRITES={bytes}: give a size in bytes")
+        })?,
+    };
+    let queues = usize::from(files.options.num_queues);
+    match AsyncIo::create(
+        queues,
+        &[files.image.as_raw_fd()],
+        UringOptions {
+            punt_from,
+            inline_writes_below,
+        },
+    ) {
+        Ok(uring) => Ok(Some(Arc::new(uring))),
+        Err(e) => {
+            tracing::warn!("io_uring unavailable ({e}): serving the disk synchronously");
+            Ok(None)
+        }
+    }
+}
+
+/// Ops from this size are punted to io-wq workers (IOSQE_ASYNC). Measured on the 2-core
+/// development machine (raw and preallocated QCOW2, QD4): punting 1 MiB requests won 7
+/// comparisons of 8 (up to 1.7x: the copies run on both cores), punting 64 KiB reads lost
+/// 3 of 4 (the thread hop costs more than the copy it moves).
+const DEFAULT_PUNT_FROM: u64 = 128 << 10;
+/// Writes shorter than this stay on the queue's thread; see `UringOptions`.
+const DEFAULT_INLINE_WRITES_BELOW: u64 = 64 << 10;
 
 /// Read-only wins over copy-on-write: nothing is written either way, and the guest is told.
 fn disk_mode(read_only: bool, copy_on_write: bool) -> Mode {

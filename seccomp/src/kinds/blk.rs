@@ -12,6 +12,12 @@
 //! before the sandbox: the same positioned I/O and hole punching, and one ftruncate to
 //! empty it when it is blank.
 //!
+//! Reads and writes go through io_uring where the kernel has it: the worker makes one ring
+//! per queue before it confines itself, restricted to READV and WRITEV on the image's
+//! registered descriptor, and may only `io_uring_enter` them afterwards: making a ring
+//! (`io_uring_setup`, which would come unrestricted) and registering anything with one
+//! (`io_uring_register`) stay denied.
+//!
 //! No path at all: every system call that takes one is missing, and Landlock grants none.
 
 use bulkhead_protocol::WorkerKind;
@@ -53,6 +59,10 @@ pub fn policy() -> Policy {
                 "DISCARD punches holes, WRITE_ZEROES zeroes ranges; never grows, collapses \
                  or inserts ranges",
             ),
+        SyscallRule::allow(sys!(SYS_io_uring_enter)).because(
+            "submitting to and waiting on the queues' io_uring rings, made and restricted \
+             (READV/WRITEV on the image's registered descriptor only) before confinement",
+        ),
         SyscallRule::allow(sys!(SYS_lseek))
             .because("a raw image's size (a host block device has no st_size): seek to its end"),
         vhost_user::standalone_accept(),
@@ -81,7 +91,15 @@ mod tests {
 
     #[test]
     fn reaches_no_path_socket_or_program() {
-        let extra = ["openat2", "truncate", "unlink", "unlinkat", "rename"];
+        let extra = [
+            "openat2",
+            "truncate",
+            "unlink",
+            "unlinkat",
+            "rename",
+            "io_uring_setup",
+            "io_uring_register",
+        ];
         assert_denies(
             &policy(),
             &[denied::PATH, denied::SOCKET_PROGRAM_OR_SIGNAL, &extra],
@@ -103,6 +121,7 @@ mod tests {
             "recvmsg",
             "epoll_wait",
             "newfstatat",
+            "io_uring_enter",
         ] {
             assert!(allowed(name), "blk must allow {name}");
         }

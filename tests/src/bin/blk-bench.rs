@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use bulkhead_tests::blk_bench::{Offsets, Workload, WORKLOADS};
 use bulkhead_tests::vhost::{Buffer, DeviceSetup, UserspaceDevice};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -26,15 +27,6 @@ struct Slot {
     header: GuestAddress,
     data: GuestAddress,
     status: GuestAddress,
-}
-
-#[derive(Clone, Copy)]
-struct Workload {
-    name: &'static str,
-    write: bool,
-    random: bool,
-    len: u64,
-    depth: usize,
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -71,24 +63,7 @@ fn main() -> Result<()> {
         device.memory.write(slot.data, &bytes)?;
     }
 
-    let workloads = [
-        ("randwrite-4k-qd1", true, true, 4096, 1),
-        ("randwrite-4k-qd32", true, true, 4096, 32),
-        ("randread-4k-qd1", false, true, 4096, 1),
-        ("randread-4k-qd32", false, true, 4096, 32),
-        ("seqwrite-64k-qd4", true, false, 64 << 10, 4),
-        ("seqread-64k-qd4", false, false, 64 << 10, 4),
-        ("seqwrite-1m-qd4", true, false, 1 << 20, 4),
-        ("seqread-1m-qd4", false, false, 1 << 20, 4),
-    ]
-    .map(|(name, write, random, len, depth)| Workload {
-        name,
-        write,
-        random,
-        len,
-        depth,
-    });
-    for workload in workloads {
+    for workload in WORKLOADS {
         if only.as_deref().is_some_and(|o| !workload.name.contains(o)) {
             continue;
         }
@@ -105,22 +80,9 @@ fn run(
     w: Workload,
     seconds: f64,
 ) -> Result<(f64, f64)> {
-    let blocks = size / w.len;
-    ensure!(blocks > 0, "the disk is smaller than one request");
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next_seq = 0u64;
-    let mut offset = || {
-        let block = if w.random {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % blocks
-        } else {
-            next_seq = (next_seq + 1) % blocks;
-            next_seq
-        };
-        block * w.len
-    };
+    ensure!(size >= w.len, "the disk is smaller than one request");
+    let mut offsets = Offsets::new(w, size, 0);
+    let mut offset = || offsets.next_offset();
     let kind = if w.write {
         VIRTIO_BLK_T_OUT
     } else {

@@ -7,10 +7,13 @@
 //! - [`request`]: one request, from the guest's buffers to the engine and back to a
 //!   status byte.
 //! - [`device`]: the vhost-user backend that pops, serves and completes requests.
+//! - [`uring`]: asynchronous reads and writes, one restricted io_uring per queue.
 
 pub mod config;
 mod device;
 pub mod request;
+pub mod uring;
 
 pub use config::{BlkGeometry, SECTOR_SIZE};
 pub use device::{BlkDevice, BlkOptions, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use uring::{AsyncIo, UringOptions};

@@ -7,12 +7,14 @@
 //! impossible request is answered IOERR or UNSUPP, never a crash. Guest buffers are read
 //! once, when needed; the guest may rewrite them meanwhile and only hurts its own data.
 //!
-//! I/O is synchronous on the calling vring thread, straight between the disk and the
-//! guest's buffers where the format allows (see `disk::guest_buffers`); an asynchronous
-//! engine (io_uring) would take over in [`serve`]: submit at the `disk` calls, answer the
-//! status from the completion.
+//! A request is first [`plan`]ned: a read or write whose bytes the disk maps straight to
+//! host file ranges becomes a list of host I/O ops into the guest's buffers, which the
+//! queue submits asynchronously (`super::uring`) and answers with [`finish`]; everything
+//! else is [`serve`]d synchronously on the calling vring thread, straight between the disk
+//! and the guest's buffers where the format allows (see `disk::guest_buffers`).
 
 use std::ops::Range;
+use std::os::unix::io::RawFd;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -22,7 +24,7 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::config::{BlkGeometry, SECTOR_SIZE};
-use crate::disk::DiskImage;
+use crate::disk::{guest_buffers, DiskImage, IoHold};
 use crate::virtio::{GuestSegment, Request};
 
 pub const HEADER_LEN: u64 = 16;
@@ -168,12 +170,125 @@ pub struct Context<'a> {
     pub serial: &'a [u8; VIRTIO_BLK_ID_BYTES as usize],
 }
 
+/// How a request is to be served.
+pub enum Plan {
+    /// Host I/O the caller does itself; the request ends with [`finish`] once all of it has.
+    Direct(DirectRequest),
+    /// Anything else: [`serve`] it, after the queue's earlier requests have ended.
+    Sync,
+}
+
+/// A read (IN) or write (OUT) as host I/O ops straight between files and guest buffers.
+pub struct DirectRequest {
+    pub write: bool,
+    /// In request order; together they move every data byte of the request.
+    pub ops: Vec<HostOp>,
+    /// Data bytes for the driver when it succeeds (an IN's length).
+    pub data_in: u64,
+    /// Keeps the mapping valid until dropped (after the last op has ended).
+    pub hold: Option<IoHold>,
+}
+
+impl DirectRequest {
+    /// Bytes the ops move.
+    pub fn len(&self) -> u64 {
+        self.ops
+            .iter()
+            .flat_map(|op| &op.iovecs)
+            .map(|v| v.iov_len as u64)
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One run of a request: contiguous in one file, scattered in guest memory.
+pub struct HostOp {
+    pub fd: RawFd,
+    pub host: u64,
+    /// Guest memory, valid while the memory map the request was planned with lives.
+    pub iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs are addresses in guest memory, not borrowed Rust data; whoever holds
+// the op keeps the memory map they point into alive (see `uring::Pending`), whichever
+// thread that is.
+unsafe impl Send for HostOp {}
+
+/// Decides how `request` is served. Anything unusual (a malformed or refused request, a
+/// format that must stage or allocate) is `Sync`, where [`serve`] answers it as always.
+pub fn plan(ctx: &Context<'_>, memory: &GuestMemoryMmap, request: &Request) -> Plan {
+    let writable_len = request.writable_len();
+    let readable = Stream::new(&request.readable, request.readable_len());
+    if writable_len == 0 || readable.len < HEADER_LEN {
+        return Plan::Sync;
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    if readable.read(memory, 0, &mut header).is_err() {
+        return Plan::Sync;
+    }
+    let (kind, sector) = parse_header(&header);
+    let (write, stream, at, len) = match kind {
+        VIRTIO_BLK_T_IN => (
+            false,
+            Stream::new(&request.writable, writable_len - 1),
+            0,
+            writable_len - 1,
+        ),
+        VIRTIO_BLK_T_OUT if writable(ctx).is_ok() => {
+            let len = readable.len - HEADER_LEN;
+            (true, readable, HEADER_LEN, len)
+        }
+        _ => return Plan::Sync,
+    };
+    if len == 0 {
+        return Plan::Sync;
+    }
+    let Ok(offset) = disk_range(ctx, sector, len) else {
+        return Plan::Sync;
+    };
+    let Ok(slices) = stream.slices(memory, at..at + len) else {
+        return Plan::Sync;
+    };
+    let direct = match ctx.disk.map_direct(offset, len, write) {
+        Ok(Some(direct)) => direct,
+        Ok(None) => return Plan::Sync,
+        Err(e) => {
+            tracing::debug!(head = request.head, "no direct mapping: {e}");
+            return Plan::Sync;
+        }
+    };
+    let ops = direct
+        .runs
+        .iter()
+        .map(|run| HostOp {
+            fd: run.fd,
+            host: run.host,
+            iovecs: guest_buffers::sub_slices(&slices, run.at as usize, run.len as usize)
+                .iter()
+                .filter(|b| !b.is_empty())
+                .map(|b| libc::iovec {
+                    iov_base: b.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect(),
+        })
+        .collect();
+    Plan::Direct(DirectRequest {
+        write,
+        ops,
+        data_in: if write { 0 } else { len },
+        hold: direct.hold,
+    })
+}
+
 /// Serves `request` and writes its status; returns the bytes written into its buffers,
 /// for the used ring. A request with no writable byte has nowhere to put a status: it is
 /// returned with nothing written.
 pub fn serve(ctx: &mut Context<'_>, memory: &GuestMemoryMmap, request: &Request) -> u32 {
-    let writable_len = request.writable_len();
-    if writable_len == 0 {
+    if request.writable_len() == 0 {
         tracing::debug!(
             head = request.head,
             "request without a status byte, dropped"
@@ -182,22 +297,42 @@ pub fn serve(ctx: &mut Context<'_>, memory: &GuestMemoryMmap, request: &Request)
     }
     let readable = Stream::new(&request.readable, request.readable_len());
     // Everything writable but the last byte is data for the driver.
-    let data_in = Stream::new(&request.writable, writable_len - 1);
-    let status_stream = Stream::new(&request.writable, writable_len);
+    let data_in = Stream::new(&request.writable, request.writable_len() - 1);
+    let result = execute(ctx, memory, &readable, &data_in).map_err(|failure| {
+        tracing::debug!(head = request.head, "request failed: {failure}");
+        failure.status()
+    });
+    finish(memory, request, result)
+}
 
-    let (status, data_written) = match execute(ctx, memory, &readable, &data_in) {
+/// Writes the status of `request` for `result` (the data bytes written for the driver, or
+/// the failure); returns the bytes written into its buffers, for the used ring.
+pub fn finish(memory: &GuestMemoryMmap, request: &Request, result: Result<u64, Status>) -> u32 {
+    let writable_len = request.writable_len();
+    if writable_len == 0 {
+        return 0;
+    }
+    let (status, data_written) = match result {
         Ok(written) => (Status::Ok, written),
-        Err(failure) => {
-            tracing::debug!(head = request.head, "request failed: {failure}");
-            (failure.status(), 0)
-        }
+        Err(status) => (status, 0),
     };
+    let status_stream = Stream::new(&request.writable, writable_len);
     if let Err(e) = status_stream.write(memory, writable_len - 1, &[status.byte()]) {
         tracing::debug!(head = request.head, "cannot write the status: {e}");
         return 0;
     }
     // At most the writable length, which the walk capped at 4 GiB.
     u32::try_from(data_written + 1).unwrap_or(u32::MAX)
+}
+
+/// The request type and the sector of a header.
+fn parse_header(header: &[u8; HEADER_LEN as usize]) -> (u32, u64) {
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
+    ]);
+    (kind, sector)
 }
 
 /// Returns the data bytes written for the driver.
@@ -215,11 +350,7 @@ fn execute(
     }
     let mut header = [0u8; HEADER_LEN as usize];
     readable.read(memory, 0, &mut header)?;
-    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let sector = u64::from_le_bytes([
-        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
-        header[15],
-    ]);
+    let (kind, sector) = parse_header(&header);
     let data_out_len = readable.len - HEADER_LEN;
     match kind {
         VIRTIO_BLK_T_IN => {

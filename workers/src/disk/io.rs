@@ -296,6 +296,20 @@ impl HostFile {
         Ok(())
     }
 
+    /// Something other than this handle (asynchronous I/O) is about to write up to `end`.
+    pub fn note_written(&self, end: u64) {
+        self.written_end.fetch_max(end, Ordering::SeqCst);
+    }
+
+    /// Fault injection is on: writes must all come through here to be counted.
+    pub fn injects_faults(&self) -> bool {
+        self.write_budget.is_some()
+    }
+
+    pub fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.file.as_raw_fd()
+    }
+
     pub fn written_end(&self) -> u64 {
         self.written_end.load(Ordering::SeqCst)
     }

@@ -34,6 +34,7 @@
 
 pub mod backing;
 pub mod cow;
+pub mod direct;
 pub mod guest_buffers;
 mod io;
 pub mod probe;
@@ -48,6 +49,7 @@ use vm_memory::VolatileSlice;
 
 pub use backing::{backing_of, PreopenedBacking};
 pub use cow::CowOverlay;
+pub use direct::{DirectIo, DirectRun, IoHold};
 pub use probe::{probe, Format};
 pub use qcow2::Qcow2;
 pub use raw::Raw;
@@ -129,6 +131,14 @@ pub trait DiskImage: Send + Sync {
             guest_buffers::gather(bufs, scratch);
             self.write_at(scratch, offset)
         })
+    }
+    /// Where the `len` bytes at `offset` lie in host files, when they can be moved there
+    /// by the caller (asynchronous I/O) with no help from the engine: every byte in a file
+    /// the disk owns, and for a write, nothing to allocate, copy or record. `None` means
+    /// "go through `read_into`/`write_from`". The default says `None`.
+    fn map_direct(&self, offset: u64, len: u64, write: bool) -> Result<Option<DirectIo>> {
+        let _ = (offset, len, write);
+        Ok(None)
     }
     /// Returns once every write that completed before the call is durable, data and metadata.
     fn flush(&self) -> Result<()>;

@@ -1,10 +1,11 @@
 //! Raw images (files or host block devices): guest offset = file offset.
 
 use std::fs::File;
+use std::os::unix::io::AsRawFd;
 
 use vm_memory::VolatileSlice;
 
-use super::{check_range, guest_buffers, io, DiskError, DiskImage, Result};
+use super::{check_range, guest_buffers, io, DirectIo, DirectRun, DiskError, DiskImage, Result};
 
 pub struct Raw {
     file: File,
@@ -59,6 +60,24 @@ impl DiskImage for Raw {
     fn write_from(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<()> {
         self.check_write(offset, guest_buffers::total_len(bufs) as u64)?;
         io::write_vectored_all(&self.file, bufs, offset).map_err(DiskError::io("raw write"))
+    }
+
+    /// Guest offset = file offset, and nothing in the file ever moves.
+    fn map_direct(&self, offset: u64, len: u64, write: bool) -> Result<Option<DirectIo>> {
+        if write {
+            self.check_write(offset, len)?;
+        } else {
+            check_range(offset, len, self.len)?;
+        }
+        Ok(Some(DirectIo {
+            runs: vec![DirectRun {
+                fd: self.file.as_raw_fd(),
+                host: offset,
+                at: 0,
+                len,
+            }],
+            hold: None,
+        }))
     }
 
     fn flush(&self) -> Result<()> {

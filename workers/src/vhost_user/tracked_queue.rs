@@ -20,7 +20,7 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use thiserror::Error;
@@ -106,7 +106,13 @@ pub struct TrackedQueue {
     /// outside the ring, a head reused while in flight); nothing more is popped until the
     /// ring restarts.
     broken: bool,
+    /// Changes whenever the queue is started or stopped, so that a device with I/O still
+    /// running when it did can tell its completions belong to a queue that is gone.
+    generation: u64,
 }
+
+/// Generations are unique over the process, so a stale one never matches by chance.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
 impl TrackedQueue {
     fn new(index: u16) -> Self {
@@ -118,7 +124,13 @@ impl TrackedQueue {
             in_flight_count: 0,
             counter: 1,
             broken: false,
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Which start of the queue requests popped now belong to.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The ring starts: take `region` (if the frontend set one up) and find out from it

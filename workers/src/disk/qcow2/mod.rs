@@ -4,9 +4,10 @@
 //! Locking: one metadata mutex per image. Reads and writes to clusters the image already
 //! owns look their mapping up under it and then do the data I/O without it; writes that
 //! allocate hold it across the data write so no other writer can map the same cluster twice.
-//! Freed clusters become reusable only at a flush, after in-flight unlocked I/O has drained
-//! (the I/O gate), so a guest racing a discard against a write cannot land data in a
-//! cluster that already belongs elsewhere.
+//! Freed clusters become reusable only at a flush during which no unlocked I/O is in flight
+//! (the I/O gate; asynchronous I/O mapped by `map_direct` holds it until it ends, and a
+//! flush that finds it held leaves the frees for a later one), so a guest racing a discard
+//! against a write cannot land data in a cluster that already belongs elsewhere.
 //!
 //! Crash safety comes from write-back metadata with a fixed order at flush: data, refcount
 //! blocks, sync, L2 tables, sync, L1 entries, sync, then the deferred refcount decrements.
@@ -21,14 +22,15 @@ mod tables;
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::VolatileSlice;
 
+use super::direct::{IoGate, IoHold};
 use super::io::HostFile;
 use super::{
-    check_range, guest_buffers, open_inner, BackingResolver, DiskError, DiskImage, DiskOptions,
-    Format, Result,
+    check_range, guest_buffers, open_inner, BackingResolver, DirectIo, DirectRun, DiskError,
+    DiskImage, DiskOptions, Format, Result,
 };
 use cache::MetaCache;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -51,8 +53,8 @@ pub struct Qcow2 {
     /// than a cluster would otherwise decompress it once per piece. The engine never writes
     /// compressed clusters, so an offset keeps meaning the same stream.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
-    /// Read-held by data I/O outside the metadata lock; see [`Qcow2::io_gate`].
-    io_gate: RwLock<()>,
+    /// Held by data I/O outside the metadata lock; see [`Qcow2::io_gate`].
+    io_gate: IoGate,
 }
 
 struct Meta {
@@ -217,7 +219,7 @@ impl Qcow2 {
             backing,
             writable,
             last_compressed: Mutex::new(None),
-            io_gate: RwLock::new(()),
+            io_gate: IoGate::default(),
             meta: Mutex::new(Meta {
                 l1,
                 l1_dirty: BTreeSet::new(),
@@ -242,8 +244,8 @@ impl Qcow2 {
 
     /// Held across data I/O done outside the metadata lock; taken while that lock is held,
     /// so the mapping it uses cannot be freed before the I/O ends.
-    fn io_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.io_gate.read().unwrap_or_else(|e| e.into_inner())
+    fn io_gate(&self) -> IoHold {
+        self.io_gate.enter()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Meta> {
@@ -746,12 +748,18 @@ impl Qcow2 {
         }
         if m.rc.has_pending() {
             // Only now is every dropped reference gone from the disk too. Data I/O that
-            // looked its mapping up earlier may still be using a freed cluster: wait for it,
-            // or the cluster could be handed out again under its feet.
-            drop(self.io_gate.write().unwrap_or_else(|e| e.into_inner()));
-            m.rc.apply_frees(&self.file)?;
-            m.rc.write_back(&self.file)?;
-            sync()?;
+            // looked its mapping up earlier may still be using a freed cluster: while any
+            // is in flight the frees wait (a leak at worst if we die meanwhile), or the
+            // cluster could be handed out again under its feet. Waiting here instead could
+            // deadlock: an asynchronous I/O is released by its queue's thread, which may be
+            // waiting for this lock.
+            if self.io_gate.is_idle() {
+                m.rc.apply_frees(&self.file)?;
+                m.rc.write_back(&self.file)?;
+                sync()?;
+            } else {
+                tracing::debug!("qcow2: I/O in flight, freed clusters wait for a later flush");
+            }
         }
         Ok(())
     }
@@ -859,6 +867,59 @@ impl DiskImage for Qcow2 {
                 .map_err(DiskError::io("qcow2 write"))?;
         }
         Ok(())
+    }
+
+    /// Data clusters the image already owns (for a write: alone, so no copy) map straight
+    /// to the file; anything else (allocation, zero, backing, compressed, subclusters not
+    /// all allocated for a read) is the engine's to serve.
+    fn map_direct(&self, offset: u64, len: u64, write: bool) -> Result<Option<DirectIo>> {
+        if write {
+            // Fault injection counts every data write: those stay on the counted path.
+            if self.file.injects_faults() {
+                return Ok(None);
+            }
+            self.check_write(offset, len)?;
+        } else {
+            check_range(offset, len, self.size)?;
+        }
+        let fd = self.file.as_raw_fd();
+        let mut m = self.lock();
+        let mut runs: Vec<DirectRun> = Vec::new();
+        for p in self.pieces(offset, len) {
+            let map = self.mapping(&mut m, p.cluster)?;
+            let host = if write {
+                self.in_place(&mut m, map, &p)?
+            } else {
+                match map {
+                    Mapping::Data { host } => Some(host),
+                    _ => None,
+                }
+            };
+            let Some(host) = host else {
+                return Ok(None);
+            };
+            let host = host + p.in_cluster;
+            match runs.last_mut() {
+                Some(run) if run.host + run.len == host => run.len += p.len as u64,
+                _ => runs.push(DirectRun {
+                    fd,
+                    host,
+                    at: p.at as u64,
+                    len: p.len as u64,
+                }),
+            }
+        }
+        if write {
+            // A cluster allocated past the file's end may not be written whole yet; what
+            // the caller writes there is data a later allocation must not assume zero.
+            if let Some(end) = runs.iter().map(|r| r.host + r.len).max() {
+                self.file.note_written(end);
+            }
+        }
+        Ok(Some(DirectIo {
+            runs,
+            hold: Some(self.io_gate()),
+        }))
     }
 
     fn flush(&self) -> Result<()> {
