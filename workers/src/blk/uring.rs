@@ -26,13 +26,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::request::{DirectRequest, HostOp, Status};
+use crate::disk::io::{transfer_all, Direction, IoVecs, IOV_MAX};
 use crate::disk::IoHold;
 use crate::virtio::Request;
 
 /// Submission queue entries per ring; a full ring is submitted and refilled.
 const RING_ENTRIES: u32 = 256;
-/// The kernel's limit on iovecs per vectored op (UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
 
 /// How the rings are set up.
 #[derive(Debug, Clone, Copy)]
@@ -123,60 +122,17 @@ struct Pending {
 struct Op {
     request: u64,
     slot: u32,
+    /// Where in the file the next byte goes or comes from.
     host: u64,
     write: bool,
-    iovecs: Vec<libc::iovec>,
-    /// First iovec not completely moved yet.
-    first: usize,
+    iovecs: IoVecs,
 }
 
-// SAFETY: the iovecs point into guest memory that the op's request keeps mapped (its
-// `Pending::memory`), not into anything owned by a thread.
-unsafe impl Send for Op {}
-
 impl Op {
-    fn remaining(&self) -> &[libc::iovec] {
-        let end = self.iovecs.len().min(self.first + IOV_MAX);
-        &self.iovecs[self.first..end]
-    }
-
-    fn len(&self) -> u64 {
-        self.iovecs[self.first..]
-            .iter()
-            .map(|v| v.iov_len as u64)
-            .sum()
-    }
-
-    fn is_done(&self) -> bool {
-        self.first >= self.iovecs.len()
-    }
-
     /// `n` more bytes moved.
-    fn advance(&mut self, mut n: usize) {
+    fn advance(&mut self, n: usize) {
         self.host += n as u64;
-        while n > 0 && !self.is_done() {
-            let iovec = &mut self.iovecs[self.first];
-            if n >= iovec.iov_len {
-                n -= iovec.iov_len;
-                self.first += 1;
-            } else {
-                // Still inside the buffer the iovec describes.
-                iovec.iov_base = iovec.iov_base.cast::<u8>().wrapping_add(n).cast();
-                iovec.iov_len -= n;
-                n = 0;
-            }
-        }
-    }
-
-    /// A read met the end of the file: the rest reads as zeros.
-    fn zero_rest(&mut self) {
-        for iovec in &self.iovecs[self.first..] {
-            // SAFETY: the iovec lies in guest memory kept mapped by the op's request (see
-            // `Pending::memory`) and is part of the buffers the guest gave for this read;
-            // no Rust reference to that memory exists.
-            unsafe { std::ptr::write_bytes(iovec.iov_base.cast::<u8>(), 0, iovec.iov_len) };
-        }
-        self.first = self.iovecs.len();
+        self.iovecs.advance(n);
     }
 }
 
@@ -272,8 +228,9 @@ impl QueueRing {
                 slot,
                 host,
                 write,
-                iovecs,
-                first: 0,
+                // SAFETY: the iovecs lie in guest memory that the request's `Pending`
+                // keeps mapped until this op's completion is reaped.
+                iovecs: unsafe { IoVecs::from_raw(iovecs) },
             };
             self.push(op);
         }
@@ -355,7 +312,7 @@ impl QueueRing {
     fn push(&mut self, op: Op) {
         let user_data = self.next_op;
         self.next_op = self.next_op.wrapping_add(1);
-        let iovecs = op.remaining();
+        let iovecs = op.iovecs.pending();
         let file = types::Fixed(op.slot);
         let entry = if op.write {
             opcode::Writev::new(file, iovecs.as_ptr(), iovecs.len() as u32)
@@ -366,7 +323,10 @@ impl QueueRing {
                 .offset(op.host)
                 .build()
         };
-        let punt = self.options.punt_from.is_some_and(|from| op.len() >= from);
+        let punt = self
+            .options
+            .punt_from
+            .is_some_and(|from| op.iovecs.remaining_len() >= from);
         let entry = entry.user_data(user_data).flags(if punt {
             squeue::Flags::FIXED_FILE | squeue::Flags::ASYNC
         } else {
@@ -419,12 +379,12 @@ impl QueueRing {
         match result {
             n if n > 0 => {
                 op.advance(n as usize);
-                if !op.is_done() {
+                if !op.iovecs.is_empty() {
                     // Short transfer: go on from where it stopped.
                     return self.resubmit(op);
                 }
             }
-            0 if !op.write => op.zero_rest(),
+            0 if !op.write => op.iovecs.zero_rest(),
             0 => {
                 tracing::debug!("io_uring write moved nothing");
                 failed = true;
@@ -477,38 +437,17 @@ impl Drop for QueueRing {
 /// Does the ops of `direct` with preadv/pwritev on the calling thread; the data bytes for
 /// the driver, or the failure.
 pub fn run_inline(direct: &DirectRequest) -> Result<u64, Status> {
+    let direction = if direct.write {
+        Direction::Write
+    } else {
+        Direction::Read
+    };
     for host_op in &direct.ops {
-        let mut op = Op {
-            request: 0,
-            slot: 0,
-            host: host_op.host,
-            write: direct.write,
-            iovecs: host_op.iovecs.clone(),
-            first: 0,
-        };
-        while !op.is_done() {
-            let iovecs = op.remaining();
-            let offset = libc::off_t::try_from(op.host).map_err(|_| Status::IoErr)?;
-            let n = if op.write {
-                // SAFETY: the iovecs lie in guest memory the caller keeps mapped for the
-                // call; the kernel only reads it. No Rust reference to it exists.
-                unsafe { libc::pwritev(host_op.fd, iovecs.as_ptr(), iovecs.len() as i32, offset) }
-            } else {
-                // SAFETY: as above; the kernel writes at most the iovecs' lengths.
-                unsafe { libc::preadv(host_op.fd, iovecs.as_ptr(), iovecs.len() as i32, offset) }
-            };
-            match n {
-                n if n > 0 => op.advance(n as usize),
-                0 if !op.write => op.zero_rest(),
-                0 => return Err(Status::IoErr),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        tracing::debug!("inline {}: {e}", if op.write { "write" } else { "read" });
-                        return Err(Status::IoErr);
-                    }
-                }
-            }
+        // SAFETY: the iovecs lie in guest memory the caller keeps mapped for the call.
+        let mut iovecs = unsafe { IoVecs::from_raw(host_op.iovecs.clone()) };
+        if let Err(e) = transfer_all(host_op.fd, &mut iovecs, host_op.host, direction) {
+            tracing::debug!("inline {direction:?}: {e}");
+            return Err(Status::IoErr);
         }
     }
     Ok(direct.data_in)

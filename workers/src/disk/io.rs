@@ -1,18 +1,19 @@
-//! The one place data reaches the host file, so the synchronous pread/pwrite path can later
-//! be swapped for io_uring without touching the format code. The vectored calls move bytes
-//! straight between a file and the guest's buffers (see `guest_buffers`).
+//! The one place data reaches the host file on the calling thread. The vectored calls move
+//! bytes straight between a file and the guest's buffers (see `guest_buffers`); the blk
+//! worker's io_uring path (`blk::uring`) uses the same iovec bookkeeping ([`IoVecs`]) and,
+//! for what it does inline, the same loop ([`transfer_all`]).
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
 /// The kernel's limit on iovecs per call (UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
+pub(crate) const IOV_MAX: usize = 1024;
 
 /// Reads `buf.len()` bytes at `offset`; what lies past the end of the file reads as zeros
 /// (a file's tail may be sparse or not yet written).
@@ -32,13 +33,15 @@ pub(crate) fn read_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> std::i
     Ok(())
 }
 
-/// The iovecs of a list of buffers, consumed from the front as the kernel moves bytes.
-struct IoVecs {
+/// The iovecs of a list of guest buffers, consumed from the front as the kernel moves
+/// bytes (a vectored call may stop anywhere, even inside a buffer).
+pub(crate) struct IoVecs {
     iovecs: Vec<libc::iovec>,
     first: usize,
 }
 
 impl IoVecs {
+    /// Over `bufs`, which the caller keeps alive while it uses these iovecs.
     fn new<B: BitmapSlice>(bufs: &[VolatileSlice<'_, B>]) -> Self {
         let iovecs = bufs
             .iter()
@@ -51,17 +54,36 @@ impl IoVecs {
         IoVecs { iovecs, first: 0 }
     }
 
-    fn is_empty(&self) -> bool {
+    /// Over iovecs made elsewhere.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that stays mapped and writable for as long as
+    /// these iovecs are used, and that no Rust reference points into meanwhile (guest
+    /// memory does: the guest may touch it, as under any device doing DMA).
+    pub(crate) unsafe fn from_raw(iovecs: Vec<libc::iovec>) -> Self {
+        IoVecs { iovecs, first: 0 }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
         self.first >= self.iovecs.len()
     }
 
-    /// The next iovecs for one system call.
-    fn pending(&self) -> &[libc::iovec] {
+    /// The next iovecs for one system call or io_uring op.
+    pub(crate) fn pending(&self) -> &[libc::iovec] {
         let end = self.iovecs.len().min(self.first + IOV_MAX);
         &self.iovecs[self.first..end]
     }
 
-    fn advance(&mut self, mut n: usize) {
+    /// Bytes not moved yet.
+    pub(crate) fn remaining_len(&self) -> u64 {
+        self.iovecs[self.first..]
+            .iter()
+            .map(|v| v.iov_len as u64)
+            .sum()
+    }
+
+    /// `n` more bytes moved.
+    pub(crate) fn advance(&mut self, mut n: usize) {
         while n > 0 && !self.is_empty() {
             let iovec = &mut self.iovecs[self.first];
             if n >= iovec.iov_len {
@@ -76,54 +98,51 @@ impl IoVecs {
         }
     }
 
-    /// Zeroes what is left.
-    fn zero_rest(&mut self) {
+    /// A read met the end of the file: the rest reads as zeros.
+    pub(crate) fn zero_rest(&mut self) {
         for iovec in &self.iovecs[self.first..] {
-            // SAFETY: the iovec describes mapped guest memory from a VolatileSlice that
-            // outlives this call (see `IoVecs::new`); writing zeros into it is what the
-            // guest asked for (the bytes past the end of the file), and no Rust reference
-            // to that memory exists.
+            // SAFETY: the iovec describes mapped, writable memory no Rust reference points
+            // into (`new`'s buffers outlive their use; `from_raw`'s contract); writing
+            // zeros there is what the reader asked for (the bytes past the end of the file).
             unsafe { std::ptr::write_bytes(iovec.iov_base.cast::<u8>(), 0, iovec.iov_len) };
         }
         self.first = self.iovecs.len();
     }
 }
 
+// SAFETY: the iovecs are addresses in memory whose owner keeps it mapped (see `new` and
+// `from_raw`), not borrowed Rust data tied to a thread.
+unsafe impl Send for IoVecs {}
+
 fn file_offset(offset: u64) -> std::io::Result<libc::off_t> {
     libc::off_t::try_from(offset).map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))
 }
 
 /// Which way a vectored call moves bytes.
-#[derive(Clone, Copy)]
-enum Direction {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
     /// preadv: file to buffers; the end of the file reads as zeros.
     Read,
     /// pwritev: buffers to file.
     Write,
 }
 
-/// Moves every byte of `bufs` between them and `file` at `offset`, as many calls as it
-/// takes (short transfers, interrupted calls, more buffers than one call takes).
-fn vectored_all(
-    file: &File,
-    bufs: &[VolatileSlice<'_>],
+/// Moves every byte `iovecs` has left between them and `fd` at `offset`, on this thread, as
+/// many calls as it takes (short transfers, interrupted calls, more buffers than one call
+/// takes).
+pub(crate) fn transfer_all(
+    fd: RawFd,
+    iovecs: &mut IoVecs,
     offset: u64,
     direction: Direction,
 ) -> std::io::Result<()> {
-    let mut iovecs = IoVecs::new(bufs);
     let mut at = offset;
     while !iovecs.is_empty() {
         let pending = iovecs.pending();
-        let (fd, count, file_at) = (
-            file.as_raw_fd(),
-            pending.len() as libc::c_int,
-            file_offset(at)?,
-        );
+        let (count, file_at) = (pending.len() as libc::c_int, file_offset(at)?);
         let n = match direction {
-            // SAFETY: every iovec lies in mapped guest memory described by a VolatileSlice
-            // of `bufs`, which outlives the call, and the kernel writes at most the
-            // iovecs' lengths. The guest may touch the same memory meanwhile, as it may
-            // under any device doing DMA; no Rust reference to it exists.
+            // SAFETY: every iovec lies in mapped memory no Rust reference points into (the
+            // IoVecs' constructors), and the kernel writes at most the iovecs' lengths.
             Direction::Read => unsafe { libc::preadv(fd, pending.as_ptr(), count, file_at) },
             // SAFETY: as above; the kernel only reads the memory.
             Direction::Write => unsafe { libc::pwritev(fd, pending.as_ptr(), count, file_at) },
@@ -144,6 +163,16 @@ fn vectored_all(
         }
     }
     Ok(())
+}
+
+/// Moves every byte of `bufs` between them and `file` at `offset`.
+fn vectored_all(
+    file: &File,
+    bufs: &[VolatileSlice<'_>],
+    offset: u64,
+    direction: Direction,
+) -> std::io::Result<()> {
+    transfer_all(file.as_raw_fd(), &mut IoVecs::new(bufs), offset, direction)
 }
 
 /// Fills `bufs`, in order, from `file` at `offset`; what lies past the end of the file

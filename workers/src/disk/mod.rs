@@ -36,7 +36,7 @@ pub mod backing;
 pub mod cow;
 pub mod direct;
 pub mod guest_buffers;
-mod io;
+pub(crate) mod io;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
