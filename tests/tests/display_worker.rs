@@ -23,6 +23,7 @@ use bulkhead_vmm::viewer::viewer_command;
 use bulkhead_workers::display::vnc::des::vnc_response;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend as _;
+use vm_memory::GuestAddress;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -138,6 +139,16 @@ fn expect_response(device: &mut UserspaceDevice, bytes: &[u8], expected: u32) ->
 /// Draws the pattern into a `width` x `height` resource backed by guest memory in two
 /// pieces, transfers it, shows it and flushes it.
 fn draw_pattern(device: &mut UserspaceDevice, id: u32, width: u32, height: u32) -> Result<()> {
+    draw_pattern_backed(device, id, width, height).map(drop)
+}
+
+/// [`draw_pattern`], returning the backing: where the guest keeps the resource's pixels.
+fn draw_pattern_backed(
+    device: &mut UserspaceDevice,
+    id: u32,
+    width: u32,
+    height: u32,
+) -> Result<[(GuestAddress, u32); 2]> {
     expect_response(
         device,
         &create_2d(id, FORMAT_B8G8R8X8, width, height),
@@ -168,7 +179,8 @@ fn draw_pattern(device: &mut UserspaceDevice, id: u32, width: u32, height: u32) 
         &set_scanout(0, id, (0, 0, width, height)),
         OK_NODATA,
     )?;
-    expect_response(device, &flush(id, (0, 0, width, height)), OK_NODATA)
+    expect_response(device, &flush(id, (0, 0, width, height)), OK_NODATA)?;
+    Ok([(a, first), (b, len - first)])
 }
 
 fn gpu_device(connection: std::os::unix::net::UnixStream) -> Result<UserspaceDevice> {
@@ -887,6 +899,7 @@ fn launched_worker_serves_vnc_on_the_listener_it_was_given() -> Result<()> {
         height: 600,
         vnc_password: Some("s3cret".into()),
         input_events_fd: None,
+        state_fd: None,
     });
     let (worker, connection) =
         WorkerProcess::launched_with_fds("display0", config, &[(listener.as_raw_fd(), VNC_FD)])?;
@@ -916,6 +929,7 @@ fn launched_worker_refuses_a_descriptor_that_is_not_listening() -> Result<()> {
         height: 600,
         vnc_password: None,
         input_events_fd: None,
+        state_fd: None,
     });
     let (worker, _connection) =
         WorkerProcess::launched_with_fds("display0", config, &[(a.as_raw_fd(), 5)])?;
@@ -1025,6 +1039,7 @@ fn sdl_viewer_on_the_vmms_private_socket_shows_the_pattern() -> Result<()> {
     let viewer = viewer.context("sdl gave no viewer connection")?;
     let config = DeviceConfig::Display(DisplayConfig {
         input_events_fd: None,
+        state_fd: None,
         ..display
     });
     let listener = display_files.first().context("no listener")?;
@@ -1132,5 +1147,138 @@ fn sdl_viewer_refuses_bad_descriptors_and_servers() -> Result<()> {
     server
         .join()
         .map_err(|_| anyhow::anyhow!("server thread"))??;
+    Ok(())
+}
+
+/// A display worker launched as the VMM launches one: the VNC listener and the state
+/// store (descriptors 5 and 6) are the test's, kept for every incarnation.
+fn launch_with_store(
+    listener: &TcpListener,
+    store: &std::fs::File,
+    memory: &std::sync::Arc<bulkhead_tests::vhost::SharedMemory>,
+) -> Result<(WorkerProcess, UserspaceDevice)> {
+    let config = DeviceConfig::Display(DisplayConfig {
+        vnc_listen_fd: 5,
+        width: 800,
+        height: 600,
+        vnc_password: None,
+        input_events_fd: None,
+        state_fd: Some(6),
+    });
+    let (worker, connection) = WorkerProcess::launched_with(
+        "display0",
+        config,
+        &[(listener.as_raw_fd(), 5), (store.as_raw_fd(), 6)],
+        &[("BULKHEAD_LOG", "info")],
+    )?;
+    let mut setup = DeviceSetup::new(&[64, 16]).with_features(F_EDID);
+    setup.protocol_features |= VhostUserProtocolFeatures::CONFIG;
+    let device = UserspaceDevice::start_with_memory(connection, &setup, memory.clone())?;
+    Ok((worker, device))
+}
+
+fn wait_for_log(worker: &WorkerProcess, text: &str) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    while !worker.stderr().contains(text) {
+        ensure!(
+            Instant::now() < deadline,
+            "no {text:?} in the log:\n{}",
+            worker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// kill -9 the worker showing the guest's screen: a replacement given the same state
+/// store and guest memory shows the same pixels to a VNC client on the same listener
+/// before the guest sends anything, and the guest's next TRANSFER + FLUSH on its resource
+/// works. A store a replacement cannot make sense of is logged and the device starts
+/// empty.
+#[test]
+fn killed_worker_is_replaced_with_the_guests_screen() -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let store = bulkhead_workers::display::gpu::store::new_store()?;
+    let setup = DeviceSetup::new(&[]);
+    let memory = std::sync::Arc::new(bulkhead_tests::vhost::SharedMemory::new(
+        setup.memory_base,
+        setup.memory_size,
+    )?);
+    let dir = ScratchDir::new("display-restart")?;
+    let png = |name: &str| dir.path().join(name);
+    let capture = |name: &str| -> Result<()> {
+        vncdo(port, &["capture", png(name).to_str().context("path")?])
+    };
+
+    let (first, mut device) = launch_with_store(&listener, &store, &memory)?;
+    let backing = draw_pattern_backed(&mut device, 1, 320, 240)?;
+    // A cursor resource too: it is recreated, without a backing of its own.
+    expect_response(
+        &mut device,
+        &create_2d(2, FORMAT_R8G8B8X8, 64, 64),
+        OK_NODATA,
+    )?;
+    expect_response(
+        &mut device,
+        &with(UPDATE_CURSOR, &[0, 10, 20, 0, 2, 1, 1, 0]),
+        OK_NODATA,
+    )?;
+    capture("before.png")?;
+    check_capture(&png("before.png"), 320, 240)?;
+    first.kill()?;
+    drop(device);
+
+    let (second, mut device) = launch_with_store(&listener, &store, &memory)?;
+    wait_for_log(&second, "screen is restored")?;
+    // Nothing sent yet: the screen is the killed worker's.
+    capture("after.png")?;
+    check_capture(&png("after.png"), 320, 240)?;
+    // The resources exist again (their ids are taken) ...
+    expect_response(
+        &mut device,
+        &create_2d(1, FORMAT_B8G8R8X8, 8, 8),
+        ERR_INVALID_RESOURCE_ID,
+    )?;
+    expect_response(
+        &mut device,
+        &create_2d(2, FORMAT_B8G8R8X8, 8, 8),
+        ERR_INVALID_RESOURCE_ID,
+    )?;
+    // ... with their backing: the guest draws anew (the pattern inverted) and flushes.
+    for (addr, len) in backing {
+        let bytes = memory.read(addr, len as usize)?;
+        let inverted: Vec<u8> = bytes.iter().map(|b| !b).collect();
+        memory.write(addr, &inverted)?;
+    }
+    expect_response(&mut device, &transfer(1, (0, 0, 320, 240), 0), OK_NODATA)?;
+    expect_response(&mut device, &flush(1, (0, 0, 320, 240)), OK_NODATA)?;
+    capture("redrawn.png")?;
+    let (size, pixels) = png_pixels(&png("redrawn.png"), &PROBES)?;
+    ensure!(size == (320, 240), "captured {size:?}");
+    for (&(x, y), got) in PROBES.iter().zip(&pixels) {
+        let want = pattern(x, y).map(|c| !c);
+        ensure!(*got == want, "pixel ({x},{y}) is {got:?}, drew {want:?}");
+    }
+    ensure!(second.is_running(), "{}", second.stderr());
+    second.kill()?;
+    drop(device);
+
+    // Both slots overwritten with garbage: refused, logged, and the device starts empty.
+    use std::os::unix::fs::FileExt;
+    let slot = bulkhead_workers::display::gpu::store::SLOT_SIZE;
+    store.write_all_at(b"not a store", 0)?;
+    store.write_all_at(b"not a store", slot)?;
+    let (third, mut device) = launch_with_store(&listener, &store, &memory)?;
+    wait_for_log(&third, "the device starts empty")?;
+    ensure!(
+        third.stderr().contains("state store is bad"),
+        "{}",
+        third.stderr()
+    );
+    expect_response(&mut device, &create_2d(1, FORMAT_B8G8R8X8, 8, 8), OK_NODATA)?;
+    ensure!(third.is_running(), "{}", third.stderr());
+    ensure!(!third.stderr().contains("panicked"), "{}", third.stderr());
+    third.kill()?;
     Ok(())
 }

@@ -256,6 +256,7 @@ fn keys_typed_in_vncdo_arrive_as_virtio_input_events() -> Result<()> {
         height: 480,
         vnc_password: None,
         input_events_fd: Some(6),
+        state_fd: None,
     });
     let (display, _gpu_connection) = WorkerProcess::launched_with_fds(
         "display0",

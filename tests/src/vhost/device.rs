@@ -65,6 +65,17 @@ impl UserspaceDevice {
     /// Negotiates on `connection`, shares fresh memory and starts every queue.
     pub fn start(connection: UnixStream, setup: &DeviceSetup) -> Result<Self, DeviceError> {
         let memory = Arc::new(SharedMemory::new(setup.memory_base, setup.memory_size)?);
+        Self::start_with_memory(connection, setup, memory)
+    }
+
+    /// Like [`start`](Self::start) on memory that outlives this device: what a replacement
+    /// worker is given, the guest's pages as its predecessor left them (the queues are
+    /// fresh ones, allocated in it).
+    pub fn start_with_memory(
+        connection: UnixStream,
+        setup: &DeviceSetup,
+        memory: Arc<SharedMemory>,
+    ) -> Result<Self, DeviceError> {
         let mut frontend = UserspaceFrontend::new(connection, setup.queue_sizes.len());
         let negotiated = frontend.negotiate(setup.features, setup.protocol_features)?;
         frontend.set_mem_table(&memory)?;

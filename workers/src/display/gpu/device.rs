@@ -20,8 +20,9 @@ use super::protocol::{
     RESP_ERR_UNSPEC, RESP_OK_DISPLAY_INFO, RESP_OK_EDID, RESP_OK_NODATA, VIRTIO_GPU_F_EDID,
 };
 use super::resources::{CommandError, Resources};
-use super::scanout::Scanout;
-use crate::display::framebuffer::Framebuffer;
+use super::scanout::{Cursor, Scanout};
+use super::store::{Record, SavedResource, StateStore};
+use crate::display::framebuffer::{Framebuffer, Rect};
 use crate::vhost_user::{DeviceBackend, GuestRam};
 use crate::virtio::drain::{notify, settle};
 use crate::virtio::{drain, Drained, Next, QueueFault};
@@ -64,6 +65,11 @@ pub struct GpuDevice {
     scanout: Scanout,
     events_read: u32,
     ring_fault_reported: bool,
+    /// Where what the guest set up is kept for a replacement worker; None standalone.
+    store: Option<StateStore>,
+    /// A predecessor's record, rebuilt once guest memory is mapped.
+    pending: Option<Record>,
+    store_fault_reported: bool,
 }
 
 impl GpuDevice {
@@ -79,7 +85,107 @@ impl GpuDevice {
             scanout: Scanout::new(framebuffer),
             events_read: 0,
             ring_fault_reported: false,
+            store: None,
+            pending: None,
+            store_fault_reported: false,
         }
+    }
+
+    /// Keeps the device's state in `store` from now on; `record` is what a predecessor left
+    /// there, to be rebuilt when guest memory arrives.
+    pub fn with_store(mut self, store: StateStore, record: Option<Record>) -> Self {
+        self.store = Some(store);
+        self.pending = record.filter(|r| !r.is_empty());
+        self
+    }
+
+    /// The state a replacement would need, as it is now.
+    fn record(&self) -> Record {
+        Record {
+            resources: self
+                .resources
+                .iter()
+                .map(|(id, r)| SavedResource {
+                    id,
+                    format: r.format,
+                    width: r.width,
+                    height: r.height,
+                    backing: r.backing().to_vec(),
+                })
+                .collect(),
+            scanout: (self.scanout.resource_id(), self.scanout.rect()),
+            cursor: self.scanout.cursor,
+        }
+    }
+
+    /// Writes the current state to the store, if there is one. A failure costs only what a
+    /// replacement could rebuild, so the device carries on; it is logged once.
+    fn persist(&mut self) {
+        let record = self.record();
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        match store.save(&record) {
+            Ok(()) => self.store_fault_reported = false,
+            Err(e) if !self.store_fault_reported => {
+                self.store_fault_reported = true;
+                tracing::warn!("virtio-gpu: a replacement worker would start empty: {e}");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Rebuilds a predecessor's resources, their backing and pixels (read again from the
+    /// guest's pages), the scanout and the cursor. Anything wrong - a store a compromised
+    /// worker wrote, a budget, memory that moved - leaves the device empty, as after a
+    /// reset, and the store saying so.
+    fn restore(&mut self, record: &Record, memory: &GuestMemoryMmap) {
+        match self.rebuild(record, memory) {
+            Ok(()) => tracing::info!(
+                resources = record.resources.len(),
+                scanout = record.scanout.0,
+                "virtio-gpu: the previous worker's screen is restored"
+            ),
+            Err(e) => {
+                tracing::error!(
+                    "virtio-gpu: the state store is refused ({e}); the device starts empty"
+                );
+                self.resources.clear();
+                self.scanout.forget(self.scanout.resource_id());
+                self.scanout.cursor = Cursor::default();
+                self.persist();
+            }
+        }
+    }
+
+    fn rebuild(&mut self, record: &Record, memory: &GuestMemoryMmap) -> Result<(), CommandError> {
+        for saved in &record.resources {
+            self.resources
+                .create(saved.id, saved.format, saved.width, saved.height)?;
+            if saved.backing.len() > self.limits.max_backing_entries as usize {
+                return Err(CommandError::TooMany);
+            }
+            if saved.backing.is_empty() {
+                continue;
+            }
+            self.resources
+                .attach_backing(saved.id, saved.backing.clone(), memory)?;
+            // The whole resource, or as many whole rows as the backing holds: the guest
+            // may have attached less and transferred only part.
+            let have: u64 = saved.backing.iter().map(|e| u64::from(e.length)).sum();
+            let stride = u64::from(saved.width) * 4;
+            let rows = (have / stride).min(u64::from(saved.height)) as u32;
+            self.resources.transfer_to_host(
+                saved.id,
+                Rect::new(0, 0, saved.width, rows),
+                0,
+                memory,
+            )?;
+        }
+        let (id, rect) = record.scanout;
+        self.scanout.set(&self.resources, id, rect)?;
+        self.scanout.cursor = record.cursor;
+        Ok(())
     }
 
     pub fn into_backend(self) -> DeviceBackend<Arc<RwLock<GpuDevice>>> {
@@ -159,7 +265,12 @@ impl GpuDevice {
             }
         };
         match self.run(&command, header, memory) {
-            Ok(response) => response,
+            Ok(response) => {
+                if changes_state(&command) {
+                    self.persist();
+                }
+                response
+            }
             Err(e) => {
                 tracing::debug!("virtio-gpu: {command:?} failed: {e}");
                 response_header(header, e.response()).to_vec()
@@ -281,6 +392,20 @@ impl GpuDevice {
     }
 }
 
+/// Whether a command that succeeded changed what the state store records. Transfers and
+/// flushes (the busy path) and cursor moves do not.
+fn changes_state(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::ResourceCreate2d { .. }
+            | Command::ResourceUnref { .. }
+            | Command::SetScanout { .. }
+            | Command::AttachBacking { .. }
+            | Command::DetachBacking { .. }
+            | Command::UpdateCursor { .. }
+    )
+}
+
 fn write_response(writer: &mut Writer<'_>, response: &[u8]) -> u32 {
     let n = writer.available_bytes().min(response.len());
     match writer.write_all(&response[..n]) {
@@ -321,6 +446,9 @@ impl VhostUserBackendMut for GpuDevice {
         self.ring_fault_reported = false;
         self.resources.clear();
         self.scanout.forget(self.scanout.resource_id());
+        self.scanout.cursor = Cursor::default();
+        self.pending = None;
+        self.persist();
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -328,6 +456,10 @@ impl VhostUserBackendMut for GpuDevice {
     }
 
     fn update_memory(&mut self, memory: GuestRam) -> io::Result<()> {
+        if let Some(record) = self.pending.take() {
+            let mapped = memory.memory();
+            self.restore(&record, &mapped);
+        }
         self.memory = Some(memory);
         Ok(())
     }
