@@ -1282,3 +1282,72 @@ fn killed_worker_is_replaced_with_the_guests_screen() -> Result<()> {
     third.kill()?;
     Ok(())
 }
+
+/// `--display sdl` through a worker kill: the viewer's connection dies with the worker,
+/// the VMM gives the replacement a fresh private listener (`reopen_sdl_listener`, as its
+/// supervisor does before each restart) and a new viewer on it shows the guest's screen,
+/// rebuilt from the state store.
+#[test]
+fn sdl_viewer_comes_back_after_a_worker_kill() -> Result<()> {
+    let spec: DisplaySpec = "sdl,size=800x600".parse().map_err(anyhow::Error::msg)?;
+    let OpenedDisplay {
+        display,
+        mut display_files,
+        viewer,
+        ..
+    } = open_display(&spec)?;
+    let viewer = viewer.context("sdl gave no viewer connection")?;
+    ensure!(
+        display_files.len() == 3,
+        "listener, events socket, state store"
+    );
+    // No input worker here: the listener and the store, at the numbers the VMM gives them.
+    let config = DeviceConfig::Display(DisplayConfig {
+        input_events_fd: None,
+        state_fd: Some(display.vnc_listen_fd + 1),
+        ..display.clone()
+    });
+    let memory = std::sync::Arc::new(bulkhead_tests::vhost::SharedMemory::new(
+        DeviceSetup::new(&[]).memory_base,
+        DeviceSetup::new(&[]).memory_size,
+    )?);
+    let launch = |files: &[std::fs::File]| -> Result<(WorkerProcess, UserspaceDevice)> {
+        let (worker, connection) = WorkerProcess::launched_with_fds(
+            "display0",
+            config.clone(),
+            &[
+                (files[0].as_raw_fd(), display.vnc_listen_fd),
+                (files[2].as_raw_fd(), display.vnc_listen_fd + 1),
+            ],
+        )?;
+        let mut setup = DeviceSetup::new(&[64, 16]).with_features(F_EDID);
+        setup.protocol_features |= VhostUserProtocolFeatures::CONFIG;
+        let device = UserspaceDevice::start_with_memory(connection, &setup, memory.clone())?;
+        Ok((worker, device))
+    };
+    let dir = ScratchDir::new("display-sdl-restart")?;
+    let snapshot = |viewer: std::os::unix::net::UnixStream, name: &str| -> Result<()> {
+        let path = dir.path().join(name);
+        let mut command = viewer_command(&viewer_bin(), &viewer, "bulkhead test")?;
+        drop(viewer);
+        let log = run_viewer(command.arg("--snapshot").arg(&path))?;
+        ensure!(log.contains("snapshot written"), "{log}");
+        check_capture(&path, 320, 240)
+    };
+
+    let (first, mut device) = launch(&display_files)?;
+    draw_pattern(&mut device, 1, 320, 240)?;
+    snapshot(viewer, "before.ppm")?;
+    first.kill()?;
+    drop(device);
+
+    let viewer = bulkhead_vmm::display::reopen_sdl_listener(&mut display_files)?;
+    let (second, device) = launch(&display_files)?;
+    // The replacement draws nothing new: the window shows what the store rebuilt.
+    snapshot(viewer, "after.ppm")?;
+    ensure!(second.is_running(), "the worker died:\n{}", second.stderr());
+    drop(device);
+    let status = second.wait_exit(TIMEOUT)?;
+    ensure!(status.success(), "exit {status}:\n{}", second.stderr());
+    Ok(())
+}

@@ -205,6 +205,19 @@ pub fn open_display(spec: &DisplaySpec) -> Result<OpenedDisplay, DisplayOpenErro
     })
 }
 
+/// `sdl`, when the display worker is replaced: the old viewer's connection died with the
+/// old worker, and the private listener has no address to connect a new one through. A
+/// fresh private listener takes its place in the display worker's `files` (the VNC
+/// listener comes first, as `DisplayConfig::descriptors` orders them), and the returned
+/// connection, queued on it, is the new viewer's.
+pub fn reopen_sdl_listener(files: &mut [File]) -> Result<UnixStream, DisplayOpenError> {
+    let (listener, viewer) = private_listener()?;
+    if let Some(slot) = files.first_mut() {
+        *slot = File::from(listener);
+    }
+    Ok(viewer)
+}
+
 /// A listener with exactly one connection queued on it, and that connection: bound in a
 /// fresh directory only root (or the VMM's user) can enter, connected to, then unlinked
 /// with its directory before any other process could have reached it.
