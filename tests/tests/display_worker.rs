@@ -1156,7 +1156,8 @@ fn launch_with_store(
     listener: &TcpListener,
     store: &std::fs::File,
     memory: &std::sync::Arc<bulkhead_tests::vhost::SharedMemory>,
-) -> Result<(WorkerProcess, UserspaceDevice)> {
+    unanswered: Option<&[u8]>,
+) -> Result<(WorkerProcess, UserspaceDevice, Option<GuestAddress>)> {
     let config = DeviceConfig::Display(DisplayConfig {
         vnc_listen_fd: 5,
         width: 800,
@@ -1173,8 +1174,23 @@ fn launch_with_store(
     )?;
     let mut setup = DeviceSetup::new(&[64, 16]).with_features(F_EDID);
     setup.protocol_features |= VhostUserProtocolFeatures::CONFIG;
-    let device = UserspaceDevice::start_with_memory(connection, &setup, memory.clone())?;
-    Ok((worker, device))
+    // A command already on the control ring when the worker starts, as one its predecessor
+    // took but did not answer is: where its response will land.
+    let mut response = None;
+    let device = UserspaceDevice::start_prepared(connection, &setup, memory.clone(), |queues| {
+        if let Some(bytes) = unanswered {
+            let request = memory.allocate(bytes.len() as u64, 8)?;
+            let answer = memory.allocate(24, 8)?;
+            memory.write(request, bytes)?;
+            queues[0].post(&[
+                Buffer::readable(request, bytes.len() as u32),
+                Buffer::writable(answer, 24),
+            ])?;
+            response = Some(answer);
+        }
+        Ok(())
+    })?;
+    Ok((worker, device, response))
 }
 
 fn wait_for_log(worker: &WorkerProcess, text: &str) -> Result<()> {
@@ -1211,7 +1227,7 @@ fn killed_worker_is_replaced_with_the_guests_screen() -> Result<()> {
         vncdo(port, &["capture", png(name).to_str().context("path")?])
     };
 
-    let (first, mut device) = launch_with_store(&listener, &store, &memory)?;
+    let (first, mut device, _) = launch_with_store(&listener, &store, &memory, None)?;
     let backing = draw_pattern_backed(&mut device, 1, 320, 240)?;
     // A cursor resource too: it is recreated, without a backing of its own.
     expect_response(
@@ -1229,12 +1245,24 @@ fn killed_worker_is_replaced_with_the_guests_screen() -> Result<()> {
     first.kill()?;
     drop(device);
 
-    let (second, mut device) = launch_with_store(&listener, &store, &memory)?;
+    // The ring resumes where the guest saw answers, so a command the killed worker ran
+    // and recorded but did not answer comes again: it gets the OK it was owed.
+    let replayed = create_2d(1, FORMAT_B8G8R8X8, 320, 240);
+    let (second, mut device, response) =
+        launch_with_store(&listener, &store, &memory, Some(&replayed))?;
     wait_for_log(&second, "screen is restored")?;
     // Nothing sent yet: the screen is the killed worker's.
     capture("after.png")?;
     check_capture(&png("after.png"), 320, 240)?;
-    // The resources exist again (their ids are taken) ...
+    device.queues[0].kick()?;
+    device.queues[0].wait_used(1, TIMEOUT)?;
+    let response = memory.read(response.context("no replayed command")?, 24)?;
+    ensure!(
+        response_type(&response) == OK_NODATA,
+        "the replayed create got {:#x}",
+        response_type(&response)
+    );
+    // Past those, the resources exist again (their ids are taken) ...
     expect_response(
         &mut device,
         &create_2d(1, FORMAT_B8G8R8X8, 8, 8),
@@ -1269,7 +1297,7 @@ fn killed_worker_is_replaced_with_the_guests_screen() -> Result<()> {
     let slot = bulkhead_workers::display::gpu::store::SLOT_SIZE;
     store.write_all_at(b"not a store", 0)?;
     store.write_all_at(b"not a store", slot)?;
-    let (third, mut device) = launch_with_store(&listener, &store, &memory)?;
+    let (third, mut device, _) = launch_with_store(&listener, &store, &memory, None)?;
     wait_for_log(&third, "the device starts empty")?;
     ensure!(
         third.stderr().contains("state store is bad"),

@@ -69,6 +69,10 @@ pub struct GpuDevice {
     store: Option<StateStore>,
     /// A predecessor's record, rebuilt once guest memory is mapped.
     pending: Option<Record>,
+    /// After a rebuild, the control commands the predecessor may have run but not
+    /// answered: the VMM resumes the ring at the used index, so they come again. None
+    /// until the first pass over the ring counts them.
+    replay: Replay,
     store_fault_reported: bool,
 }
 
@@ -87,6 +91,7 @@ impl GpuDevice {
             ring_fault_reported: false,
             store: None,
             pending: None,
+            replay: Replay::Done,
             store_fault_reported: false,
         }
     }
@@ -141,11 +146,14 @@ impl GpuDevice {
     /// reset, and the store saying so.
     fn restore(&mut self, record: &Record, memory: &GuestMemoryMmap) {
         match self.rebuild(record, memory) {
-            Ok(()) => tracing::info!(
-                resources = record.resources.len(),
-                scanout = record.scanout.0,
-                "virtio-gpu: the previous worker's screen is restored"
-            ),
+            Ok(()) => {
+                self.replay = Replay::Uncounted;
+                tracing::info!(
+                    resources = record.resources.len(),
+                    scanout = record.scanout.0,
+                    "virtio-gpu: the previous worker's screen is restored"
+                )
+            }
             Err(e) => {
                 tracing::error!(
                     "virtio-gpu: the state store is refused ({e}); the device starts empty"
@@ -197,7 +205,7 @@ impl GpuDevice {
         }
     }
 
-    fn serve_queue(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn serve_queue(&mut self, vring: &VringRwLock, index: u16) -> io::Result<()> {
         let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
             return Ok(());
         };
@@ -205,9 +213,18 @@ impl GpuDevice {
         if !(state.is_enabled() && state.get_queue().ready()) {
             return Ok(());
         }
+        if index == CONTROL_QUEUE && self.replay == Replay::Uncounted {
+            let queue = state.get_queue();
+            let left = queue
+                .avail_idx(&*memory, std::sync::atomic::Ordering::Acquire)
+                .map_or(0, |avail| avail.0.wrapping_sub(queue.next_avail()));
+            // At most a ring's worth were in flight; more is a guest's bad index.
+            self.replay = Replay::Left(left.min(MAX_QUEUE_SIZE as u16));
+        }
         let mut drained = Drained::default();
         let result = drain(&mut state, &memory, self.event_idx, &mut drained, |chain| {
-            Ok::<_, QueueFault>(Next::Used(self.process_chain(chain, &memory)))
+            let replayed = index == CONTROL_QUEUE && self.replay.take_one();
+            Ok::<_, QueueFault>(Next::Used(self.process_chain(chain, &memory, replayed)))
         });
         let notified = notify(&mut state, drained.completed, false);
         settle(
@@ -222,6 +239,7 @@ impl GpuDevice {
         &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
         memory: &GuestMemoryMmap,
+        replayed: bool,
     ) -> u32 {
         let (mut reader, mut writer) = match (
             Reader::new(memory, chain.clone()),
@@ -246,11 +264,17 @@ impl GpuDevice {
             let response = response_header(&CtrlHeader::default(), RESP_ERR_UNSPEC);
             return write_response(&mut writer, &response);
         };
-        let response = self.execute(&header, &bytes[CTRL_HDR_SIZE..], memory);
+        let response = self.execute(&header, &bytes[CTRL_HDR_SIZE..], memory, replayed);
         write_response(&mut writer, &response)
     }
 
-    fn execute(&mut self, header: &CtrlHeader, body: &[u8], memory: &GuestMemoryMmap) -> Vec<u8> {
+    fn execute(
+        &mut self,
+        header: &CtrlHeader,
+        body: &[u8],
+        memory: &GuestMemoryMmap,
+        replayed: bool,
+    ) -> Vec<u8> {
         let command = match parse_command(header, body, self.limits.max_backing_entries) {
             Ok(command) => command,
             Err(e) => {
@@ -271,10 +295,37 @@ impl GpuDevice {
                 }
                 response
             }
+            Err(e) if replayed && self.already_applied(&command, &e) => {
+                tracing::debug!("virtio-gpu: {command:?} was run before the restart");
+                response_header(header, RESP_OK_NODATA).to_vec()
+            }
             Err(e) => {
                 tracing::debug!("virtio-gpu: {command:?} failed: {e}");
                 response_header(header, e.response()).to_vec()
             }
+        }
+    }
+
+    /// Whether a replayed command failed only because the predecessor had run it (and
+    /// recorded it) before it died: the guest gets the OK it was owed. Every other state
+    /// change is idempotent (attach, scanout, cursor) or was not recorded, so runs again.
+    fn already_applied(&self, command: &Command, error: &CommandError) -> bool {
+        match (command, error) {
+            (
+                &Command::ResourceCreate2d {
+                    resource_id,
+                    format,
+                    width,
+                    height,
+                },
+                CommandError::ResourceIdTaken(_),
+            ) => self
+                .resources
+                .get(resource_id)
+                .is_ok_and(|r| (r.format, r.width, r.height) == (format, width, height)),
+            (Command::ResourceUnref { .. }, CommandError::NoSuchResource(_)) => true,
+            (Command::DetachBacking { .. }, CommandError::NoBacking(_)) => true,
+            _ => false,
         }
     }
 
@@ -392,6 +443,37 @@ impl GpuDevice {
     }
 }
 
+/// Where a rebuilt device stands with the commands its predecessor left unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Not counted yet: the first pass over the control ring does.
+    Uncounted,
+    /// This many commands from where the ring resumed may have run already.
+    Left(u16),
+    Done,
+}
+
+impl Replay {
+    /// Whether the next command is one of those; counts it.
+    fn take_one(&mut self) -> bool {
+        match *self {
+            Replay::Left(n) if n > 0 => {
+                *self = if n == 1 {
+                    Replay::Done
+                } else {
+                    Replay::Left(n - 1)
+                };
+                true
+            }
+            Replay::Left(_) => {
+                *self = Replay::Done;
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Whether a command that succeeded changed what the state store records. Transfers and
 /// flushes (the busy path) and cursor moves do not.
 fn changes_state(command: &Command) -> bool {
@@ -448,6 +530,7 @@ impl VhostUserBackendMut for GpuDevice {
         self.scanout.forget(self.scanout.resource_id());
         self.scanout.cursor = Cursor::default();
         self.pending = None;
+        self.replay = Replay::Done;
         self.persist();
     }
 
@@ -492,7 +575,7 @@ impl VhostUserBackendMut for GpuDevice {
     ) -> io::Result<()> {
         match device_event {
             CONTROL_QUEUE | CURSOR_QUEUE => match vrings.get(usize::from(device_event)) {
-                Some(vring) => self.serve_queue(vring),
+                Some(vring) => self.serve_queue(vring, device_event),
                 None => Ok(()),
             },
             other => Err(io::Error::new(
