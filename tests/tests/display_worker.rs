@@ -1240,6 +1240,18 @@ fn killed_worker_is_replaced_with_the_guests_screen() -> Result<()> {
         &with(UPDATE_CURSOR, &[0, 10, 20, 0, 2, 1, 1, 0]),
         OK_NODATA,
     )?;
+    // A cursor whose resource the guest unrefs while it is still set: recorded as none.
+    expect_response(
+        &mut device,
+        &create_2d(3, FORMAT_R8G8B8X8, 64, 64),
+        OK_NODATA,
+    )?;
+    expect_response(
+        &mut device,
+        &with(UPDATE_CURSOR, &[0, 10, 20, 0, 3, 1, 1, 0]),
+        OK_NODATA,
+    )?;
+    expect_response(&mut device, &with(RESOURCE_UNREF, &[3, 0]), OK_NODATA)?;
     capture("before.png")?;
     check_capture(&png("before.png"), 320, 240)?;
     first.kill()?;

@@ -119,7 +119,15 @@ impl GpuDevice {
                 })
                 .collect(),
             scanout: (self.scanout.resource_id(), self.scanout.rect()),
-            cursor: self.scanout.cursor,
+            // The guest may unref the cursor's resource while it is still the cursor's:
+            // recorded as no cursor image, since a record naming a missing resource is bad.
+            cursor: match self.scanout.cursor {
+                c if c.resource_id != 0 && self.resources.get(c.resource_id).is_err() => Cursor {
+                    resource_id: 0,
+                    ..c
+                },
+                c => c,
+            },
         }
     }
 
