@@ -172,12 +172,18 @@ pub struct DisplayConfig {
     /// sends what viewers type and point, one datagram of virtio-input events per report,
     /// to an input worker; None: viewers' input is only logged.
     pub input_events_fd: Option<i32>,
+    /// The state store: a memfd the VMM made for this display and hands to every worker
+    /// it starts for it, where the worker keeps the guest's resources, scanout and cursor
+    /// so that a replacement shows the same screen. None: nothing outlives the worker.
+    pub state_fd: Option<i32>,
 }
 
 impl DisplayConfig {
-    /// The VNC listener, then the input events socket if any.
+    /// The VNC listener, then the input events socket and the state store, if any.
     pub fn descriptors(&self) -> impl Iterator<Item = i32> + '_ {
-        std::iter::once(self.vnc_listen_fd).chain(self.input_events_fd)
+        std::iter::once(self.vnc_listen_fd)
+            .chain(self.input_events_fd)
+            .chain(self.state_fd)
     }
 }
 
@@ -371,13 +377,14 @@ mod tests {
                 height: 768,
                 vnc_password: Some("secret".into()),
                 input_events_fd: Some(6),
+                state_fd: Some(7),
             }),
             vhost_user_fd: 4,
         };
         let bytes = encode(&launch).unwrap();
         assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
         assert_eq!(launch.device.kind(), WorkerKind::Display);
-        assert_eq!(launch.device.descriptors(), [5, 6]);
+        assert_eq!(launch.device.descriptors(), [5, 6, 7]);
         let input = WorkerLaunch {
             device_name: "input0".into(),
             device: DeviceConfig::Input(InputConfig { events_fd: 5 }),

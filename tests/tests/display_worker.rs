@@ -23,6 +23,7 @@ use bulkhead_vmm::viewer::viewer_command;
 use bulkhead_workers::display::vnc::des::vnc_response;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend as _;
+use vm_memory::GuestAddress;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -138,6 +139,16 @@ fn expect_response(device: &mut UserspaceDevice, bytes: &[u8], expected: u32) ->
 /// Draws the pattern into a `width` x `height` resource backed by guest memory in two
 /// pieces, transfers it, shows it and flushes it.
 fn draw_pattern(device: &mut UserspaceDevice, id: u32, width: u32, height: u32) -> Result<()> {
+    draw_pattern_backed(device, id, width, height).map(drop)
+}
+
+/// [`draw_pattern`], returning the backing: where the guest keeps the resource's pixels.
+fn draw_pattern_backed(
+    device: &mut UserspaceDevice,
+    id: u32,
+    width: u32,
+    height: u32,
+) -> Result<[(GuestAddress, u32); 2]> {
     expect_response(
         device,
         &create_2d(id, FORMAT_B8G8R8X8, width, height),
@@ -168,7 +179,8 @@ fn draw_pattern(device: &mut UserspaceDevice, id: u32, width: u32, height: u32) 
         &set_scanout(0, id, (0, 0, width, height)),
         OK_NODATA,
     )?;
-    expect_response(device, &flush(id, (0, 0, width, height)), OK_NODATA)
+    expect_response(device, &flush(id, (0, 0, width, height)), OK_NODATA)?;
+    Ok([(a, first), (b, len - first)])
 }
 
 fn gpu_device(connection: std::os::unix::net::UnixStream) -> Result<UserspaceDevice> {
@@ -887,6 +899,7 @@ fn launched_worker_serves_vnc_on_the_listener_it_was_given() -> Result<()> {
         height: 600,
         vnc_password: Some("s3cret".into()),
         input_events_fd: None,
+        state_fd: None,
     });
     let (worker, connection) =
         WorkerProcess::launched_with_fds("display0", config, &[(listener.as_raw_fd(), VNC_FD)])?;
@@ -916,6 +929,7 @@ fn launched_worker_refuses_a_descriptor_that_is_not_listening() -> Result<()> {
         height: 600,
         vnc_password: None,
         input_events_fd: None,
+        state_fd: None,
     });
     let (worker, _connection) =
         WorkerProcess::launched_with_fds("display0", config, &[(a.as_raw_fd(), 5)])?;
@@ -1025,6 +1039,7 @@ fn sdl_viewer_on_the_vmms_private_socket_shows_the_pattern() -> Result<()> {
     let viewer = viewer.context("sdl gave no viewer connection")?;
     let config = DeviceConfig::Display(DisplayConfig {
         input_events_fd: None,
+        state_fd: None,
         ..display
     });
     let listener = display_files.first().context("no listener")?;
@@ -1132,5 +1147,247 @@ fn sdl_viewer_refuses_bad_descriptors_and_servers() -> Result<()> {
     server
         .join()
         .map_err(|_| anyhow::anyhow!("server thread"))??;
+    Ok(())
+}
+
+/// A display worker launched as the VMM launches one: the VNC listener and the state
+/// store (descriptors 5 and 6) are the test's, kept for every incarnation.
+fn launch_with_store(
+    listener: &TcpListener,
+    store: &std::fs::File,
+    memory: &std::sync::Arc<bulkhead_tests::vhost::SharedMemory>,
+    unanswered: Option<&[u8]>,
+) -> Result<(WorkerProcess, UserspaceDevice, Option<GuestAddress>)> {
+    let config = DeviceConfig::Display(DisplayConfig {
+        vnc_listen_fd: 5,
+        width: 800,
+        height: 600,
+        vnc_password: None,
+        input_events_fd: None,
+        state_fd: Some(6),
+    });
+    let (worker, connection) = WorkerProcess::launched_with(
+        "display0",
+        config,
+        &[(listener.as_raw_fd(), 5), (store.as_raw_fd(), 6)],
+        &[("BULKHEAD_LOG", "info")],
+    )?;
+    let mut setup = DeviceSetup::new(&[64, 16]).with_features(F_EDID);
+    setup.protocol_features |= VhostUserProtocolFeatures::CONFIG;
+    // A command already on the control ring when the worker starts, as one its predecessor
+    // took but did not answer is: where its response will land.
+    let mut response = None;
+    let device = UserspaceDevice::start_prepared(connection, &setup, memory.clone(), |queues| {
+        if let Some(bytes) = unanswered {
+            let request = memory.allocate(bytes.len() as u64, 8)?;
+            let answer = memory.allocate(24, 8)?;
+            memory.write(request, bytes)?;
+            queues[0].post(&[
+                Buffer::readable(request, bytes.len() as u32),
+                Buffer::writable(answer, 24),
+            ])?;
+            response = Some(answer);
+        }
+        Ok(())
+    })?;
+    Ok((worker, device, response))
+}
+
+fn wait_for_log(worker: &WorkerProcess, text: &str) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    while !worker.stderr().contains(text) {
+        ensure!(
+            Instant::now() < deadline,
+            "no {text:?} in the log:\n{}",
+            worker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// kill -9 the worker showing the guest's screen: a replacement given the same state
+/// store and guest memory shows the same pixels to a VNC client on the same listener
+/// before the guest sends anything, and the guest's next TRANSFER + FLUSH on its resource
+/// works. A store a replacement cannot make sense of is logged and the device starts
+/// empty.
+#[test]
+fn killed_worker_is_replaced_with_the_guests_screen() -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let store = bulkhead_workers::display::gpu::store::new_store()?;
+    let setup = DeviceSetup::new(&[]);
+    let memory = std::sync::Arc::new(bulkhead_tests::vhost::SharedMemory::new(
+        setup.memory_base,
+        setup.memory_size,
+    )?);
+    let dir = ScratchDir::new("display-restart")?;
+    let png = |name: &str| dir.path().join(name);
+    let capture = |name: &str| -> Result<()> {
+        vncdo(port, &["capture", png(name).to_str().context("path")?])
+    };
+
+    let (first, mut device, _) = launch_with_store(&listener, &store, &memory, None)?;
+    let backing = draw_pattern_backed(&mut device, 1, 320, 240)?;
+    // A cursor resource too: it is recreated, without a backing of its own.
+    expect_response(
+        &mut device,
+        &create_2d(2, FORMAT_R8G8B8X8, 64, 64),
+        OK_NODATA,
+    )?;
+    expect_response(
+        &mut device,
+        &with(UPDATE_CURSOR, &[0, 10, 20, 0, 2, 1, 1, 0]),
+        OK_NODATA,
+    )?;
+    // A cursor whose resource the guest unrefs while it is still set: recorded as none.
+    expect_response(
+        &mut device,
+        &create_2d(3, FORMAT_R8G8B8X8, 64, 64),
+        OK_NODATA,
+    )?;
+    expect_response(
+        &mut device,
+        &with(UPDATE_CURSOR, &[0, 10, 20, 0, 3, 1, 1, 0]),
+        OK_NODATA,
+    )?;
+    expect_response(&mut device, &with(RESOURCE_UNREF, &[3, 0]), OK_NODATA)?;
+    capture("before.png")?;
+    check_capture(&png("before.png"), 320, 240)?;
+    first.kill()?;
+    drop(device);
+
+    // The ring resumes where the guest saw answers, so a command the killed worker ran
+    // and recorded but did not answer comes again: it gets the OK it was owed.
+    let replayed = create_2d(1, FORMAT_B8G8R8X8, 320, 240);
+    let (second, mut device, response) =
+        launch_with_store(&listener, &store, &memory, Some(&replayed))?;
+    wait_for_log(&second, "screen is restored")?;
+    // Nothing sent yet: the screen is the killed worker's.
+    capture("after.png")?;
+    check_capture(&png("after.png"), 320, 240)?;
+    device.queues[0].kick()?;
+    device.queues[0].wait_used(1, TIMEOUT)?;
+    let response = memory.read(response.context("no replayed command")?, 24)?;
+    ensure!(
+        response_type(&response) == OK_NODATA,
+        "the replayed create got {:#x}",
+        response_type(&response)
+    );
+    // Past those, the resources exist again (their ids are taken) ...
+    expect_response(
+        &mut device,
+        &create_2d(1, FORMAT_B8G8R8X8, 8, 8),
+        ERR_INVALID_RESOURCE_ID,
+    )?;
+    expect_response(
+        &mut device,
+        &create_2d(2, FORMAT_B8G8R8X8, 8, 8),
+        ERR_INVALID_RESOURCE_ID,
+    )?;
+    // ... with their backing: the guest draws anew (the pattern inverted) and flushes.
+    for (addr, len) in backing {
+        let bytes = memory.read(addr, len as usize)?;
+        let inverted: Vec<u8> = bytes.iter().map(|b| !b).collect();
+        memory.write(addr, &inverted)?;
+    }
+    expect_response(&mut device, &transfer(1, (0, 0, 320, 240), 0), OK_NODATA)?;
+    expect_response(&mut device, &flush(1, (0, 0, 320, 240)), OK_NODATA)?;
+    capture("redrawn.png")?;
+    let (size, pixels) = png_pixels(&png("redrawn.png"), &PROBES)?;
+    ensure!(size == (320, 240), "captured {size:?}");
+    for (&(x, y), got) in PROBES.iter().zip(&pixels) {
+        let want = pattern(x, y).map(|c| !c);
+        ensure!(*got == want, "pixel ({x},{y}) is {got:?}, drew {want:?}");
+    }
+    ensure!(second.is_running(), "{}", second.stderr());
+    second.kill()?;
+    drop(device);
+
+    // Both slots overwritten with garbage: refused, logged, and the device starts empty.
+    use std::os::unix::fs::FileExt;
+    let slot = bulkhead_workers::display::gpu::store::SLOT_SIZE;
+    store.write_all_at(b"not a store", 0)?;
+    store.write_all_at(b"not a store", slot)?;
+    let (third, mut device, _) = launch_with_store(&listener, &store, &memory, None)?;
+    wait_for_log(&third, "the device starts empty")?;
+    ensure!(
+        third.stderr().contains("state store is bad"),
+        "{}",
+        third.stderr()
+    );
+    expect_response(&mut device, &create_2d(1, FORMAT_B8G8R8X8, 8, 8), OK_NODATA)?;
+    ensure!(third.is_running(), "{}", third.stderr());
+    ensure!(!third.stderr().contains("panicked"), "{}", third.stderr());
+    third.kill()?;
+    Ok(())
+}
+
+/// `--display sdl` through a worker kill: the viewer's connection dies with the worker,
+/// the VMM gives the replacement a fresh private listener (`reopen_sdl_listener`, as its
+/// supervisor does before each restart) and a new viewer on it shows the guest's screen,
+/// rebuilt from the state store.
+#[test]
+fn sdl_viewer_comes_back_after_a_worker_kill() -> Result<()> {
+    let spec: DisplaySpec = "sdl,size=800x600".parse().map_err(anyhow::Error::msg)?;
+    let OpenedDisplay {
+        display,
+        mut display_files,
+        viewer,
+        ..
+    } = open_display(&spec)?;
+    let viewer = viewer.context("sdl gave no viewer connection")?;
+    ensure!(
+        display_files.len() == 3,
+        "listener, events socket, state store"
+    );
+    // No input worker here: the listener and the store, at the numbers the VMM gives them.
+    let config = DeviceConfig::Display(DisplayConfig {
+        input_events_fd: None,
+        state_fd: Some(display.vnc_listen_fd + 1),
+        ..display.clone()
+    });
+    let memory = std::sync::Arc::new(bulkhead_tests::vhost::SharedMemory::new(
+        DeviceSetup::new(&[]).memory_base,
+        DeviceSetup::new(&[]).memory_size,
+    )?);
+    let launch = |files: &[std::fs::File]| -> Result<(WorkerProcess, UserspaceDevice)> {
+        let (worker, connection) = WorkerProcess::launched_with_fds(
+            "display0",
+            config.clone(),
+            &[
+                (files[0].as_raw_fd(), display.vnc_listen_fd),
+                (files[2].as_raw_fd(), display.vnc_listen_fd + 1),
+            ],
+        )?;
+        let mut setup = DeviceSetup::new(&[64, 16]).with_features(F_EDID);
+        setup.protocol_features |= VhostUserProtocolFeatures::CONFIG;
+        let device = UserspaceDevice::start_with_memory(connection, &setup, memory.clone())?;
+        Ok((worker, device))
+    };
+    let dir = ScratchDir::new("display-sdl-restart")?;
+    let snapshot = |viewer: std::os::unix::net::UnixStream, name: &str| -> Result<()> {
+        let path = dir.path().join(name);
+        let mut command = viewer_command(&viewer_bin(), &viewer, "bulkhead test")?;
+        drop(viewer);
+        let log = run_viewer(command.arg("--snapshot").arg(&path))?;
+        ensure!(log.contains("snapshot written"), "{log}");
+        check_capture(&path, 320, 240)
+    };
+
+    let (first, mut device) = launch(&display_files)?;
+    draw_pattern(&mut device, 1, 320, 240)?;
+    snapshot(viewer, "before.ppm")?;
+    first.kill()?;
+    drop(device);
+
+    let viewer = bulkhead_vmm::display::reopen_sdl_listener(&mut display_files)?;
+    let (second, device) = launch(&display_files)?;
+    // The replacement draws nothing new: the window shows what the store rebuilt.
+    snapshot(viewer, "after.ppm")?;
+    ensure!(second.is_running(), "the worker died:\n{}", second.stderr());
+    drop(device);
+    let status = second.wait_exit(TIMEOUT)?;
+    ensure!(status.success(), "exit {status}:\n{}", second.stderr());
     Ok(())
 }

@@ -256,6 +256,7 @@ fn keys_typed_in_vncdo_arrive_as_virtio_input_events() -> Result<()> {
         height: 480,
         vnc_password: None,
         input_events_fd: Some(6),
+        state_fd: None,
     });
     let (display, _gpu_connection) = WorkerProcess::launched_with_fds(
         "display0",
@@ -309,4 +310,75 @@ fn keys_typed_in_vncdo_arrive_as_virtio_input_events() -> Result<()> {
     );
     ensure!(display.is_running(), "display died: {}", display.stderr());
     input.assert_alive()
+}
+
+/// The VMM keeps its copy of the display worker's end of the events socket and hands it
+/// to every display worker it starts: when one is killed, the input worker sees no
+/// end-of-file (another copy of that end is open) and keys typed through the replacement
+/// arrive like those typed before.
+#[test]
+fn keys_typed_after_a_display_worker_kill_still_arrive() -> Result<()> {
+    let (display_end, input_end) = events_pair()?;
+    let mut input = Input::launch(&input_end)?;
+    drop(input_end);
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let launch_display = || {
+        let config = DeviceConfig::Display(DisplayConfig {
+            vnc_listen_fd: 5,
+            width: 640,
+            height: 480,
+            vnc_password: None,
+            input_events_fd: Some(6),
+            state_fd: None,
+        });
+        WorkerProcess::launched_with_fds(
+            "display0",
+            config,
+            &[(listener.as_raw_fd(), 5), (display_end.as_raw_fd(), 6)],
+        )
+    };
+    let type_a = |display: &WorkerProcess| -> Result<()> {
+        let out = Command::new("vncdo")
+            .arg("-s")
+            .arg(format!("127.0.0.1::{port}"))
+            .args(["type", "a"])
+            .output()
+            .context("running vncdo (pip install vncdotool)")?;
+        ensure!(
+            out.status.success(),
+            "vncdo: {}{}\ndisplay worker:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            display.stderr()
+        );
+        Ok(())
+    };
+    let expected = [
+        (EV_KEY, KEY_A, 1),
+        (EV_SYN, 0, 0),
+        (EV_KEY, KEY_A, 0),
+        (EV_SYN, 0, 0),
+    ];
+    for round in ["before the kill", "through the replacement"] {
+        let (display, gpu_connection) = launch_display()?;
+        type_a(&display)?;
+        input.post(expected.len(), 8)?;
+        let got: Vec<Event> = input
+            .events(expected.len())?
+            .into_iter()
+            .flatten()
+            .collect();
+        ensure!(
+            got == expected,
+            "{round}: expected {expected:?}\n     got {got:?}\ndisplay worker:\n{}",
+            display.stderr()
+        );
+        display.kill()?;
+        drop(gpu_connection);
+        // The input worker serves on: its events socket did not end.
+        std::thread::sleep(Duration::from_millis(100));
+        input.assert_alive()?;
+    }
+    Ok(())
 }

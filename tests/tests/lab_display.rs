@@ -9,6 +9,13 @@
 //! at, and sees the typed command's output on the serial console: a value the command
 //! computes, so that only running it can print it.
 //!
+//! Then L1 kills the display worker (`kill -9`, the input worker left alone). The
+//! supervisor starts a replacement, which rebuilds the guest's framebuffer from the state
+//! store and guest memory: a second `vnc-probe`, on the same address, must see the
+//! console's text again before the guest writes anything more to it, and the command it
+//! types must reach the guest's shell through the same input worker. The audit log shows
+//! one kill and one restart of display0.
+//!
 //! Before powering off, the guest detaches fbcon from its virtual terminals. This 6.1
 //! kernel breaks and resets virtio devices in its shutdown path, yet fbcon keeps drawing
 //! the shutdown messages and the DRM damage worker keeps queueing virtio-gpu commands on the
@@ -23,12 +30,21 @@
 use std::time::Duration;
 
 use bulkhead_tests::built_binary;
-use bulkhead_tests::lab::{boot_scenario, lab_dir, random_token, Guest, LabReport, Run, Scenario};
+use bulkhead_tests::lab::{
+    boot_scenario, lab_dir, random_token, AuditRecords, Guest, LabReport, Run, Scenario,
+};
 use bulkhead_tests::screenshot::{base64_decode, Screen};
 
 const IMAGE: &str = "/display.cpio";
 const VNC: &str = "127.0.0.1:5900";
 const PNG_PREFIX: &str = "VNC-PNG: ";
+/// What vnc-probe prints after each screenshot.
+const PNG_DONE: &str = "VNC-PROBE: png done";
+const AUDIT_LOG: &str = "/tmp/audit.jsonl";
+const AUDIT_PREFIX: &str = "LAB: audit ";
+/// Only the display worker (not the input worker beside it): the pid its spawn event in
+/// the audit log gives.
+const KILL_DISPLAY: &str = r#"pid=$(sed -n 's/.*"event":"spawn","device":"display0".*"pid":\([0-9]*\).*/\1/p' /tmp/audit.jsonl | tail -n 1); kill -9 "$pid"; echo "LAB: kill -9 display0 worker $pid: $?""#;
 /// The L2 boot plus the DRM driver's start and the probe's screenshot, under nesting.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -44,31 +60,52 @@ echo "GUEST: ready"
 i=0
 while [ ! -e /tmp/typed ] && [ $i -lt 120 ]; do sleep 1; i=$((i + 1)); done
 echo "GUEST: typed_file=$([ -e /tmp/typed ] && echo yes || echo no)"
+echo "GUEST: kill-display"
+# The replacement starts after the supervisor's backoff; nothing is written to tty1 until
+# the second probe has its screenshot and types.
+sleep 5
+echo "GUEST: after-kill"
+i=0
+while [ ! -e /tmp/typed2 ] && [ $i -lt 120 ]; do sleep 1; i=$((i + 1)); done
+echo "GUEST: typed2_file=$([ -e /tmp/typed2 ] && echo yes || echo no)"
 for vtcon in /sys/class/vtconsole/vtcon*; do
     grep -q "frame buffer" "$vtcon/name" && echo 0 >"$vtcon/bind"
 done
 echo "GUEST: fbcon_unbound"
 "#;
 
-fn typed_command(token: &str) -> String {
-    format!("echo typed-$((6*7))-{token} >/dev/ttyS0; touch /tmp/typed")
+fn typed_command(token: &str, n: u32, file: &str) -> String {
+    format!("echo typed{n}-$((6*7))-{token} >/dev/ttyS0; touch {file}")
 }
 
-fn screenshot(report: &LabReport) -> Result<Screen, String> {
-    let base64: String = report
-        .lines
-        .iter()
-        .filter_map(|line| {
-            line.text
-                .split_once(PNG_PREFIX)
-                .map(|(_, data)| data.trim())
-        })
-        .collect();
-    if base64.is_empty() {
-        return Err("the probe printed no screenshot".into());
+fn probe_command(token: &str, n: u32, file: &str) -> String {
+    format!(
+        "vnc-probe {VNC} --type '{}'",
+        typed_command(token, n, file).replace('\'', r"'\''")
+    )
+}
+
+/// The `index`th screenshot the probes printed (0: before the kill), kept as `name`.
+fn screenshot(report: &LabReport, index: usize, name: &str) -> Result<Screen, String> {
+    let mut shots = vec![String::new()];
+    for line in &report.lines {
+        if let Some((_, data)) = line.text.split_once(PNG_PREFIX) {
+            if let Some(shot) = shots.last_mut() {
+                shot.push_str(data.trim());
+            }
+        } else if line.text.contains(PNG_DONE) {
+            shots.push(String::new());
+        }
     }
-    let png = base64_decode(&base64)?;
-    let path = lab_dir().join("display.png");
+    let base64 = shots.get(index).map(String::as_str).unwrap_or_default();
+    if base64.is_empty() {
+        return Err(format!(
+            "the probe printed no screenshot number {}",
+            index + 1
+        ));
+    }
+    let png = base64_decode(base64)?;
+    let path = lab_dir().join(name);
     std::fs::write(&path, &png).map_err(|e| format!("{}: {e}", path.display()))?;
     eprintln!("screenshot kept in {}", path.display());
     Screen::from_png(&png)
@@ -114,16 +151,20 @@ fn a_vnc_viewer_sees_the_console_and_types_into_it() {
         "512M",
         "--display",
         &display,
+        "--audit-log",
+        AUDIT_LOG,
         "--cmdline",
         &cmdline,
     ];
-    let probe = format!(
-        "vnc-probe {VNC} --type '{}'",
-        typed_command(&token).replace('\'', r"'\''")
-    );
     let run = Run::new("display", args)
         .timeout(RUN_TIMEOUT)
-        .when_output_contains("GUEST: ready", &probe);
+        .when_output_contains("GUEST: ready", &probe_command(&token, 1, "/tmp/typed"))
+        .when_output_contains("GUEST: kill-display", KILL_DISPLAY)
+        .when_output_contains(
+            "GUEST: after-kill",
+            &probe_command(&token, 2, "/tmp/typed2"),
+        )
+        .then_in_l1(&format!("sed 's/^/{AUDIT_PREFIX}/' {AUDIT_LOG}"));
     let scenario = Scenario::new("display")
         // L1's loopback starts down: bulkhead could bind 127.0.0.1, the probe not reach it.
         .l1_setup("ip link set lo up || ifconfig lo 127.0.0.1 up")
@@ -136,7 +177,8 @@ fn a_vnc_viewer_sees_the_console_and_types_into_it() {
         .run(run);
     let report = boot_scenario(&scenario);
     let run = report.started_run("display");
-    let typed = format!("typed-42-{token}");
+    let typed = format!("typed1-42-{token}");
+    let typed2 = format!("typed2-42-{token}");
     let result = (|| {
         let fb = run.guest("fb").unwrap_or_default();
         if !fb.contains("virtio") {
@@ -148,7 +190,7 @@ fn a_vnc_viewer_sees_the_console_and_types_into_it() {
         if !inputs.contains("bulkhead VNC keyboard and tablet") {
             return Err(format!("the guest's input devices are {inputs:?}"));
         }
-        check_text(&screenshot(&report)?)?;
+        check_text(&screenshot(&report, 0, "display.png")?)?;
         if !report.lines.iter().any(|line| line.text.contains(&typed)) {
             return Err(format!(
                 "the typed command's output {typed:?} never reached the serial console"
@@ -156,6 +198,20 @@ fn a_vnc_viewer_sees_the_console_and_types_into_it() {
         }
         if run.guest("typed_file") != Some("yes") {
             return Err("the typed command did not finish (no /tmp/typed)".into());
+        }
+        let audit = AuditRecords::of(&report, AUDIT_PREFIX);
+        audit.spawned("display0")?;
+        audit.one_kill_one_restart("display0")?;
+        check_text(&screenshot(&report, 1, "display-after-kill.png")?)
+            .map_err(|e| format!("after the display worker's restart: {e}"))?;
+        if !report.lines.iter().any(|line| line.text.contains(&typed2)) {
+            return Err(format!(
+                "after the restart, the typed command's output {typed2:?} never reached the \
+                 serial console"
+            ));
+        }
+        if run.guest("typed2_file") != Some("yes") {
+            return Err("the second typed command did not finish (no /tmp/typed2)".into());
         }
         if run.exit != Some(0) {
             return Err(format!("bulkhead exited with {:?}", run.exit));

@@ -149,6 +149,8 @@ pub enum DisplayOpenError {
     EmptyPassword(PathBuf),
     #[error("creating the input events socket pair")]
     EventsSocket(#[source] std::io::Error),
+    #[error("creating the display's state store")]
+    StateStore(#[source] std::io::Error),
     #[error("creating the SDL viewer's private VNC socket in {dir}")]
     ViewerSocket {
         dir: PathBuf,
@@ -178,24 +180,42 @@ pub fn open_display(spec: &DisplaySpec) -> Result<OpenedDisplay, DisplayOpenErro
     };
     let (listener, viewer) = listen(&spec.address)?;
     let (to_input, from_display) = events_pair().map_err(DisplayOpenError::EventsSocket)?;
-    let display_fds = device_fds(2);
+    // Kept with the other files for every incarnation of the worker, like a cow disk's
+    // overlay store: a replacement rebuilds the guest's screen from it.
+    let store =
+        bulkhead_workers::display::gpu::store::new_store().map_err(DisplayOpenError::StateStore)?;
+    let display_fds = device_fds(3);
     let display = DisplayConfig {
         vnc_listen_fd: display_fds[0],
         width: spec.width,
         height: spec.height,
         vnc_password: password,
         input_events_fd: Some(display_fds[1]),
+        state_fd: Some(display_fds[2]),
     };
     let input = InputConfig {
         events_fd: device_fds(1)[0],
     };
     Ok(OpenedDisplay {
         display,
-        display_files: vec![File::from(listener), File::from(to_input)],
+        display_files: vec![File::from(listener), File::from(to_input), store],
         input,
         input_files: vec![File::from(from_display)],
         viewer,
     })
+}
+
+/// `sdl`, when the display worker is replaced: the old viewer's connection died with the
+/// old worker, and the private listener has no address to connect a new one through. A
+/// fresh private listener takes its place in the display worker's `files` (the VNC
+/// listener comes first, as `DisplayConfig::descriptors` orders them), and the returned
+/// connection, queued on it, is the new viewer's.
+pub fn reopen_sdl_listener(files: &mut [File]) -> Result<UnixStream, DisplayOpenError> {
+    let (listener, viewer) = private_listener()?;
+    if let Some(slot) = files.first_mut() {
+        *slot = File::from(listener);
+    }
+    Ok(viewer)
 }
 
 /// A listener with exactly one connection queued on it, and that connection: bound in a
@@ -358,8 +378,9 @@ mod tests {
         let opened = open_display(&spec).unwrap();
         assert_eq!(opened.display.vnc_listen_fd, 5);
         assert_eq!(opened.display.input_events_fd, Some(6));
+        assert_eq!(opened.display.state_fd, Some(7));
         assert_eq!(opened.input.events_fd, 5);
-        assert_eq!(opened.display_files.len(), 2);
+        assert_eq!(opened.display_files.len(), 3);
         assert_eq!(opened.input_files.len(), 1);
         // Somebody is listening there now: a second display may not take the path.
         assert!(matches!(

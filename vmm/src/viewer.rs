@@ -1,8 +1,10 @@
 //! `--display sdl`: the `bulkhead-viewer` process that shows the guest's screen in an SDL
 //! window. It is an RFB client like any VNC viewer, handed the one connection queued on
 //! the display worker's private listener, so the worker's sandbox is the same as for
-//! `vnc`. It is not a device worker: nothing restarts it, closing its window leaves the
-//! VM running, and its exit is only logged.
+//! `vnc`. It is not a device worker: closing its window leaves the VM running, and its
+//! exit is only logged. Its connection dies with the display worker, though: the
+//! supervisor then starts a new viewer on a new private connection for the replacement
+//! (`vm.rs`, `display::reopen_sdl_listener`), so the window blinks and comes back.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;

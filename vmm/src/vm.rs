@@ -305,11 +305,23 @@ fn attach_worker_devices(
             shape.clone(),
         )?;
         devices.push(attached.acpi);
+        let name = launch.device_name.clone();
         supervisor
             .watch(launch, files, shape, attached.transport, attached.worker)
             .map_err(VmError::Supervisor)?;
         if let Some(connection) = viewer {
-            crate::viewer::start_viewer(connection, &format!("bulkhead {}", config.name))?;
+            let title = format!("bulkhead {}", config.name);
+            crate::viewer::start_viewer(connection, &title)?;
+            // The window goes with the worker it shows; a new one comes with its
+            // replacement.
+            supervisor.before_restart(
+                &name,
+                Box::new(move |files| {
+                    let connection = crate::display::reopen_sdl_listener(files)?;
+                    crate::viewer::start_viewer(connection, &title)?;
+                    Ok(())
+                }),
+            );
         }
     }
     Ok(devices)

@@ -22,6 +22,7 @@ use bulkhead_workers::cli::{
 use bulkhead_workers::disk::{
     self, DiskOptions, Format, Mode, PreopenedBacking, MAX_BACKING_DEPTH,
 };
+use bulkhead_workers::display::gpu::store::StateStore;
 use bulkhead_workers::display::vnc::VncServer;
 use bulkhead_workers::display::{
     EventSocketSink, Framebuffer, GpuDevice, GpuLimits, InputSink, LoggingInputSink,
@@ -218,7 +219,7 @@ fn serve_input(args: InputArgs) -> anyhow::Result<()> {
 /// and the virtio-gpu device share one framebuffer; the VNC server starts inside the
 /// sandbox, on its own thread.
 fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
-    let (frontend, vnc_listener, events, config) = match args.endpoint {
+    let (frontend, vnc_listener, events, store, config) = match args.endpoint {
         Endpoint {
             socket: Some(path), ..
         } => {
@@ -238,8 +239,9 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
                 height: args.height,
                 vnc_password,
                 input_events_fd: None,
+                state_fd: None,
             };
-            (Frontend::Listening(bind(&path)?), vnc, None, config)
+            (Frontend::Listening(bind(&path)?), vnc, None, None, config)
         }
         Endpoint {
             launch_fd: Some(fd),
@@ -266,18 +268,45 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
             };
             let vnc =
                 listening_socket(vnc, config.vnc_listen_fd).context("the VNC listening socket")?;
-            let events = match (config.input_events_fd, files.next()) {
-                (Some(fd), Some(file)) => {
+            let events = match config.input_events_fd {
+                Some(fd) => {
+                    let Some(file) = files.next() else {
+                        bail!("no input events socket was passed");
+                    };
                     Some(events_socket(file, fd).context("the input events socket")?)
                 }
-                _ => None,
+                None => None,
             };
-            (Frontend::Connected(launch.connection), vnc, events, config)
+            let store = match config.state_fd {
+                Some(_) => {
+                    let Some(file) = files.next() else {
+                        bail!("no display state store was passed");
+                    };
+                    Some(file)
+                }
+                None => None,
+            };
+            (
+                Frontend::Connected(launch.connection),
+                vnc,
+                events,
+                store,
+                config,
+            )
         }
         Endpoint { .. } => bail!("no endpoint: give --socket or --launch-fd"),
     };
     let framebuffer = Arc::new(Framebuffer::new(config.width, config.height));
     let mut keep = vec![(vnc_listener.as_raw_fd(), "VNC listening socket")];
+    // Read before the sandbox, so that a bad store is logged first thing; the device that
+    // serves the connection rebuilds it once guest memory arrives.
+    let mut store = store.map(|file| {
+        keep.push((file.as_raw_fd(), "display state store"));
+        StateStore::open(file, GpuLimits::default().max_backing_entries)
+    });
+    if let Some((_, Err(e))) = &store {
+        tracing::error!("{e}; the device starts empty");
+    }
     let input: Arc<dyn InputSink> = match events {
         Some(events) => {
             keep.push((events.as_raw_fd(), "input events socket"));
@@ -311,10 +340,14 @@ fn serve_display(args: DisplayArgs) -> anyhow::Result<()> {
         move || {
             start_vnc()?;
             Ok(move || {
-                Ok::<_, std::convert::Infallible>(
-                    GpuDevice::new(framebuffer.clone(), width, height, GpuLimits::default())
-                        .into_backend(),
-                )
+                let device =
+                    GpuDevice::new(framebuffer.clone(), width, height, GpuLimits::default());
+                // One connection for a launched worker: the store goes with it.
+                let device = match store.take() {
+                    Some((store, record)) => device.with_store(store, record.ok().flatten()),
+                    None => device,
+                };
+                Ok::<_, std::convert::Infallible>(device.into_backend())
             })
         },
     )

@@ -7,6 +7,9 @@
 //! threads that block on their socket and on the framebuffer's condition variable (futex),
 //! so no poll or epoll beyond the vring thread's is needed.
 //!
+//! It keeps what the guest set up in the state store the VMM passed (a memfd), at fixed
+//! offsets: pread64 and pwrite64.
+//!
 //! It creates no socket (socket, socketpair, bind, listen and connect are absent), opens
 //! no file and runs no program; Landlock grants no path and no port.
 
@@ -19,10 +22,16 @@ use crate::sys;
 use crate::syscall_rule::SyscallRule;
 
 pub fn policy() -> Policy {
-    let display = [SyscallRule::allow(sys!(SYS_accept4)).because(
-        "VNC viewers on the listening socket the VMM passed (and, standalone, the next \
+    let display = [
+        SyscallRule::allow(sys!(SYS_accept4)).because(
+            "VNC viewers on the listening socket the VMM passed (and, standalone, the next \
              vhost-user frontend); accepting creates no socket of the worker's own",
-    )];
+        ),
+        SyscallRule::allow(sys!(SYS_pread64))
+            .because("reading the state store a predecessor left (resources, scanout)"),
+        SyscallRule::allow(sys!(SYS_pwrite64))
+            .because("recording the guest's resources and scanout in the state store"),
+    ];
     Policy {
         kind: WorkerKind::Display,
         syscalls: runtime::rules()
@@ -59,6 +68,8 @@ mod tests {
     fn serves_vhost_user_and_viewers() {
         for name in [
             "accept4",
+            "pread64",
+            "pwrite64",
             "read",
             "write",
             "recvmsg",

@@ -65,15 +65,41 @@ impl UserspaceDevice {
     /// Negotiates on `connection`, shares fresh memory and starts every queue.
     pub fn start(connection: UnixStream, setup: &DeviceSetup) -> Result<Self, DeviceError> {
         let memory = Arc::new(SharedMemory::new(setup.memory_base, setup.memory_size)?);
+        Self::start_with_memory(connection, setup, memory)
+    }
+
+    /// Like [`start`](Self::start) on memory that outlives this device: what a replacement
+    /// worker is given, the guest's pages as its predecessor left them (the queues are
+    /// fresh ones, allocated in it).
+    pub fn start_with_memory(
+        connection: UnixStream,
+        setup: &DeviceSetup,
+        memory: Arc<SharedMemory>,
+    ) -> Result<Self, DeviceError> {
+        Self::start_prepared(connection, setup, memory, |_| Ok(()))
+    }
+
+    /// Like [`start_with_memory`](Self::start_with_memory), with `prepare` posting on the
+    /// queues before the device sees them: what a replacement worker finds on rings its
+    /// predecessor left with requests unanswered.
+    pub fn start_prepared(
+        connection: UnixStream,
+        setup: &DeviceSetup,
+        memory: Arc<SharedMemory>,
+        prepare: impl FnOnce(&mut [SplitQueueDriver]) -> Result<(), DriverError>,
+    ) -> Result<Self, DeviceError> {
         let mut frontend = UserspaceFrontend::new(connection, setup.queue_sizes.len());
         let negotiated = frontend.negotiate(setup.features, setup.protocol_features)?;
         frontend.set_mem_table(&memory)?;
         let mut queues = Vec::with_capacity(setup.queue_sizes.len());
-        for (index, &size) in setup.queue_sizes.iter().enumerate() {
+        for &size in &setup.queue_sizes {
             let mut queue = SplitQueueDriver::new(memory.clone(), size)?;
             queue.set_event_idx(negotiated.has(VIRTIO_RING_F_EVENT_IDX));
-            frontend.start_queue(index, &queue)?;
             queues.push(queue);
+        }
+        prepare(&mut queues)?;
+        for (index, queue) in queues.iter().enumerate() {
+            frontend.start_queue(index, queue)?;
         }
         Ok(UserspaceDevice {
             memory,

@@ -145,8 +145,14 @@ impl DeviceBoard {
     }
 }
 
+/// Runs once each time a device's worker has died, before its replacement starts: it may
+/// replace the device's files (what the replacement inherits) and start what goes with
+/// them. A failure is logged; the worker is replaced all the same.
+pub type BeforeRestart = Box<dyn FnMut(&mut [File]) -> anyhow::Result<()> + Send>;
+
 struct Supervised {
     launch: WorkerLaunch,
+    before_restart: Option<BeforeRestart>,
     /// The device's own files (a disk image and its chain), kept for every replacement.
     files: Vec<File>,
     shape: DeviceShape,
@@ -229,6 +235,7 @@ impl WorkerSupervisor {
         });
         self.devices.push(Supervised {
             launch,
+            before_restart: None,
             files,
             shape,
             transport,
@@ -238,6 +245,18 @@ impl WorkerSupervisor {
             crashes: 0,
         });
         Ok(())
+    }
+
+    /// Sets what runs before each replacement of the worker of `device` (see
+    /// [`BeforeRestart`]); a device not watched is ignored.
+    pub fn before_restart(&mut self, device: &str, hook: BeforeRestart) {
+        if let Some(d) = self
+            .devices
+            .iter_mut()
+            .find(|d| d.launch.device_name == device)
+        {
+            d.before_restart = Some(hook);
+        }
     }
 
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
@@ -321,6 +340,11 @@ impl WorkerSupervisor {
         self.record_death(&self.devices[index], status);
         let policy = self.policy;
         let device = &mut self.devices[index];
+        if let Some(hook) = device.before_restart.as_mut() {
+            if let Err(e) = hook(&mut device.files) {
+                tracing::warn!(device = %name, "before restarting the worker: {e:#}");
+            }
+        }
         if device.started.elapsed() >= policy.stable_after {
             device.crashes = 0;
         }
@@ -590,6 +614,45 @@ mod tests {
             "{events:?}"
         );
         assert!(needs_reset);
+    }
+
+    /// The hook a device's planning set (the SDL viewer's new connection) runs once per
+    /// death of its worker, however many tries the replacement takes, on the files the
+    /// replacement inherits.
+    #[test]
+    fn before_restart_runs_once_per_death_on_the_devices_files() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let child = Command::new("sh")
+            .args(["-c", "kill -KILL $$"])
+            .spawn()
+            .unwrap();
+        let Watched {
+            dir,
+            mut supervisor,
+            ..
+        } = Watched::new(
+            DeviceConfig::Rng(RngConfig::default()),
+            "before-restart",
+            child,
+        );
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        supervisor.before_restart(
+            "rng0",
+            Box::new(move |files| {
+                assert!(files.is_empty());
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }),
+        );
+        supervisor.spawn().unwrap().join().unwrap();
+        let events = audit_events(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(
+            matches!(events.last(), Some(AuditEvent::GiveUp { attempts: 2, .. })),
+            "{events:?}"
+        );
     }
 
     /// An operator's restart-worker kills a copy-on-write disk's worker for the

@@ -10,15 +10,14 @@
 //!   worker's virtio-input device as event reports ([`EventSocketSink`]), or only to the
 //!   log when the worker has no events socket.
 //!
-//! The VMM (`bulkhead run --display vnc`, `vmm/src/display.rs`) opens the VNC listener and
-//! the events socket pair and passes them as the launch config's descriptors.
+//! The VMM (`bulkhead run --display vnc`, `vmm/src/display.rs`) opens the VNC listener,
+//! the events socket pair and the state store ([`gpu::store`]) and passes them as the
+//! launch config's descriptors, the same ones to every incarnation of the worker: a
+//! replacement rebuilds the guest's resources and screen from the store and guest memory,
+//! serves viewers on the same listener and feeds the same input worker.
 //!
 //! # Still to do
 //!
-//! - A restarted worker starts with no resources: the guest's next flush gets
-//!   ERR_INVALID_RESOURCE_ID and the screen freezes. Until the device can replay them, a
-//!   display worker crash should mark the device as needing a reset (the driver then
-//!   re-creates its framebuffer) rather than resume the rings.
 //! - SDL: a viewer process that is just another RFB client on a Unix listener the VMM
 //!   opens, so the worker's sandbox does not change.
 //! - The guest kernel needs `CONFIG_DRM_VIRTIO_GPU` and fbcon (`console=tty0`).

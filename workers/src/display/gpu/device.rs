@@ -20,8 +20,9 @@ use super::protocol::{
     RESP_ERR_UNSPEC, RESP_OK_DISPLAY_INFO, RESP_OK_EDID, RESP_OK_NODATA, VIRTIO_GPU_F_EDID,
 };
 use super::resources::{CommandError, Resources};
-use super::scanout::Scanout;
-use crate::display::framebuffer::Framebuffer;
+use super::scanout::{Cursor, Scanout};
+use super::store::{Record, SavedResource, StateStore};
+use crate::display::framebuffer::{Framebuffer, Rect};
 use crate::vhost_user::{DeviceBackend, GuestRam};
 use crate::virtio::drain::{notify, settle};
 use crate::virtio::{drain, Drained, Next, QueueFault};
@@ -64,6 +65,15 @@ pub struct GpuDevice {
     scanout: Scanout,
     events_read: u32,
     ring_fault_reported: bool,
+    /// Where what the guest set up is kept for a replacement worker; None standalone.
+    store: Option<StateStore>,
+    /// A predecessor's record, rebuilt once guest memory is mapped.
+    pending: Option<Record>,
+    /// After a rebuild, the control commands the predecessor may have run but not
+    /// answered: the VMM resumes the ring at the used index, so they come again. None
+    /// until the first pass over the ring counts them.
+    replay: Replay,
+    store_fault_reported: bool,
 }
 
 impl GpuDevice {
@@ -79,7 +89,119 @@ impl GpuDevice {
             scanout: Scanout::new(framebuffer),
             events_read: 0,
             ring_fault_reported: false,
+            store: None,
+            pending: None,
+            replay: Replay::Done,
+            store_fault_reported: false,
         }
+    }
+
+    /// Keeps the device's state in `store` from now on; `record` is what a predecessor left
+    /// there, to be rebuilt when guest memory arrives.
+    pub fn with_store(mut self, store: StateStore, record: Option<Record>) -> Self {
+        self.store = Some(store);
+        self.pending = record.filter(|r| !r.is_empty());
+        self
+    }
+
+    /// The state a replacement would need, as it is now.
+    fn record(&self) -> Record {
+        Record {
+            resources: self
+                .resources
+                .iter()
+                .map(|(id, r)| SavedResource {
+                    id,
+                    format: r.format,
+                    width: r.width,
+                    height: r.height,
+                    backing: r.backing().to_vec(),
+                })
+                .collect(),
+            scanout: (self.scanout.resource_id(), self.scanout.rect()),
+            // The guest may unref the cursor's resource while it is still the cursor's:
+            // recorded as no cursor image, since a record naming a missing resource is bad.
+            cursor: match self.scanout.cursor {
+                c if c.resource_id != 0 && self.resources.get(c.resource_id).is_err() => Cursor {
+                    resource_id: 0,
+                    ..c
+                },
+                c => c,
+            },
+        }
+    }
+
+    /// Writes the current state to the store, if there is one. A failure costs only what a
+    /// replacement could rebuild, so the device carries on; it is logged once.
+    fn persist(&mut self) {
+        let record = self.record();
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        match store.save(&record) {
+            Ok(()) => self.store_fault_reported = false,
+            Err(e) if !self.store_fault_reported => {
+                self.store_fault_reported = true;
+                tracing::warn!("virtio-gpu: a replacement worker would start empty: {e}");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Rebuilds a predecessor's resources, their backing and pixels (read again from the
+    /// guest's pages), the scanout and the cursor. Anything wrong - a store a compromised
+    /// worker wrote, a budget, memory that moved - leaves the device empty, as after a
+    /// reset, and the store saying so.
+    fn restore(&mut self, record: &Record, memory: &GuestMemoryMmap) {
+        match self.rebuild(record, memory) {
+            Ok(()) => {
+                self.replay = Replay::Uncounted;
+                tracing::info!(
+                    resources = record.resources.len(),
+                    scanout = record.scanout.0,
+                    "virtio-gpu: the previous worker's screen is restored"
+                )
+            }
+            Err(e) => {
+                tracing::error!(
+                    "virtio-gpu: the state store is refused ({e}); the device starts empty"
+                );
+                self.resources.clear();
+                self.scanout.forget(self.scanout.resource_id());
+                self.scanout.cursor = Cursor::default();
+                self.persist();
+            }
+        }
+    }
+
+    fn rebuild(&mut self, record: &Record, memory: &GuestMemoryMmap) -> Result<(), CommandError> {
+        for saved in &record.resources {
+            self.resources
+                .create(saved.id, saved.format, saved.width, saved.height)?;
+            if saved.backing.len() > self.limits.max_backing_entries as usize {
+                return Err(CommandError::TooMany);
+            }
+            if saved.backing.is_empty() {
+                continue;
+            }
+            self.resources
+                .attach_backing(saved.id, saved.backing.clone(), memory)?;
+            // The whole resource, or as many whole rows as the backing holds: the guest
+            // may have attached less and transferred only part.
+            let have: u64 = saved.backing.iter().map(|e| u64::from(e.length)).sum();
+            let stride = u64::from(saved.width) * 4;
+            let rows = (have / stride).min(u64::from(saved.height)) as u32;
+            self.resources.transfer_to_host(
+                saved.id,
+                Rect::new(0, 0, saved.width, rows),
+                0,
+                memory,
+            )?;
+        }
+        let (id, rect) = record.scanout;
+        self.scanout.set(&self.resources, id, rect)?;
+        self.scanout.cursor = record.cursor;
+        Ok(())
     }
 
     pub fn into_backend(self) -> DeviceBackend<Arc<RwLock<GpuDevice>>> {
@@ -91,7 +213,7 @@ impl GpuDevice {
         }
     }
 
-    fn serve_queue(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn serve_queue(&mut self, vring: &VringRwLock, index: u16) -> io::Result<()> {
         let Some(memory) = self.memory.as_ref().map(|m| m.memory()) else {
             return Ok(());
         };
@@ -99,9 +221,18 @@ impl GpuDevice {
         if !(state.is_enabled() && state.get_queue().ready()) {
             return Ok(());
         }
+        if index == CONTROL_QUEUE && self.replay == Replay::Uncounted {
+            let queue = state.get_queue();
+            let left = queue
+                .avail_idx(&*memory, std::sync::atomic::Ordering::Acquire)
+                .map_or(0, |avail| avail.0.wrapping_sub(queue.next_avail()));
+            // At most a ring's worth were in flight; more is a guest's bad index.
+            self.replay = Replay::Left(left.min(MAX_QUEUE_SIZE as u16));
+        }
         let mut drained = Drained::default();
         let result = drain(&mut state, &memory, self.event_idx, &mut drained, |chain| {
-            Ok::<_, QueueFault>(Next::Used(self.process_chain(chain, &memory)))
+            let replayed = index == CONTROL_QUEUE && self.replay.take_one();
+            Ok::<_, QueueFault>(Next::Used(self.process_chain(chain, &memory, replayed)))
         });
         let notified = notify(&mut state, drained.completed, false);
         settle(
@@ -116,6 +247,7 @@ impl GpuDevice {
         &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
         memory: &GuestMemoryMmap,
+        replayed: bool,
     ) -> u32 {
         let (mut reader, mut writer) = match (
             Reader::new(memory, chain.clone()),
@@ -140,11 +272,17 @@ impl GpuDevice {
             let response = response_header(&CtrlHeader::default(), RESP_ERR_UNSPEC);
             return write_response(&mut writer, &response);
         };
-        let response = self.execute(&header, &bytes[CTRL_HDR_SIZE..], memory);
+        let response = self.execute(&header, &bytes[CTRL_HDR_SIZE..], memory, replayed);
         write_response(&mut writer, &response)
     }
 
-    fn execute(&mut self, header: &CtrlHeader, body: &[u8], memory: &GuestMemoryMmap) -> Vec<u8> {
+    fn execute(
+        &mut self,
+        header: &CtrlHeader,
+        body: &[u8],
+        memory: &GuestMemoryMmap,
+        replayed: bool,
+    ) -> Vec<u8> {
         let command = match parse_command(header, body, self.limits.max_backing_entries) {
             Ok(command) => command,
             Err(e) => {
@@ -159,11 +297,43 @@ impl GpuDevice {
             }
         };
         match self.run(&command, header, memory) {
-            Ok(response) => response,
+            Ok(response) => {
+                if changes_state(&command) {
+                    self.persist();
+                }
+                response
+            }
+            Err(e) if replayed && self.already_applied(&command, &e) => {
+                tracing::debug!("virtio-gpu: {command:?} was run before the restart");
+                response_header(header, RESP_OK_NODATA).to_vec()
+            }
             Err(e) => {
                 tracing::debug!("virtio-gpu: {command:?} failed: {e}");
                 response_header(header, e.response()).to_vec()
             }
+        }
+    }
+
+    /// Whether a replayed command failed only because the predecessor had run it (and
+    /// recorded it) before it died: the guest gets the OK it was owed. Every other state
+    /// change is idempotent (attach, scanout, cursor) or was not recorded, so runs again.
+    fn already_applied(&self, command: &Command, error: &CommandError) -> bool {
+        match (command, error) {
+            (
+                &Command::ResourceCreate2d {
+                    resource_id,
+                    format,
+                    width,
+                    height,
+                },
+                CommandError::ResourceIdTaken(_),
+            ) => self
+                .resources
+                .get(resource_id)
+                .is_ok_and(|r| (r.format, r.width, r.height) == (format, width, height)),
+            (Command::ResourceUnref { .. }, CommandError::NoSuchResource(_)) => true,
+            (Command::DetachBacking { .. }, CommandError::NoBacking(_)) => true,
+            _ => false,
         }
     }
 
@@ -281,6 +451,51 @@ impl GpuDevice {
     }
 }
 
+/// Where a rebuilt device stands with the commands its predecessor left unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Not counted yet: the first pass over the control ring does.
+    Uncounted,
+    /// This many commands from where the ring resumed may have run already.
+    Left(u16),
+    Done,
+}
+
+impl Replay {
+    /// Whether the next command is one of those; counts it.
+    fn take_one(&mut self) -> bool {
+        match *self {
+            Replay::Left(n) if n > 0 => {
+                *self = if n == 1 {
+                    Replay::Done
+                } else {
+                    Replay::Left(n - 1)
+                };
+                true
+            }
+            Replay::Left(_) => {
+                *self = Replay::Done;
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether a command that succeeded changed what the state store records. Transfers and
+/// flushes (the busy path) and cursor moves do not.
+fn changes_state(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::ResourceCreate2d { .. }
+            | Command::ResourceUnref { .. }
+            | Command::SetScanout { .. }
+            | Command::AttachBacking { .. }
+            | Command::DetachBacking { .. }
+            | Command::UpdateCursor { .. }
+    )
+}
+
 fn write_response(writer: &mut Writer<'_>, response: &[u8]) -> u32 {
     let n = writer.available_bytes().min(response.len());
     match writer.write_all(&response[..n]) {
@@ -321,6 +536,10 @@ impl VhostUserBackendMut for GpuDevice {
         self.ring_fault_reported = false;
         self.resources.clear();
         self.scanout.forget(self.scanout.resource_id());
+        self.scanout.cursor = Cursor::default();
+        self.pending = None;
+        self.replay = Replay::Done;
+        self.persist();
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -328,6 +547,10 @@ impl VhostUserBackendMut for GpuDevice {
     }
 
     fn update_memory(&mut self, memory: GuestRam) -> io::Result<()> {
+        if let Some(record) = self.pending.take() {
+            let mapped = memory.memory();
+            self.restore(&record, &mapped);
+        }
         self.memory = Some(memory);
         Ok(())
     }
@@ -360,7 +583,7 @@ impl VhostUserBackendMut for GpuDevice {
     ) -> io::Result<()> {
         match device_event {
             CONTROL_QUEUE | CURSOR_QUEUE => match vrings.get(usize::from(device_event)) {
-                Some(vring) => self.serve_queue(vring),
+                Some(vring) => self.serve_queue(vring, device_event),
                 None => Ok(()),
             },
             other => Err(io::Error::new(

@@ -4,6 +4,8 @@
 //! - `resources`: 2D resources, their guest-memory backing and TRANSFER_TO_HOST_2D.
 //! - `scanout`: the one scanout, RESOURCE_FLUSH into the shared framebuffer, the cursor.
 //! - [`edid`]: the EDID block describing the configured mode.
+//! - [`store`]: what the guest set up, kept in a memfd the VMM hands to every incarnation
+//!   of the worker, and rebuilt from it by a replacement.
 //! - `device`: the queues, config space and command dispatch.
 
 mod device;
@@ -11,5 +13,6 @@ pub mod edid;
 pub mod protocol;
 mod resources;
 mod scanout;
+pub mod store;
 
 pub use device::{GpuDevice, GpuLimits, CONFIG_SIZE, CONTROL_QUEUE, CURSOR_QUEUE, NUM_QUEUES};

@@ -10,6 +10,7 @@ use super::protocol::{
     MemEntry, PixelLayout, BYTES_PER_PIXEL, RESP_ERR_INVALID_PARAMETER,
     RESP_ERR_INVALID_RESOURCE_ID, RESP_ERR_OUT_OF_MEMORY, RESP_ERR_UNSPEC,
 };
+use super::store::{MAX_RESOURCES, MAX_TOTAL_BACKING_ENTRIES};
 use crate::display::framebuffer::Rect;
 
 /// Why a command failed; each maps to the response the guest gets.
@@ -25,6 +26,8 @@ pub enum CommandError {
     BadSize { width: u32, height: u32 },
     #[error("resource of {bytes} bytes exceeds the memory budget ({budget} bytes left)")]
     OverBudget { bytes: u64, budget: u64 },
+    #[error("the guest already holds the most resources or backing entries the device keeps")]
+    TooMany,
     #[error("rectangle {0:?} is outside the resource")]
     RectOutside(Rect),
     #[error("backing entry at {addr:#x}+{length} is outside guest memory")]
@@ -49,7 +52,7 @@ impl CommandError {
             CommandError::NoSuchResource(_) | CommandError::ResourceIdTaken(_) => {
                 RESP_ERR_INVALID_RESOURCE_ID
             }
-            CommandError::OverBudget { .. } => RESP_ERR_OUT_OF_MEMORY,
+            CommandError::OverBudget { .. } | CommandError::TooMany => RESP_ERR_OUT_OF_MEMORY,
             CommandError::NoSuchScanout(_) => RESP_ERR_INVALID_SCANOUT_ID,
             CommandError::BadFormat(_)
             | CommandError::BadSize { .. }
@@ -63,6 +66,8 @@ impl CommandError {
 }
 
 pub struct Resource {
+    /// The format number the guest gave, kept for the state store.
+    pub format: u32,
     pub width: u32,
     pub height: u32,
     pub layout: PixelLayout,
@@ -77,6 +82,11 @@ impl Resource {
     }
 
     /// The pixel at (x, y) as `0x00RRGGBB`; the caller keeps (x, y) inside.
+    /// The guest pages attached, in order.
+    pub fn backing(&self) -> &[MemEntry] {
+        &self.backing
+    }
+
     pub fn rgb_at(&self, x: u32, y: u32) -> u32 {
         let offset = y as usize * self.stride() + x as usize * BYTES_PER_PIXEL as usize;
         self.pixels
@@ -89,6 +99,9 @@ impl Resource {
 pub struct Resources {
     resources: HashMap<u32, Resource>,
     bytes_used: u64,
+    /// Backing entries over all resources: bounded, like their count, so that the state
+    /// store's record of them is.
+    entries_used: u32,
     budget: u64,
     max_dimension: u32,
 }
@@ -98,6 +111,7 @@ impl Resources {
         Resources {
             resources: HashMap::new(),
             bytes_used: 0,
+            entries_used: 0,
             budget,
             max_dimension,
         }
@@ -118,6 +132,9 @@ impl Resources {
     ) -> Result<(), CommandError> {
         if id == 0 || self.resources.contains_key(&id) {
             return Err(CommandError::ResourceIdTaken(id));
+        }
+        if self.resources.len() >= MAX_RESOURCES as usize {
+            return Err(CommandError::TooMany);
         }
         let layout = PixelLayout::of(format).ok_or(CommandError::BadFormat(format))?;
         let bad_size = CommandError::BadSize { width, height };
@@ -142,6 +159,7 @@ impl Resources {
         self.resources.insert(
             id,
             Resource {
+                format,
                 width,
                 height,
                 layout,
@@ -159,6 +177,7 @@ impl Resources {
             .remove(&id)
             .ok_or(CommandError::NoSuchResource(id))?;
         self.bytes_used -= resource.pixels.len() as u64;
+        self.entries_used -= resource.backing.len() as u32;
         Ok(())
     }
 
@@ -186,6 +205,12 @@ impl Resources {
                 });
             }
         }
+        // At most max_backing_entries each, far below u32::MAX.
+        let entries_used = self.entries_used - resource.backing.len() as u32;
+        if entries_used + entries.len() as u32 > MAX_TOTAL_BACKING_ENTRIES {
+            return Err(CommandError::TooMany);
+        }
+        self.entries_used = entries_used + entries.len() as u32;
         resource.backing = entries;
         Ok(())
     }
@@ -198,6 +223,7 @@ impl Resources {
         if resource.backing.is_empty() {
             return Err(CommandError::NoBacking(id));
         }
+        self.entries_used -= resource.backing.len() as u32;
         resource.backing.clear();
         Ok(())
     }
@@ -251,6 +277,15 @@ impl Resources {
     pub fn clear(&mut self) {
         self.resources.clear();
         self.bytes_used = 0;
+        self.entries_used = 0;
+    }
+
+    /// Every resource, by ascending id.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Resource)> {
+        let mut ids: Vec<u32> = self.resources.keys().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .filter_map(|id| self.resources.get(&id).map(|r| (id, r)))
     }
 }
 

@@ -42,6 +42,11 @@ impl Scanout {
         self.resource_id
     }
 
+    /// The part of the resource shown.
+    pub fn rect(&self) -> Rect {
+        self.rect
+    }
+
     /// SET_SCANOUT: resource 0 disables the scanout; otherwise `rect` must lie in the
     /// resource. A new size is a new mode for every viewer.
     pub fn set(
