@@ -147,7 +147,17 @@ fn rules() -> Vec<SyscallRule> {
         ),
         // Data.
         SyscallRule::allow(sys!(SYS_pread64)).because("Tread"),
-        SyscallRule::allow(sys!(SYS_pwrite64)).because("Twrite"),
+        SyscallRule::allow(sys!(SYS_pwrite64))
+            .because("Twrite, and appending to the session journal (a memfd from the VMM)"),
+        SyscallRule::allow(sys!(SYS_fallocate))
+            .when(Arg::int(1, "mode").eq(Constant {
+                name: "FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE",
+                value: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+            }))
+            .because(
+                "freeing a compacted session journal's old generation; never grows, \
+                 allocates or collapses ranges",
+            ),
         SyscallRule::allow(sys!(SYS_getdents64)).because("Treaddir"),
         SyscallRule::allow(sys!(SYS_lseek)).because("Treaddir: seeking a directory to a cookie"),
         SyscallRule::allow(sys!(SYS_fsync)).because("Tfsync"),
