@@ -808,3 +808,47 @@ fn a_bad_journal_is_reported_and_the_worker_starts_afresh() -> Result<()> {
     ensure!(worker.is_running(), "{}", worker.stderr());
     Ok(())
 }
+
+/// What the journal costs through the virtqueue, on a launched, sandboxed worker: the
+/// time of a walk and clunk pair with and without one. A measurement, not a check:
+/// `cargo test --release -p bulkhead-tests --test p9_device journal_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn journal_cost_through_the_virtqueue() -> Result<()> {
+    const PAIRS: u32 = 20_000;
+    let scratch = ScratchDir::new("p9journalcost")?;
+    let share = scratch.path().join("share");
+    fs::create_dir_all(share.join("sub"))?;
+    fs::write(share.join("sub/file"), "x")?;
+    let time = |journaled: bool| -> Result<Duration> {
+        let dir = fs::File::open(&share)?;
+        let journal = bulkhead_workers::p9::journal::new_journal()?;
+        let mut inherit = vec![(dir.as_raw_fd(), 5)];
+        if journaled {
+            inherit.push((journal.as_raw_fd(), 6));
+        }
+        let config = DeviceConfig::P9(P9Config {
+            root_fd: 5,
+            tag: "cost".into(),
+            read_only: false,
+            journal_fd: journaled.then_some(6),
+        });
+        let (_worker, connection) = WorkerProcess::launched_with("9p0", config, &inherit, &[])?;
+        let mut c = Client::over(Box::new(VirtioP9::start(connection, MSIZE)?));
+        let (msize, _) = c.version(MSIZE, "9P2000.L")?;
+        c.msize = msize;
+        c.attach(ROOT_FID, 0)?;
+        let start = std::time::Instant::now();
+        for _ in 0..PAIRS {
+            c.walk(ROOT_FID, 1, &["sub", "file"])?;
+            c.clunk(1)?;
+        }
+        Ok(start.elapsed() / PAIRS)
+    };
+    for round in 0..3 {
+        let without = time(false)?;
+        let with = time(true)?;
+        eprintln!("round {round}: walk+clunk {without:?} without a journal, {with:?} with");
+    }
+    Ok(())
+}
