@@ -418,8 +418,10 @@ impl Journal {
     /// `fid` now stands for `record` (a walk, an attach, an open, a rename).
     pub fn set_fid(&self, fid: u32, record: &FidRecord) {
         let Some(payload) = fid_payload(fid, record) else {
-            // Never the case for paths the server built, which the kernel bounds.
+            // A path deeper than any the guest's kernel names; forgotten rather than
+            // left as what it was before, so a replacement answers EBADF for it.
             tracing::warn!("fid {fid}: path too long to journal");
+            self.clunk(fid);
             return;
         };
         self.with(|inner| {

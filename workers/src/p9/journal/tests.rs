@@ -207,3 +207,13 @@ fn a_journal_that_names_too_many_fids_is_refused() {
         Err(JournalError::BadRecord { .. })
     ));
 }
+
+#[test]
+fn a_fid_too_deep_to_record_is_forgotten_not_left_as_it_was() {
+    let file = new_journal().unwrap();
+    let journal = Journal::start(file.try_clone().unwrap(), &versioned()).unwrap();
+    journal.set_fid(1, &record("short", OpenRecord::None));
+    let deep = "d/".repeat(MAX_PATH_LEN / 2) + "f";
+    journal.set_fid(1, &record(&deep, OpenRecord::None));
+    assert!(load(&file).unwrap().fids.is_empty());
+}
