@@ -852,3 +852,100 @@ fn journal_cost_through_the_virtqueue() -> Result<()> {
     }
     Ok(())
 }
+
+/// Requests on the ring when the worker is killed - some answered, some in flight, some
+/// not yet popped - are all answered once, by the killed worker or by its replacement in
+/// the session rebuilt from the journal: every Tgetattr of the attached fid succeeds, and
+/// every Tmkdir either succeeded or, replayed after it took effect, answers EEXIST; every
+/// directory exists.
+#[test]
+fn requests_left_at_a_kill_are_answered_in_the_rebuilt_session() -> Result<()> {
+    // Two descriptors a request, within the ring of 128.
+    const PAIRS: u16 = 30;
+    for attempt in 0..10u64 {
+        let scratch = ScratchDir::new("p9inflight")?;
+        let share = scratch.path().join("share");
+        fs::create_dir(&share)?;
+        let journal = bulkhead_workers::p9::journal::new_journal()?;
+        let (first, connection) = launch_journaled(&share, &journal)?;
+        let (device, inflight) = VirtioP9::start_tracked(connection, MSIZE)?;
+        let device = std::sync::Arc::new(std::sync::Mutex::new(device));
+        let mut c = Client::over(Box::new(SharedDevice(device.clone())));
+        let (msize, _) = c.version(MSIZE, "9P2000.L")?;
+        c.msize = msize;
+        c.attach(ROOT_FID, 0)?;
+
+        let mut d = device.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let memory = d.device.memory.clone();
+        let slots = memory.allocate(u64::from(2 * PAIRS) * 512, 8)?;
+        let mut expected = std::collections::BTreeMap::new();
+        for i in 0..2 * PAIRS {
+            let tag = 100 + i;
+            let frame = if i % 2 == 0 {
+                let name = format!("dir{i}");
+                let body = Body::new().u32(ROOT_FID).str(&name).u32(0o755).u32(0);
+                bulkhead_tests::p9::frame(72, tag, &body.0)
+            } else {
+                bulkhead_tests::p9::frame(24, tag, &Body::new().u32(ROOT_FID).u64(0x7ff).0)
+            };
+            let request = vm_memory::GuestAddress(slots.0 + u64::from(i) * 512);
+            let reply = vm_memory::GuestAddress(request.0 + 256);
+            memory.write(request, &frame)?;
+            let head = d.device.queues[0].post(&[
+                Buffer::readable(request, frame.len() as u32),
+                Buffer::writable(reply, 256),
+            ])?;
+            expected.insert(head, (i, reply));
+        }
+        d.device.queues[0].kick()?;
+        std::thread::sleep(Duration::from_micros(200 * attempt));
+        first.kill()?;
+        let mut answered: Vec<u16> = d.device.queues[0]
+            .collect_used()?
+            .iter()
+            .map(|u| u.id as u16)
+            .collect();
+        let before = answered.len();
+        // Best: a kill between completions, some answered and some left.
+        if before == expected.len() || (before == 0 && attempt < 7) {
+            continue;
+        }
+        let (second, connection) = launch_journaled(&share, &journal)?;
+        d.replace(connection, &inflight)?;
+        let rest = d.device.queues[0].wait_used(expected.len() - before, TIMEOUT)?;
+        answered.extend(rest.iter().map(|u| u.id as u16));
+        std::thread::sleep(Duration::from_millis(100));
+        ensure!(
+            d.device.queues[0].collect_used()?.is_empty(),
+            "a request answered twice"
+        );
+        let mut sorted = answered.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        ensure!(sorted.len() == expected.len(), "answers {answered:?}");
+        let mut repeats = 0;
+        for (i, reply) in expected.values() {
+            let bytes = memory.read(*reply, 11)?;
+            let kind = bytes[4];
+            let tag = u16::from_le_bytes([bytes[5], bytes[6]]);
+            ensure!(tag == 100 + i, "request {i} answered with tag {tag}");
+            let errno = u32::from_le_bytes([bytes[7], bytes[8], bytes[9], bytes[10]]);
+            match (i % 2, kind) {
+                (0, 73) | (1, 25) => {}
+                (0, 7) if errno == libc::EEXIST as u32 => repeats += 1,
+                _ => bail!("request {i}: reply type {kind}, errno {errno}"),
+            }
+        }
+        for i in (0..2 * PAIRS).step_by(2) {
+            ensure!(share.join(format!("dir{i}")).is_dir(), "dir{i} missing");
+        }
+        ensure!(second.is_running(), "{}", second.stderr());
+        eprintln!(
+            "attempt {attempt}: {before} of {} answered before the kill, {repeats} mkdirs \
+             replayed after taking effect (EEXIST)",
+            expected.len()
+        );
+        return Ok(());
+    }
+    bail!("the kill never landed before every request was answered")
+}
