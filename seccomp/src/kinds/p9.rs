@@ -22,6 +22,10 @@
 //! The stat, readlink, xattr and chown families resolve paths too and Landlock does not
 //! police them; the server only uses their descriptor forms (`AT_EMPTY_PATH`, `f*xattr`),
 //! and the filter pins the `newfstatat` and `fchownat` flags to those forms.
+//!
+//! One descriptor is not beneath the share: the session journal, a memfd from the VMM
+//! that the worker appends to (pwrite64) and frees old generations of (fallocate, punch
+//! hole only).
 
 use std::os::fd::RawFd;
 
@@ -254,6 +258,17 @@ mod tests {
         ] {
             assert!(allowed(name), "p9 must allow {name}");
         }
+    }
+
+    #[test]
+    fn fallocate_only_punches_the_journal() {
+        let policy = policy(None, false);
+        let rule = policy
+            .syscalls
+            .iter()
+            .find(|r| r.syscall.name() == "fallocate")
+            .expect("fallocate rule");
+        assert!(!rule.is_unconditional());
     }
 
     #[test]
