@@ -549,7 +549,7 @@ fn serve_p9(args: P9Args) -> anyhow::Result<()> {
             };
             let root =
                 Root::from_fd(OwnedFd::from(root)).context("the shared directory (root_fd)")?;
-            let journal = files.next();
+            let journal = config.journal_fd.and_then(|_| files.next());
             if config.journal_fd.is_some() && journal.is_none() {
                 bail!("--launch-fd {fd}: no session journal");
             }
