@@ -117,36 +117,80 @@ pub fn load(file: &File) -> Result<Replayed, JournalError> {
     if len > MAX_GENERATION_BYTES {
         return Err(JournalError::TooLarge { start, len });
     }
-    // Bounded just above.
-    let mut log = vec![0u8; len as usize];
-    let n = read_full(file, &mut log, start)?;
-    log.truncate(n);
+    // Read a window at a time: a journal that claims to be large (sparse zeros, say)
+    // costs reading, never that much memory.
+    let mut window = Window {
+        file,
+        start,
+        end: start + len,
+        at: start,
+        bytes: Vec::new(),
+    };
     let mut replayed = Replayed::default();
-    let mut at = 0usize;
-    while let Some(payload) = next_record(&log, at, generation) {
-        let offset = start + at as u64;
-        apply(&mut replayed, payload).map_err(|why| JournalError::BadRecord { at: offset, why })?;
-        at += RECORD_HEADER + payload.len();
+    let mut offset = start;
+    while let Some(payload) = window.record(offset, generation)? {
+        apply(&mut replayed, &payload)
+            .map_err(|why| JournalError::BadRecord { at: offset, why })?;
+        offset += (RECORD_HEADER + payload.len()) as u64;
     }
-    if at < log.len() && log[at..].iter().any(|&b| b != 0) {
-        tracing::debug!(
-            "session journal: the log ends at {} (a torn record after it is ignored)",
-            start + at as u64
-        );
+    if offset < start + len {
+        tracing::debug!("session journal: the log ends at {offset}");
     }
     Ok(replayed)
 }
 
-/// The payload of the record at `at`, if one is there whole and checks.
-fn next_record(log: &[u8], at: usize, generation: u64) -> Option<&[u8]> {
-    let head = log.get(at..at + RECORD_HEADER)?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    if len == 0 || len > MAX_PAYLOAD {
-        return None;
+/// Reading window over a generation's log.
+struct Window<'a> {
+    file: &'a File,
+    /// Where the generation starts and the file ends.
+    start: u64,
+    end: u64,
+    /// The file offset of `bytes[0]`.
+    at: u64,
+    bytes: Vec<u8>,
+}
+
+/// Bytes read at once.
+const WINDOW: usize = 1 << 20;
+
+impl Window<'_> {
+    /// `len` bytes at `offset`, or None past the end of the file.
+    fn get(&mut self, offset: u64, len: usize) -> io::Result<Option<&[u8]>> {
+        debug_assert!(offset >= self.start);
+        let want_end = offset + len as u64;
+        if want_end > self.end {
+            return Ok(None);
+        }
+        if offset < self.at || want_end > self.at + self.bytes.len() as u64 {
+            // Bounded by the file's end, itself bounded by MAX_GENERATION_BYTES.
+            let size = ((self.end - offset) as usize).min(WINDOW.max(len));
+            self.bytes.resize(size, 0);
+            let n = read_full(self.file, &mut self.bytes, offset)?;
+            self.bytes.truncate(n);
+            self.at = offset;
+            if n < len {
+                return Ok(None);
+            }
+        }
+        let from = (offset - self.at) as usize;
+        Ok(Some(&self.bytes[from..from + len]))
     }
-    let payload = log.get(at + RECORD_HEADER..at + RECORD_HEADER + len)?;
-    (record_crc(generation, payload) == crc).then_some(payload)
+
+    /// The payload of the record at `offset`, if one is there whole and checks.
+    fn record(&mut self, offset: u64, generation: u64) -> io::Result<Option<Vec<u8>>> {
+        let Some(head) = self.get(offset, RECORD_HEADER)? else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if len == 0 || len > MAX_PAYLOAD {
+            return Ok(None);
+        }
+        let Some(payload) = self.get(offset + RECORD_HEADER as u64, len)? else {
+            return Ok(None);
+        };
+        Ok((record_crc(generation, payload) == crc).then(|| payload.to_vec()))
+    }
 }
 
 fn apply(replayed: &mut Replayed, payload: &[u8]) -> Result<(), &'static str> {

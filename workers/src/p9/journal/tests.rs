@@ -217,3 +217,13 @@ fn a_fid_too_deep_to_record_is_forgotten_not_left_as_it_was() {
     journal.set_fid(1, &record(&deep, OpenRecord::None));
     assert!(load(&file).unwrap().fids.is_empty());
 }
+
+#[test]
+fn a_journal_claiming_to_be_huge_costs_no_memory_and_is_bounded() {
+    // Valid records, then sparse zeros to 256 MiB: read a window at a time.
+    let file = forged(&[fid_with_path(b"kept")]);
+    file.set_len(256 << 20).unwrap();
+    assert_eq!(load(&file).unwrap().fids.len(), 1);
+    file.set_len(PAGE + MAX_GENERATION_BYTES + 1).unwrap();
+    assert!(matches!(load(&file), Err(JournalError::TooLarge { .. })));
+}
