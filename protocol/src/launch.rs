@@ -93,6 +93,17 @@ pub struct P9Config {
     pub tag: String,
     /// Refuse every change with EROFS (and grant Landlock only read rights).
     pub read_only: bool,
+    /// The session journal: a memfd the VMM made for this device and hands to every
+    /// worker it starts for it, so that a replacement rebuilds the guest's fids (it
+    /// vanishes with the VMM). None: fids do not survive the worker.
+    pub journal_fd: Option<i32>,
+}
+
+impl P9Config {
+    /// Every descriptor this config names: the shared directory, the journal.
+    pub fn descriptors(&self) -> impl Iterator<Item = i32> + '_ {
+        std::iter::once(self.root_fd).chain(self.journal_fd)
+    }
 }
 
 /// How the bytes of a disk image are laid out.
@@ -223,7 +234,7 @@ impl DeviceConfig {
     pub fn descriptors(&self) -> Vec<i32> {
         match self {
             DeviceConfig::Rng(_) => Vec::new(),
-            DeviceConfig::P9(p9) => vec![p9.root_fd],
+            DeviceConfig::P9(p9) => p9.descriptors().collect(),
             DeviceConfig::Blk(blk) => blk.descriptors().collect(),
             DeviceConfig::Net(net) => net.tap_fds.clone(),
             DeviceConfig::Display(display) => display.descriptors().collect(),
@@ -359,12 +370,14 @@ mod tests {
                 root_fd: 5,
                 tag: "share".into(),
                 read_only: true,
+                journal_fd: Some(6),
             }),
             vhost_user_fd: 4,
         };
         let bytes = encode(&launch).unwrap();
         assert_eq!(decode::<WorkerLaunch>(&bytes).unwrap(), launch);
         assert_eq!(launch.device.kind(), WorkerKind::P9);
+        assert_eq!(launch.device.descriptors(), [5, 6]);
     }
 
     #[test]

@@ -4,16 +4,20 @@
 //! one request at a time through two buffers it reuses.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestAddress;
 
 use crate::p9::{P9Error, Result, Transport, REPLY_TIMEOUT};
 use crate::vhost::device::DeviceError;
-use crate::vhost::{Buffer, DeviceSetup, UserspaceDevice};
+use crate::vhost::{
+    Buffer, DeviceSetup, SharedMemory, SplitQueueDriver, UserspaceDevice, UserspaceFrontend,
+};
 
 /// `VIRTIO_9P_F_MOUNT_TAG`.
 pub const VIRTIO_9P_F_MOUNT_TAG: u64 = 1;
@@ -35,11 +39,7 @@ impl VirtioP9 {
         connection: UnixStream,
         buffer_len: u32,
     ) -> std::result::Result<Self, DeviceError> {
-        let mut setup = DeviceSetup::new(&[QUEUE_SIZE]).with_features(
-            VIRTIO_9P_F_MOUNT_TAG
-                | (1 << VIRTIO_RING_F_EVENT_IDX)
-                | (1 << VIRTIO_RING_F_INDIRECT_DESC),
-        );
+        let mut setup = DeviceSetup::new(&[QUEUE_SIZE]).with_features(features());
         setup.protocol_features =
             VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
         let device = UserspaceDevice::start(connection, &setup)?;
@@ -52,6 +52,75 @@ impl VirtioP9 {
             buffer_len,
             replies: VecDeque::new(),
         })
+    }
+
+    /// [`start`](Self::start), with the queue tracked in an inflight region
+    /// (INFLIGHT_SHMFD): what the VMM keeps so that a replacement worker
+    /// ([`replace`](Self::replace)) answers what a killed one left in flight.
+    pub fn start_tracked(
+        connection: UnixStream,
+        buffer_len: u32,
+    ) -> std::result::Result<(Self, Inflight), DeviceError> {
+        let features = features();
+        let protocol = VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        let setup = DeviceSetup::new(&[QUEUE_SIZE]);
+        let memory = Arc::new(SharedMemory::new(setup.memory_base, setup.memory_size)?);
+        let mut frontend = UserspaceFrontend::new(connection, 1);
+        let negotiated = frontend.negotiate(features, protocol)?;
+        frontend.set_mem_table(&memory)?;
+        let (description, region) = frontend.get_inflight_fd(1, QUEUE_SIZE)?;
+        let mut queue = SplitQueueDriver::new(memory.clone(), QUEUE_SIZE)?;
+        queue.set_event_idx(negotiated.has(VIRTIO_RING_F_EVENT_IDX));
+        frontend.start_queue(0, &queue)?;
+        let device = UserspaceDevice {
+            memory,
+            frontend,
+            queues: vec![queue],
+            negotiated,
+        };
+        let request = device.memory.allocate(u64::from(buffer_len), 8)?;
+        let reply = device.memory.allocate(u64::from(buffer_len), 8)?;
+        Ok((
+            VirtioP9 {
+                device,
+                request,
+                reply,
+                buffer_len,
+                replies: VecDeque::new(),
+            },
+            Inflight {
+                description,
+                region,
+            },
+        ))
+    }
+
+    /// Hands the device to a replacement worker on `connection`, as the VMM's supervisor
+    /// does after a crash: same memory, same ring, the predecessor's inflight region; the
+    /// queue resumes where the used ring stands.
+    pub fn replace(
+        &mut self,
+        connection: UnixStream,
+        inflight: &Inflight,
+    ) -> std::result::Result<(), DeviceError> {
+        let protocol = VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        let mut frontend = UserspaceFrontend::new(connection, 1);
+        frontend.negotiate(features(), protocol)?;
+        frontend.set_mem_table(&self.device.memory)?;
+        frontend.set_inflight_fd(&inflight.description, &inflight.region)?;
+        let queue = &self.device.queues[0];
+        let used_idx = self
+            .device
+            .memory
+            .read(GuestAddress(queue.layout().used_ring.0 + 2), 2)?;
+        frontend.resume_queue(0, queue, u16::from_le_bytes([used_idx[0], used_idx[1]]))?;
+        queue.kick()?;
+        self.device.frontend = frontend;
+        Ok(())
     }
 
     /// Posts `buffers` as one chain, kicks, and returns what the device wrote into
@@ -67,6 +136,16 @@ impl VirtioP9 {
             .read(reply_at, len as usize)
             .map_err(protocol)
     }
+}
+
+/// The inflight region of a tracked queue, kept across workers.
+pub struct Inflight {
+    pub description: VhostUserInflight,
+    pub region: File,
+}
+
+fn features() -> u64 {
+    VIRTIO_9P_F_MOUNT_TAG | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
 }
 
 fn protocol(e: impl std::fmt::Display) -> P9Error {

@@ -11,7 +11,7 @@ use bulkhead_protocol::{DeviceConfig, WorkerKind, WorkerLaunch};
 use crate::config::VmConfig;
 use crate::disk::{open_disk, queues_for, OpenedDisk};
 use crate::net::{open_net, OpenedNet};
-use crate::share::{open_share, OpenedShare};
+use crate::share::open_share;
 use crate::vhost_user::DeviceShape;
 use crate::vm::VmError;
 
@@ -104,12 +104,14 @@ pub fn plan_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
         ));
     }
     for (index, spec) in config.shares.iter().enumerate() {
-        let OpenedShare { config, dir } = open_share(spec)?;
+        // The journal travels with the directory: the supervisor keeps both for every
+        // worker the share gets.
+        let (config, files) = open_share(spec)?.files();
         let config_size = P9_CONFIG_HEADER + config.tag.len();
         planned.push(PlannedDevice::new(
             format!("9p{index}"),
             DeviceConfig::P9(config),
-            vec![dir],
+            files,
             DeviceShape {
                 device_type: WorkerKind::P9.virtio_device_id(),
                 queue_sizes: vec![P9_QUEUE_SIZE],

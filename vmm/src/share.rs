@@ -114,15 +114,31 @@ pub enum ShareOpenError {
         #[source]
         source: std::io::Error,
     },
+    #[error("shared directory {path}: cannot create its session journal")]
+    Journal {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// A share ready to hand to a worker: its launch config and the directory it names.
+/// A share ready to hand to a worker: its launch config and the files it names.
 #[derive(Debug)]
 pub struct OpenedShare {
     pub config: P9Config,
     /// `O_PATH`: it grants no reading or writing by itself; the worker opens what it
     /// serves beneath it.
     pub dir: File,
+    /// The session journal, kept for the VM's life and handed to every worker the share
+    /// gets: a restarted worker rebuilds the guest's fids from it.
+    pub journal: File,
+}
+
+impl OpenedShare {
+    /// The files in the order the config's descriptors name them.
+    pub fn files(self) -> (P9Config, Vec<File>) {
+        (self.config, vec![self.dir, self.journal])
+    }
 }
 
 /// Opens the shared directory of `spec` (following symbolic links in the path the user
@@ -136,12 +152,23 @@ pub fn open_share(spec: &ShareSpec) -> Result<OpenedShare, ShareOpenError> {
             path: spec.dir.clone(),
             source,
         })?;
+    let journal =
+        bulkhead_workers::p9::journal::new_journal().map_err(|source| ShareOpenError::Journal {
+            path: spec.dir.clone(),
+            source,
+        })?;
+    let fds = device_fds(2);
     let config = P9Config {
-        root_fd: device_fds(1)[0],
+        root_fd: fds[0],
         tag: spec.tag.clone(),
         read_only: spec.read_only,
+        journal_fd: Some(fds[1]),
     };
-    Ok(OpenedShare { config, dir })
+    Ok(OpenedShare {
+        config,
+        dir,
+        journal,
+    })
 }
 
 #[cfg(test)]
@@ -206,6 +233,8 @@ mod tests {
         let share = spec("/,tag=root").unwrap();
         let opened = open_share(&share).unwrap();
         assert_eq!(opened.config.root_fd, 5);
+        assert_eq!(opened.config.journal_fd, Some(6));
+        assert_eq!(opened.journal.metadata().unwrap().len(), 0);
         assert_eq!(opened.config.tag, "root");
         let flags = nix::fcntl::fcntl(&opened.dir, nix::fcntl::FcntlArg::F_GETFL).unwrap();
         assert_ne!(flags & libc::O_PATH, 0);

@@ -30,7 +30,7 @@ use bulkhead_workers::display::{
 use bulkhead_workers::input::InputDevice;
 use bulkhead_workers::launch::{events_socket, listening_socket, read_launch};
 use bulkhead_workers::net::{mac_from_name, NetDevice, NetSettings, Tap, MAX_QUEUE_PAIRS};
-use bulkhead_workers::p9::{transport_unix, Export, P9Device, Root};
+use bulkhead_workers::p9::{transport_unix, Export, P9Device, P9DeviceError, Root};
 use bulkhead_workers::rng::RngDevice;
 use bulkhead_workers::sandbox::enter_policy;
 use bulkhead_workers::vhost_user::{serve_connection, serve_listener, DeviceBackend, GuestRam};
@@ -631,7 +631,7 @@ fn open_disk_standalone(path: &Path, args: &BlkArgs) -> anyhow::Result<DiskFiles
 /// taken from the launch (VMM) before the sandbox; the sandbox's Landlock rule is built
 /// from that descriptor, and the server resolves every name beneath it.
 fn serve_p9(args: P9Args) -> anyhow::Result<()> {
-    let (root, tag, read_only, frontend) = match (&args.launch_fd, &args.dir) {
+    let (root, tag, read_only, journal, frontend) = match (&args.launch_fd, &args.dir) {
         (&Some(fd), _) => {
             let launch =
                 read_launch(fd, WorkerKind::P9).with_context(|| format!("--launch-fd {fd}"))?;
@@ -639,15 +639,21 @@ fn serve_p9(args: P9Args) -> anyhow::Result<()> {
             let DeviceConfig::P9(config) = launch.device else {
                 bail!("--launch-fd {fd}: not a p9 launch config");
             };
-            let Some(root) = launch.files.into_iter().next() else {
+            let mut files = launch.files.into_iter();
+            let Some(root) = files.next() else {
                 bail!("--launch-fd {fd}: no shared directory");
             };
             let root =
                 Root::from_fd(OwnedFd::from(root)).context("the shared directory (root_fd)")?;
+            let journal = config.journal_fd.and_then(|_| files.next());
+            if config.journal_fd.is_some() && journal.is_none() {
+                bail!("--launch-fd {fd}: no session journal");
+            }
             (
                 root,
                 config.tag,
                 config.read_only,
+                journal,
                 Some(Frontend::Connected(launch.connection)),
             )
         }
@@ -658,7 +664,8 @@ fn serve_p9(args: P9Args) -> anyhow::Result<()> {
                 Some(path) => Some(Frontend::Listening(bind(path)?)),
                 None => None,
             };
-            (root, tag, args.ro, frontend)
+            // Standalone, no journal: each frontend gets a session of its own.
+            (root, tag, args.ro, None, frontend)
         }
         (None, None) => bail!("give --dir or --launch-fd"),
     };
@@ -670,10 +677,25 @@ fn serve_p9(args: P9Args) -> anyhow::Result<()> {
     let root_fd = root.fd().as_raw_fd();
     let policy = bulkhead_seccomp::p9_policy(root_fd, read_only);
     let keep_root = [(root_fd, "shared directory")];
+    let mut keep = keep_root.to_vec();
+    keep.extend(
+        journal
+            .iter()
+            .map(|file| (file.as_raw_fd(), "session journal")),
+    );
     let export = std::sync::Arc::new(Export::new(root, read_only).without_ownership());
     match frontend {
-        Some(frontend) => serve(policy, frontend, &keep_root, move || {
-            Ok(move || P9Device::new(export.clone(), &tag).map(P9Device::into_backend))
+        Some(frontend) => serve(policy, frontend, &keep, move || {
+            Ok(move || {
+                let device = P9Device::new(export.clone(), &tag)?;
+                let device = match &journal {
+                    Some(file) => {
+                        device.with_journal(file.try_clone().map_err(P9DeviceError::Journal)?)
+                    }
+                    None => device,
+                };
+                Ok::<_, P9DeviceError>(device.into_backend())
+            })
         }),
         None => {
             let Some(path) = &args.listen else {

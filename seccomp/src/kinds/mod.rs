@@ -115,6 +115,7 @@ mod tests {
                 root_fd: 5,
                 tag: "share".into(),
                 read_only,
+                journal_fd: Some(6),
             })
         };
         let writable = policy_for_device(&share(false)).digest();

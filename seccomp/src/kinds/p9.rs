@@ -22,6 +22,10 @@
 //! The stat, readlink, xattr and chown families resolve paths too and Landlock does not
 //! police them; the server only uses their descriptor forms (`AT_EMPTY_PATH`, `f*xattr`),
 //! and the filter pins the `newfstatat` and `fchownat` flags to those forms.
+//!
+//! One descriptor is not beneath the share: the session journal, a memfd from the VMM
+//! that the worker appends to (pwrite64) and frees old generations of (fallocate, punch
+//! hole only).
 
 use std::os::fd::RawFd;
 
@@ -147,7 +151,17 @@ fn rules() -> Vec<SyscallRule> {
         ),
         // Data.
         SyscallRule::allow(sys!(SYS_pread64)).because("Tread"),
-        SyscallRule::allow(sys!(SYS_pwrite64)).because("Twrite"),
+        SyscallRule::allow(sys!(SYS_pwrite64))
+            .because("Twrite, and appending to the session journal (a memfd from the VMM)"),
+        SyscallRule::allow(sys!(SYS_fallocate))
+            .when(Arg::int(1, "mode").eq(Constant {
+                name: "FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE",
+                value: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+            }))
+            .because(
+                "freeing a compacted session journal's old generation; never grows, \
+                 allocates or collapses ranges",
+            ),
         SyscallRule::allow(sys!(SYS_getdents64)).because("Treaddir"),
         SyscallRule::allow(sys!(SYS_lseek)).because("Treaddir: seeking a directory to a cookie"),
         SyscallRule::allow(sys!(SYS_fsync)).because("Tfsync"),
@@ -244,6 +258,17 @@ mod tests {
         ] {
             assert!(allowed(name), "p9 must allow {name}");
         }
+    }
+
+    #[test]
+    fn fallocate_only_punches_the_journal() {
+        let policy = policy(None, false);
+        let rule = policy
+            .syscalls
+            .iter()
+            .find(|r| r.syscall.name() == "fallocate")
+            .expect("fallocate rule");
+        assert!(!rule.is_unconditional());
     }
 
     #[test]

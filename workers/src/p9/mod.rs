@@ -3,6 +3,8 @@
 //! - [`wire`]: the encoding: little-endian fields, strings and qids, bounds-checked.
 //! - [`messages`]: requests parsed from frames and replies encoded into them.
 //! - [`confined`]: every host file system call, beneath the shared directory's descriptor.
+//! - [`journal`]: a session's fids as a replacement worker rebuilds them, in a memfd the
+//!   VMM keeps.
 //! - [`server`]: fids, msize negotiation and one handler per request: a request frame in,
 //!   a reply frame out, whatever carries them.
 //! - [`transport_unix`]: the standalone debug transport, 9P over a Unix stream socket.
@@ -35,6 +37,7 @@
 //! must not run on the only thread that would handle that request.
 
 pub mod confined;
+pub mod journal;
 pub mod messages;
 pub mod server;
 pub mod transport_unix;

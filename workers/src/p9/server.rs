@@ -5,7 +5,7 @@
 //! ([`Session::handle`]); framing and delivery belong to the transport - the Unix socket
 //! debug transport today, a virtio queue tomorrow - so the same handler serves both.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::confined::{self, cstring, name_path, open_beneath, open_path, Root};
+use super::journal::{self, FidRecord, Journal, OpenRecord, Replayed};
 use super::messages::{
     self, lock, parse, push_dirent, setattr, Attr, Lock, ParseError, Reply, Request, SetAttr,
     StatFs, IO_HEADER_LEN, MAXWELEM, NOTAG,
@@ -184,6 +185,19 @@ struct Fid {
     /// The attaching user, for the owner of files it creates when running as root.
     uid: u32,
     open: Open,
+    /// How it was opened, as the journal records it for a replacement worker.
+    reopen: OpenRecord,
+}
+
+impl Fid {
+    fn record(&self) -> FidRecord {
+        FidRecord {
+            uid: self.uid,
+            open: self.reopen,
+            qid_path: self.qid.path,
+            path: self.path.clone(),
+        }
+    }
 }
 
 type FidRef = Arc<Mutex<Fid>>;
@@ -200,6 +214,11 @@ pub struct Session {
     msize: AtomicU32,
     versioned: AtomicBool,
     fids: Mutex<HashMap<u32, FidRef>>,
+    /// Fids a replacement worker could not rebuild (their file is gone, or they were
+    /// xattr fids): every request on them but Tclunk answers ESTALE.
+    stale: Mutex<HashSet<u32>>,
+    /// Where the fids are recorded for a replacement worker, if anywhere.
+    journal: Option<Arc<Journal>>,
     in_flight: Mutex<HashMap<u16, usize>>,
     finished: Condvar,
 }
@@ -250,14 +269,132 @@ impl Drop for Pending {
 
 impl Session {
     pub fn new(export: Arc<Export>) -> Arc<Self> {
-        Arc::new(Session {
+        Arc::new(Self::unversioned(export, None))
+    }
+
+    fn unversioned(export: Arc<Export>, journal: Option<Arc<Journal>>) -> Self {
+        Session {
             export,
             msize: AtomicU32::new(PRE_VERSION_MSIZE),
             versioned: AtomicBool::new(false),
             fids: Mutex::new(HashMap::new()),
+            stale: Mutex::new(HashSet::new()),
+            journal,
             in_flight: Mutex::new(HashMap::new()),
             finished: Condvar::new(),
+        }
+    }
+
+    /// A session recorded in `journal` (which another session may have recorded in
+    /// before: a device reset starts afresh, as a Tversion does).
+    pub fn journaled(export: Arc<Export>, journal: Arc<Journal>) -> Arc<Self> {
+        journal.version(None);
+        Arc::new(Self::unversioned(export, Some(journal)))
+    }
+
+    /// The session a previous worker recorded in `file`, rebuilt: its msize, and every
+    /// fid reopened beneath the root as it was (a fid whose file is gone, or another
+    /// file now, is stale). A journal that does not check is logged and ignored: the
+    /// session then starts afresh, as without one. Returns the journal, recording from
+    /// now on, for later sessions of the same device.
+    pub fn restore(export: Arc<Export>, file: File) -> (Arc<Self>, Option<Arc<Journal>>) {
+        let mut replayed = journal::load(&file).unwrap_or_else(|e| {
+            tracing::warn!("{e}; the guest's fids are not rebuilt");
+            Replayed::default()
+        });
+        let mut session = Self::unversioned(export, None);
+        match replayed.msize {
+            Some(msize) if (MIN_MSIZE..=MAX_MSIZE).contains(&msize) => {
+                session.msize.store(msize, Ordering::Relaxed);
+                session.versioned.store(true, Ordering::Release);
+            }
+            Some(msize) => {
+                tracing::warn!("session journal: msize {msize} out of range; not rebuilt");
+                replayed = Replayed::default();
+            }
+            None => {}
+        }
+        let mut stale = 0;
+        for (&number, record) in &replayed.fids {
+            match session.rebuild(record) {
+                Ok(fid) => {
+                    lock_ignoring_poison(&session.fids).insert(number, Arc::new(Mutex::new(fid)));
+                }
+                Err(Errno(errno)) => {
+                    tracing::debug!(
+                        "fid {number} ({}): stale, errno {errno}",
+                        record.path.display()
+                    );
+                    stale += 1;
+                    lock_ignoring_poison(&session.stale).insert(number);
+                }
+            }
+        }
+        if replayed.msize.is_some() {
+            tracing::info!(
+                "session rebuilt from its journal: {} fids, {stale} of them stale",
+                replayed.fids.len()
+            );
+        }
+        let journal = match Journal::start(file, &replayed) {
+            Ok(journal) => Some(Arc::new(journal)),
+            Err(e) => {
+                tracing::warn!("session journal: {e}; this session is not recorded");
+                None
+            }
+        };
+        session.journal = journal.clone();
+        (Arc::new(session), journal)
+    }
+
+    /// A fid as a journal recorded it, reopened by the confined lookups from the root.
+    fn rebuild(&self, record: &FidRecord) -> Result<Fid> {
+        if record.open == OpenRecord::Xattr {
+            return err(libc::ESTALE);
+        }
+        let fd = open_path(self.export.root.fd(), &record.path)?;
+        let st = confined::stat(fd.as_fd())?;
+        let qid = self.export.qid(&st);
+        if qid.path != record.qid_path {
+            return err(libc::ESTALE);
+        }
+        let open = match record.open {
+            OpenRecord::Flags(flags) => match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => Open::Dir(Arc::new(Mutex::new(self.reopen(
+                    &record.path,
+                    &st,
+                    libc::O_RDONLY | libc::O_DIRECTORY,
+                )?))),
+                libc::S_IFREG => {
+                    // Created and truncated already: opening again must do neither.
+                    let flags = flags & !(dotl::CREATE | dotl::EXCL | dotl::TRUNC);
+                    if flags & dotl::ACCMODE != 0 {
+                        self.export.writable()?;
+                    }
+                    Open::File(Arc::new(self.reopen(
+                        &record.path,
+                        &st,
+                        open_flags(flags),
+                    )?))
+                }
+                _ => return err(libc::ESTALE),
+            },
+            _ => Open::None,
+        };
+        Ok(Fid {
+            fd: Arc::new(fd),
+            qid,
+            path: record.path.clone(),
+            uid: record.uid,
+            open,
+            reopen: record.open,
         })
+    }
+
+    fn journal_fid(&self, number: u32, fid: &Fid) {
+        if let Some(journal) = &self.journal {
+            journal.set_fid(number, &fid.record());
+        }
     }
 
     /// The largest frame the client may send now (and the server will send).
@@ -320,10 +457,17 @@ impl Session {
     }
 
     fn fid(&self, fid: u32) -> Result<FidRef> {
-        lock_ignoring_poison(&self.fids)
-            .get(&fid)
-            .cloned()
-            .ok_or(Errno(libc::EBADF))
+        let found = lock_ignoring_poison(&self.fids).get(&fid).cloned();
+        found.ok_or_else(|| self.missing(fid))
+    }
+
+    /// The errno for a fid the table lacks: ESTALE for one a restart could not rebuild.
+    fn missing(&self, fid: u32) -> Errno {
+        if lock_ignoring_poison(&self.stale).contains(&fid) {
+            Errno(libc::ESTALE)
+        } else {
+            Errno(libc::EBADF)
+        }
     }
 
     /// A copy of the fid's fields that path operations need, without holding its lock.
@@ -349,14 +493,23 @@ impl Session {
 
     /// Adds `fid`; fails when the number is taken (unless `replace`).
     fn insert(&self, number: u32, fid: Fid, replace: bool) -> Result<()> {
-        let mut fids = lock_ignoring_poison(&self.fids);
-        if !replace && fids.contains_key(&number) {
-            return err(libc::EBADF);
+        let record = self.journal.is_some().then(|| fid.record());
+        {
+            let mut fids = lock_ignoring_poison(&self.fids);
+            if !replace
+                && (fids.contains_key(&number)
+                    || lock_ignoring_poison(&self.stale).contains(&number))
+            {
+                return err(libc::EBADF);
+            }
+            if fids.len() >= MAX_FIDS && !fids.contains_key(&number) {
+                return err(libc::EMFILE);
+            }
+            fids.insert(number, Arc::new(Mutex::new(fid)));
         }
-        if fids.len() >= MAX_FIDS && !fids.contains_key(&number) {
-            return err(libc::EMFILE);
+        if let (Some(journal), Some(record)) = (&self.journal, record) {
+            journal.set_fid(number, &record);
         }
-        fids.insert(number, Arc::new(Mutex::new(fid)));
         Ok(())
     }
 
@@ -455,12 +608,19 @@ impl Session {
         let msize = msize.min(MAX_MSIZE);
         // A Tversion starts a new session: every fid of the old one goes.
         lock_ignoring_poison(&self.fids).clear();
+        lock_ignoring_poison(&self.stale).clear();
         if !version.starts_with(VERSION) {
+            if let Some(journal) = &self.journal {
+                journal.version(None);
+            }
             self.versioned.store(false, Ordering::Release);
             return Ok(Reply::Version {
                 msize,
                 version: "unknown".into(),
             });
+        }
+        if let Some(journal) = &self.journal {
+            journal.version(Some(msize));
         }
         self.msize.store(msize, Ordering::Relaxed);
         self.versioned.store(true, Ordering::Release);
@@ -484,6 +644,7 @@ impl Session {
                 path: PathBuf::new(),
                 uid: n_uname,
                 open: Open::None,
+                reopen: OpenRecord::None,
             },
             false,
         )?;
@@ -553,6 +714,7 @@ impl Session {
                 path,
                 uid,
                 open: Open::None,
+                reopen: OpenRecord::None,
             },
             newfid == fid,
         )?;
@@ -629,9 +791,23 @@ impl Session {
     }
 
     fn clunk(&self, fid: u32) -> Result<()> {
-        let removed = lock_ignoring_poison(&self.fids)
-            .remove(&fid)
-            .ok_or(Errno(libc::EBADF))?;
+        let removed = lock_ignoring_poison(&self.fids).remove(&fid);
+        let removed = match removed {
+            Some(removed) => removed,
+            None => {
+                // A stale fid is the client's until it clunks it.
+                if !lock_ignoring_poison(&self.stale).remove(&fid) {
+                    return err(libc::EBADF);
+                }
+                if let Some(journal) = &self.journal {
+                    journal.clunk(fid);
+                }
+                return Ok(());
+            }
+        };
+        if let Some(journal) = &self.journal {
+            journal.clunk(fid);
+        }
         let open = lock_ignoring_poison(&removed).open.clone();
         if let Open::XattrWrite(pending) = open {
             let pending = lock_ignoring_poison(&pending);
@@ -722,11 +898,13 @@ impl Session {
             // guest that host device.
             _ => return err(libc::EOPNOTSUPP),
         };
-        let mut fid = lock_ignoring_poison(&fid_ref);
-        if !matches!(fid.open, Open::None) {
+        let mut fid_state = lock_ignoring_poison(&fid_ref);
+        if !matches!(fid_state.open, Open::None) {
             return err(libc::EBADF);
         }
-        fid.open = open;
+        fid_state.open = open;
+        fid_state.reopen = OpenRecord::Flags(flags);
+        self.journal_fid(fid, &fid_state);
         Ok(Reply::Lopen { qid, iounit: 0 })
     }
 
@@ -768,6 +946,7 @@ impl Session {
             }
             (fid.fd.clone(), fid.path.clone(), fid.uid)
         };
+        let flags_requested = flags;
         let flags = open_flags(flags) & !libc::O_DIRECTORY;
         // Created here (O_EXCL), or, unless the client asked for O_EXCL, the file that
         // already has that name opened as it is: only a new file gets the client's owner.
@@ -798,11 +977,13 @@ impl Session {
         let qid = self.export.qid(&confined::stat(fd.as_fd())?);
         let file = File::from(fd);
         let node = file.try_clone()?;
-        let mut fid = lock_ignoring_poison(&fid_ref);
-        fid.fd = Arc::new(OwnedFd::from(node));
-        fid.qid = qid;
-        fid.path = path.join(name_path(name.as_bytes()));
-        fid.open = Open::File(Arc::new(file));
+        let mut fid_state = lock_ignoring_poison(&fid_ref);
+        fid_state.fd = Arc::new(OwnedFd::from(node));
+        fid_state.qid = qid;
+        fid_state.path = path.join(name_path(name.as_bytes()));
+        fid_state.open = Open::File(Arc::new(file));
+        fid_state.reopen = OpenRecord::Flags(flags_requested);
+        self.journal_fid(fid, &fid_state);
         Ok(Reply::Lcreate { qid, iounit: 0 })
     }
 
@@ -904,8 +1085,11 @@ impl Session {
     /// Moves every fid at or below `from` to the same place below `to`, so that later
     /// reopens and `..` walks find the renamed files.
     fn renamed(&self, from: &Path, to: &Path) {
-        let fids: Vec<FidRef> = lock_ignoring_poison(&self.fids).values().cloned().collect();
-        for fid in fids {
+        let fids: Vec<(u32, FidRef)> = lock_ignoring_poison(&self.fids)
+            .iter()
+            .map(|(&number, fid)| (number, fid.clone()))
+            .collect();
+        for (number, fid) in fids {
             let mut fid = lock_ignoring_poison(&fid);
             if let Ok(rest) = fid.path.strip_prefix(from) {
                 fid.path = if rest.as_os_str().is_empty() {
@@ -913,6 +1097,7 @@ impl Session {
                 } else {
                     to.join(rest)
                 };
+                self.journal_fid(number, &fid);
             }
         }
     }
@@ -1174,6 +1359,7 @@ impl Session {
                 path,
                 uid,
                 open: Open::XattrRead(Arc::new(value)),
+                reopen: OpenRecord::Xattr,
             },
             newfid == fid,
         )?;
@@ -1209,7 +1395,10 @@ impl Session {
             flags,
             value: Vec::new(),
         };
-        lock_ignoring_poison(&fid_ref).open = Open::XattrWrite(Arc::new(Mutex::new(pending)));
+        let mut fid_state = lock_ignoring_poison(&fid_ref);
+        fid_state.open = Open::XattrWrite(Arc::new(Mutex::new(pending)));
+        fid_state.reopen = OpenRecord::Xattr;
+        self.journal_fid(fid, &fid_state);
         Ok(Reply::XattrCreate)
     }
 }
@@ -1689,5 +1878,87 @@ mod tests {
         assert_eq!(open_flags(2 | dotl::TRUNC), libc::O_RDWR | libc::O_TRUNC);
         // O_CREAT never comes from Tlopen's flags; O_LARGEFILE (0o100000) is dropped.
         assert_eq!(open_flags(1 | dotl::CREATE | 0o100000), libc::O_WRONLY);
+    }
+
+    /// Walks to `sub/file` and clunks, `rounds` times; the time per pair.
+    fn walk_and_clunk(session: &Arc<Session>, rounds: u32) -> Duration {
+        let start = Instant::now();
+        for _ in 0..rounds {
+            let (kind, _) = call(session, kind::TWALK, |w| {
+                w.u32(0).u32(1).u16(2).str_bytes(b"sub").str_bytes(b"file");
+            });
+            assert_eq!(kind, kind::TWALK + 1);
+            assert_eq!(
+                errno_of(call(session, kind::TCLUNK, |w| {
+                    w.u32(1);
+                })),
+                None
+            );
+        }
+        start.elapsed() / rounds
+    }
+
+    /// What the journal adds to the hottest pair of requests, walk and clunk: run with
+    /// `cargo test --release -p bulkhead-workers --lib journal_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn journal_cost_of_walk_and_clunk() {
+        let dir = TempDir::new("journal-cost");
+        std::fs::create_dir(dir.0.join("sub")).unwrap();
+        std::fs::write(dir.0.join("sub/file"), "x").unwrap();
+        let export = Arc::new(Export::new(Root::open(&dir.0).unwrap(), false));
+        let plain = Session::new(export.clone());
+        let (journaled, _) = Session::restore(export, journal::new_journal().unwrap());
+        mount(&plain);
+        mount(&journaled);
+        for round in 0..3 {
+            let without = walk_and_clunk(&plain, 50_000);
+            let with = walk_and_clunk(&journaled, 50_000);
+            eprintln!("round {round}: walk+clunk {without:?} without a journal, {with:?} with");
+        }
+    }
+
+    /// A session rebuilt from its journal in the same process: fids, their open files
+    /// and paths after a rename come back; a removed file's fid is stale.
+    #[test]
+    fn a_session_is_rebuilt_from_its_journal() {
+        let dir = TempDir::new("journal-rebuild");
+        std::fs::write(dir.0.join("f"), "data").unwrap();
+        std::fs::write(dir.0.join("gone"), "").unwrap();
+        let export = Arc::new(Export::new(Root::open(&dir.0).unwrap(), false));
+        let file = journal::new_journal().unwrap();
+        let (first, _) = Session::restore(export.clone(), file.try_clone().unwrap());
+        mount(&first);
+        for (fid, name) in [(1u32, &b"f"[..]), (2, b"gone")] {
+            call(&first, kind::TWALK, |w| {
+                w.u32(0).u32(fid).u16(1).str_bytes(name);
+            });
+            let (kind, _) = call(&first, kind::TLOPEN, |w| {
+                w.u32(fid).u32(dotl::ACCMODE & 2);
+            });
+            assert_eq!(kind, kind::TLOPEN + 1);
+        }
+        let (kind, _) = call(&first, kind::TRENAMEAT, |w| {
+            w.u32(0).str_bytes(b"f").u32(0).str_bytes(b"g");
+        });
+        assert_eq!(kind, kind::TRENAMEAT + 1);
+        drop(first);
+        std::fs::remove_file(dir.0.join("gone")).unwrap();
+
+        let (second, _) = Session::restore(export, file);
+        assert_eq!(second.msize(), MAX_MSIZE);
+        let (kind, body) = call(&second, kind::TREAD, |w| {
+            w.u32(1).u64(0).u32(100);
+        });
+        assert_eq!(kind, kind::TREAD + 1);
+        assert_eq!(&body[4..], b"data");
+        assert_eq!(
+            lock_ignoring_poison(&second.fid(1).unwrap()).path,
+            PathBuf::from("g")
+        );
+        let stale = call(&second, kind::TREAD, |w| {
+            w.u32(2).u64(0).u32(100);
+        });
+        assert_eq!(errno_of(stale), Some(libc::ESTALE as u32));
     }
 }

@@ -18,6 +18,7 @@
 //!
 //! [`TrackedQueue`]: crate::vhost_user::TrackedQueue
 
+use std::fs::File;
 use std::io;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -32,6 +33,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use super::journal::Journal;
 use super::server::{Export, Pending, Session, MAX_MSIZE};
 use super::wire::HEADER_LEN;
 use crate::vhost_user::{DeviceBackend, GuestRam, InflightTracking, QueueError};
@@ -61,6 +63,8 @@ pub enum P9DeviceError {
     TagTooLong(usize),
     #[error("cannot start the request handlers: {0}")]
     Threads(io::Error),
+    #[error("cannot take the session journal: {0}")]
+    Journal(io::Error),
 }
 
 /// One popped request, on its way to a handler.
@@ -78,6 +82,8 @@ pub struct P9Device {
     /// The guest is one 9P client: one session, started afresh by a device reset (and,
     /// inside the server, by every Tversion).
     session: Arc<Session>,
+    /// Where the session's fids are recorded for a replacement worker, if anywhere.
+    journal: Option<Arc<Journal>>,
     config: Vec<u8>,
     memory: Option<GuestRam>,
     event_idx: bool,
@@ -122,6 +128,7 @@ impl P9Device {
 
         Ok(P9Device {
             session: Session::new(export.clone()),
+            journal: None,
             export,
             config,
             memory: None,
@@ -133,9 +140,20 @@ impl P9Device {
         })
     }
 
+    /// Records the session in `journal` (a memfd the VMM keeps for the device), after
+    /// rebuilding the session a previous worker recorded there: the guest's fids carry
+    /// on (those whose files are gone answer ESTALE). Call it before serving.
+    pub fn with_journal(mut self, journal: File) -> Self {
+        let (session, journal) = Session::restore(self.export.clone(), journal);
+        self.session = session;
+        self.journal = journal;
+        self
+    }
+
     /// The device, ready to be served. Its queue is tracked: a replacement worker
-    /// answers what this one left in flight (with Rlerror(EPROTO): a new worker has a new
-    /// session, and the guest's fids are gone with the old one), none twice.
+    /// answers what this one left in flight, none twice: with a journal, in the session
+    /// rebuilt from it; without one, with errors (the guest's fids are gone with the old
+    /// worker).
     pub fn into_backend(self) -> DeviceBackend<Arc<RwLock<P9Device>>> {
         let tracking = self.tracking.clone();
         DeviceBackend {
@@ -360,7 +378,10 @@ impl VhostUserBackendMut for P9Device {
     fn reset_device(&mut self) {
         self.event_idx = false;
         self.ring_fault_reported = false;
-        self.session = Session::new(self.export.clone());
+        self.session = match &self.journal {
+            Some(journal) => Session::journaled(self.export.clone(), journal.clone()),
+            None => Session::new(self.export.clone()),
+        };
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
