@@ -16,11 +16,10 @@
 //! replacement rebuilds the guest's resources and screen from the store and guest memory,
 //! serves viewers on the same listener and feeds the same input worker.
 //!
-//! # Still to do
+//! `--display sdl` is one more RFB client: `bulkhead-viewer` on a private listener the VMM
+//! opens, so the worker's sandbox does not change.
 //!
-//! - SDL: a viewer process that is just another RFB client on a Unix listener the VMM
-//!   opens, so the worker's sandbox does not change.
-//! - The guest kernel needs `CONFIG_DRM_VIRTIO_GPU` and fbcon (`console=tty0`).
+//! A guest shows its console here with `CONFIG_DRM_VIRTIO_GPU` and fbcon (`console=tty0`).
 
 pub mod framebuffer;
 pub mod gpu;
