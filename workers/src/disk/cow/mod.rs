@@ -311,42 +311,11 @@ mod tests {
         let base: Vec<u8> = (0..size).map(|i| (i % 253) as u8 | 1).collect();
         let mut model = base.clone();
         let cow = CowOverlay::new(Box::new(Mem(base))).unwrap();
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut rng = XorShift(0x1234_5678_9abc_def1);
         for round in 0..2000 {
-            let off = next(size);
-            let len = 1 + next((size - off).min(20_000));
-            match next(4) {
-                0 => {
-                    cow.write_zeroes(off as u64, len as u64).unwrap();
-                    model[off..off + len].fill(0);
-                }
-                1 => {
-                    cow.discard(off as u64, len as u64).unwrap();
-                    let b = COW_BLOCK as usize;
-                    let first = off.div_ceil(b) * b;
-                    let end = if off + len == size {
-                        size
-                    } else {
-                        (off + len) / b * b
-                    };
-                    if first < end {
-                        model[first..end].fill(0);
-                    }
-                }
-                _ => {
-                    let v = (round % 250 + 2) as u8;
-                    cow.write_at(&vec![v; len], off as u64).unwrap();
-                    model[off..off + len].fill(v);
-                }
-            }
-            let roff = next(size);
-            let rlen = 1 + next((size - roff).min(30_000));
+            random_op(&cow, &mut model, &mut rng, round, 20_000, 4);
+            let roff = rng.below(size);
+            let rlen = 1 + rng.below((size - roff).min(30_000));
             let mut out = vec![0u8; rlen];
             cow.read_at(&mut out, roff as u64).unwrap();
             assert_eq!(out, model[roff..roff + rlen], "round {round}");
@@ -415,44 +384,63 @@ mod tests {
         assert!(cow.discard(0, 20001).is_err());
     }
 
-    /// Random writes, zeroes and discards over `cow`, mirrored in `model` (the disk as
-    /// the guest should read it).
-    fn scramble(cow: &CowOverlay, model: &mut [u8], seed: u64, rounds: usize) {
+    /// xorshift64: the tests' reproducible randomness.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// One random write, zeroing or discard of at most `max_len` bytes over `cow`,
+    /// mirrored in `model` (the disk as the guest should read it). Of `kinds` equally
+    /// likely choices, one zeroes, one discards and the rest write.
+    fn random_op(
+        cow: &CowOverlay,
+        model: &mut [u8],
+        rng: &mut XorShift,
+        round: usize,
+        max_len: usize,
+        kinds: usize,
+    ) {
         let size = model.len();
-        let mut x = seed;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
-        for round in 0..rounds {
-            let off = next(size);
-            let len = 1 + next((size - off).min(50_000));
-            match next(5) {
-                0 => {
-                    cow.write_zeroes(off as u64, len as u64).unwrap();
-                    model[off..off + len].fill(0);
-                }
-                1 => {
-                    cow.discard(off as u64, len as u64).unwrap();
-                    let b = COW_BLOCK as usize;
-                    let first = off.div_ceil(b) * b;
-                    let end = if off + len == size {
-                        size
-                    } else {
-                        (off + len) / b * b
-                    };
-                    if first < end {
-                        model[first..end].fill(0);
-                    }
-                }
-                _ => {
-                    let v = (round % 250 + 2) as u8;
-                    cow.write_at(&vec![v; len], off as u64).unwrap();
-                    model[off..off + len].fill(v);
+        let off = rng.below(size);
+        let len = 1 + rng.below((size - off).min(max_len));
+        match rng.below(kinds) {
+            0 => {
+                cow.write_zeroes(off as u64, len as u64).unwrap();
+                model[off..off + len].fill(0);
+            }
+            1 => {
+                cow.discard(off as u64, len as u64).unwrap();
+                let b = COW_BLOCK as usize;
+                let first = off.div_ceil(b) * b;
+                let end = if off + len == size {
+                    size
+                } else {
+                    (off + len) / b * b
+                };
+                if first < end {
+                    model[first..end].fill(0);
                 }
             }
+            _ => {
+                let v = (round % 250 + 2) as u8;
+                cow.write_at(&vec![v; len], off as u64).unwrap();
+                model[off..off + len].fill(v);
+            }
+        }
+    }
+
+    /// `rounds` random operations over `cow`, mirrored in `model`.
+    fn scramble(cow: &CowOverlay, model: &mut [u8], seed: u64, rounds: usize) {
+        let mut rng = XorShift(seed);
+        for round in 0..rounds {
+            random_op(cow, model, &mut rng, round, 50_000, 5);
         }
     }
 
