@@ -234,15 +234,7 @@ fn a_cow_disk_keeps_its_writes_through_a_worker_kill() {
     let report = boot_scenario(&scenario);
     let run = report.started_run(LABEL);
     let problems = problems(&report, run, &token);
-    assert!(
-        problems.is_empty(),
-        "{}",
-        report.explain(&format!(
-            "{} problems:\n  {}",
-            problems.len(),
-            problems.join("\n  ")
-        ))
-    );
+    report.assert_no_problems(&problems);
 }
 
 #[test]

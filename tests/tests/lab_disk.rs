@@ -472,15 +472,7 @@ fn disks_serve_a_linux_guest_and_qemu_img_agrees() {
     }
     let report = boot_scenario(&scenario);
     let problems = problems(&report, &token);
-    assert!(
-        problems.is_empty(),
-        "{}",
-        report.explain(&format!(
-            "{} problems:\n  {}",
-            problems.len(),
-            problems.join("\n  ")
-        ))
-    );
+    report.assert_no_problems(&problems);
 }
 
 #[test]

@@ -199,6 +199,20 @@ impl LabReport {
         })
     }
 
+    /// Fails the test with every problem a check of this report found, and the console's
+    /// story around them; does nothing when there are none.
+    pub fn assert_no_problems(&self, problems: &[String]) {
+        assert!(
+            problems.is_empty(),
+            "{}",
+            self.explain(&format!(
+                "{} problems:\n  {}",
+                problems.len(),
+                problems.join("\n  ")
+            ))
+        );
+    }
+
     /// A failure message for the test: `what` went wrong, where the full log is, and the
     /// console's last lines.
     pub fn explain(&self, what: &str) -> String {
