@@ -69,3 +69,10 @@ impl Offsets {
         block * self.workload.len
     }
 }
+
+/// The value after `name` in a benchmark's command line (`--size BYTES`), if given.
+pub fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}

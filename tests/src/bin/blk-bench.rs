@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use bulkhead_tests::blk_bench::{Offsets, Workload, WORKLOADS};
+use bulkhead_tests::blk_bench::{arg, Offsets, Workload, WORKLOADS};
 use bulkhead_tests::vhost::{Buffer, DeviceSetup, UserspaceDevice};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -27,12 +27,6 @@ struct Slot {
     header: GuestAddress,
     data: GuestAddress,
     status: GuestAddress,
-}
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() -> Result<()> {

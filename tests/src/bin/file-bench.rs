@@ -12,13 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use bulkhead_tests::blk_bench::{Offsets, Workload, WORKLOADS};
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
+use bulkhead_tests::blk_bench::{arg, Offsets, Workload, WORKLOADS};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
