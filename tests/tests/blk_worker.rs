@@ -86,6 +86,15 @@ fn qemu_img_ok(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// qemu-img's verdict on what a worker left in `image`: `check` clean for QCOW2, and the
+/// same bytes as the raw file `expected`.
+fn qemu_img_agrees(image: &Path, format: &str, expected: &Path) -> Result<()> {
+    if format == "qcow2" {
+        qemu_img_ok(&["check", p(image)])?;
+    }
+    qemu_img_ok(&["compare", "-f", format, "-F", "raw", p(image), p(expected)])
+}
+
 /// An empty image of `DISK_SIZE` in `format`.
 fn create(dir: &TempDir, name: &str, format: &str) -> Result<PathBuf> {
     let path = dir.path(name);
@@ -335,23 +344,7 @@ fn round_trip(format: &str) -> Result<()> {
     assert_alive(&worker)?;
     drop(blk);
     worker.kill()?;
-    if format == "qcow2" {
-        let out = qemu_img(&["check", p(&image)])?;
-        ensure!(
-            out.status.success(),
-            "qemu-img check: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    qemu_img_ok(&[
-        "compare",
-        "-f",
-        format,
-        "-F",
-        "raw",
-        p(&image),
-        p(&expected_path),
-    ])
+    qemu_img_agrees(&image, format, &expected_path)
 }
 
 #[test]
@@ -533,16 +526,7 @@ fn queues_served_in_parallel_allocate_a_consistent_qcow2() -> Result<()> {
     assert_alive(&worker)?;
     drop(blk);
     worker.kill()?;
-    qemu_img_ok(&["check", p(&image)])?;
-    qemu_img_ok(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        p(&image),
-        p(&expected_path),
-    ])
+    qemu_img_agrees(&image, "qcow2", &expected_path)
 }
 
 #[test]
@@ -1201,15 +1185,7 @@ fn killed_mid_io(
         for i in 0..requests {
             expected.write_all_at(&pattern(i as u64 + 1000, len), place(i) * len as u64)?;
         }
-        return qemu_img_ok(&[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            p(&image),
-            p(&expected_path),
-        ]);
+        return qemu_img_agrees(&image, "raw", &expected_path);
     }
     anyhow::bail!("no kill landed with requests in flight")
 }
@@ -1453,18 +1429,7 @@ fn random_io_on_all_queues(format: &str, create_args: &[&str]) -> Result<()> {
     assert_alive(&worker)?;
     drop(blk);
     worker.kill()?;
-    if format == "qcow2" {
-        qemu_img_ok(&["check", p(&image)])?;
-    }
-    qemu_img_ok(&[
-        "compare",
-        "-f",
-        format,
-        "-F",
-        "raw",
-        p(&image),
-        p(&expected_path),
-    ])
+    qemu_img_agrees(&image, format, &expected_path)
 }
 
 #[test]
@@ -1544,15 +1509,7 @@ fn flush_among_writes_in_flight_comes_after_every_earlier_write() -> Result<()> 
     assert_alive(&worker)?;
     drop(blk);
     worker.kill()?;
-    qemu_img_ok(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        p(&image),
-        p(&expected_path),
-    ])
+    qemu_img_agrees(&image, "raw", &expected_path)
 }
 
 /// The rings of a worker process: its io_uring descriptors.
@@ -1594,16 +1551,7 @@ fn io_uring_serves_by_default_and_sync_io_when_asked() -> Result<()> {
         assert_alive(&worker)?;
         drop(blk);
         worker.kill()?;
-        qemu_img_ok(&["check", p(&image)])?;
-        qemu_img_ok(&[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            p(&image),
-            p(&expected_path),
-        ])?;
+        qemu_img_agrees(&image, "qcow2", &expected_path)?;
     }
     Ok(())
 }
