@@ -149,6 +149,25 @@ impl Input {
     }
 }
 
+/// Runs `vncdo` against the display worker's VNC port with `args`; its failure carries the
+/// worker's log.
+fn vncdo(port: u16, args: &[&str], display: &WorkerProcess) -> Result<()> {
+    let out = Command::new("vncdo")
+        .arg("-s")
+        .arg(format!("127.0.0.1::{port}"))
+        .args(args)
+        .output()
+        .context("running vncdo (pip install vncdotool)")?;
+    ensure!(
+        out.status.success(),
+        "vncdo: {}{}\ndisplay worker:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        display.stderr()
+    );
+    Ok(())
+}
+
 fn input_device(connection: UnixStream) -> Result<UserspaceDevice> {
     let mut setup = DeviceSetup::new(&[64, 16]);
     setup.protocol_features |= VhostUserProtocolFeatures::CONFIG;
@@ -264,19 +283,11 @@ fn keys_typed_in_vncdo_arrive_as_virtio_input_events() -> Result<()> {
         &[(listener.as_raw_fd(), 5), (display_end.as_raw_fd(), 6)],
     )?;
     drop((listener, display_end, input_end));
-    let out = Command::new("vncdo")
-        .arg("-s")
-        .arg(format!("127.0.0.1::{port}"))
-        .args(["type", "a>", "move", "639", "0", "click", "1"])
-        .output()
-        .context("running vncdo (pip install vncdotool)")?;
-    ensure!(
-        out.status.success(),
-        "vncdo: {}{}\ndisplay worker:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        display.stderr()
-    );
+    vncdo(
+        port,
+        &["type", "a>", "move", "639", "0", "click", "1"],
+        &display,
+    )?;
     // 'a' down, up; '>' as Shift+'.' down, up; the move; the click's press and release.
     let expected = [
         (EV_KEY, KEY_A, 1),
@@ -338,22 +349,6 @@ fn keys_typed_after_a_display_worker_kill_still_arrive() -> Result<()> {
             &[(listener.as_raw_fd(), 5), (display_end.as_raw_fd(), 6)],
         )
     };
-    let type_a = |display: &WorkerProcess| -> Result<()> {
-        let out = Command::new("vncdo")
-            .arg("-s")
-            .arg(format!("127.0.0.1::{port}"))
-            .args(["type", "a"])
-            .output()
-            .context("running vncdo (pip install vncdotool)")?;
-        ensure!(
-            out.status.success(),
-            "vncdo: {}{}\ndisplay worker:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            display.stderr()
-        );
-        Ok(())
-    };
     let expected = [
         (EV_KEY, KEY_A, 1),
         (EV_SYN, 0, 0),
@@ -362,7 +357,7 @@ fn keys_typed_after_a_display_worker_kill_still_arrive() -> Result<()> {
     ];
     for round in ["before the kill", "through the replacement"] {
         let (display, gpu_connection) = launch_display()?;
-        type_a(&display)?;
+        vncdo(port, &["type", "a"], &display)?;
         input.post(expected.len(), 8)?;
         let got: Vec<Event> = input
             .events(expected.len())?
