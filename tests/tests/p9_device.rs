@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bulkhead_protocol::{DeviceConfig, P9Config};
 use bulkhead_tests::micro::ScratchDir;
 use bulkhead_tests::p9::{flags, Body, Client, P9Error, NOTAG};
-use bulkhead_tests::p9_virtio::{VirtioP9, VIRTIO_9P_F_MOUNT_TAG};
+use bulkhead_tests::p9_virtio::{Inflight, VirtioP9, VIRTIO_9P_F_MOUNT_TAG};
 use bulkhead_tests::vhost::{Buffer, WorkerProcess};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
@@ -661,6 +661,20 @@ fn launch_journaled(
     )?)
 }
 
+/// A device with inflight tracking over `connection`, shared with a client that has
+/// negotiated the version and attached `ROOT_FID`: what a killed worker's test drives.
+fn attached_tracked(
+    connection: std::os::unix::net::UnixStream,
+) -> Result<(std::sync::Arc<std::sync::Mutex<VirtioP9>>, Inflight, Client)> {
+    let (device, inflight) = VirtioP9::start_tracked(connection, MSIZE)?;
+    let device = std::sync::Arc::new(std::sync::Mutex::new(device));
+    let mut c = Client::over(Box::new(SharedDevice(device.clone())));
+    let (msize, _) = c.version(MSIZE, "9P2000.L")?;
+    c.msize = msize;
+    c.attach(ROOT_FID, 0)?;
+    Ok((device, inflight, c))
+}
+
 fn names(entries: &[bulkhead_tests::p9::DirEntry]) -> Vec<String> {
     let mut names: Vec<String> = entries
         .iter()
@@ -689,12 +703,7 @@ fn a_killed_workers_replacement_keeps_the_guests_fids() -> Result<()> {
     let journal = bulkhead_workers::p9::journal::new_journal()?;
 
     let (first, connection) = launch_journaled(&share, &journal)?;
-    let (device, inflight) = VirtioP9::start_tracked(connection, MSIZE)?;
-    let device = std::sync::Arc::new(std::sync::Mutex::new(device));
-    let mut c = Client::over(Box::new(SharedDevice(device.clone())));
-    let (msize, _) = c.version(MSIZE, "9P2000.L")?;
-    c.msize = msize;
-    c.attach(ROOT_FID, 0)?;
+    let (device, inflight, mut c) = attached_tracked(connection)?;
     c.walk(ROOT_FID, 1, &["keep"])?;
     c.lopen(1, flags::RDWR)?;
     c.write(1, 0, b"written before")?;
@@ -868,12 +877,7 @@ fn requests_left_at_a_kill_are_answered_in_the_rebuilt_session() -> Result<()> {
         fs::create_dir(&share)?;
         let journal = bulkhead_workers::p9::journal::new_journal()?;
         let (first, connection) = launch_journaled(&share, &journal)?;
-        let (device, inflight) = VirtioP9::start_tracked(connection, MSIZE)?;
-        let device = std::sync::Arc::new(std::sync::Mutex::new(device));
-        let mut c = Client::over(Box::new(SharedDevice(device.clone())));
-        let (msize, _) = c.version(MSIZE, "9P2000.L")?;
-        c.msize = msize;
-        c.attach(ROOT_FID, 0)?;
+        let (device, inflight, _client) = attached_tracked(connection)?;
 
         let mut d = device.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         let memory = d.device.memory.clone();
