@@ -115,12 +115,16 @@ fn l1_host_end() -> String {
     )
 }
 
-/// Queue pairs: 1, or `BULKHEAD_LAB_NET_QUEUES`.
+/// Queue pairs: `BULKHEAD_LAB_NET_QUEUES` (1 to 16), 1 when unset; another value is a mistake to
+/// say, not to run the default scenario under.
 fn queue_pairs() -> u32 {
-    std::env::var("BULKHEAD_LAB_NET_QUEUES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+    match std::env::var("BULKHEAD_LAB_NET_QUEUES") {
+        Err(_) => 1,
+        Ok(v) => match v.parse() {
+            Ok(pairs @ 1..=16) => pairs,
+            _ => panic!("BULKHEAD_LAB_NET_QUEUES={v:?}: give a number of queue pairs, 1 to 16"),
+        },
+    }
 }
 
 fn net_run() -> Run {
