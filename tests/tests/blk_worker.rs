@@ -1193,12 +1193,18 @@ fn killed_mid_io(
 /// Runs `bulkhead-worker blk --socket <dir>/s.sock <args>`, which must exit by itself
 /// (within the timeout) with status 1; returns its stderr.
 fn worker_refuses(dir: &TempDir, args: &[&str]) -> Result<String> {
+    worker_refuses_with(dir, args, &[])
+}
+
+/// [`worker_refuses`] with `env` set for the worker.
+fn worker_refuses_with(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
     use std::io::Read;
     let mut child = Command::new(bulkhead_tests::vhost::worker_bin())
         .arg("blk")
         .arg("--socket")
         .arg(dir.path("s.sock"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -1521,6 +1527,36 @@ fn io_uring_descriptors(pid: u32) -> Result<usize> {
         }
     }
     Ok(rings)
+}
+
+/// The data path's knobs take only what they document; anything else is a clear error at
+/// startup, naming the variable, not a default taken quietly.
+#[test]
+fn bad_data_path_settings_are_clear_errors_at_startup() -> Result<()> {
+    let dir = TempDir::new("io-env");
+    let image = create(&dir, "disk.raw", "raw")?;
+    for (name, value, says) in [
+        ("BULKHEAD_BLK_IO", "fast", "give sync or uring"),
+        (
+            "BULKHEAD_BLK_URING_PUNT",
+            "1M",
+            "give a size in bytes or off",
+        ),
+        (
+            "BULKHEAD_BLK_URING_INLINE_WRITES",
+            "-1",
+            "give a size in bytes",
+        ),
+    ] {
+        // The knobs are read on the io_uring path, whatever the caller's environment says.
+        let env = [("BULKHEAD_BLK_IO", "uring"), (name, value)];
+        let stderr = worker_refuses_with(&dir, &["--image", p(&image)], &env)?;
+        ensure!(
+            stderr.contains(&format!("{name}={value}: {says}")),
+            "{name}={value}: {stderr}"
+        );
+    }
+    Ok(())
 }
 
 /// Both data paths serve the same disk: io_uring (one ring per queue) by default where the
