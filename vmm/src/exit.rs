@@ -19,8 +19,9 @@ pub enum VmExit {
     StopTimedOut { timeout_secs: u64 },
     /// bulkhead received SIGTERM, SIGINT or SIGHUP.
     Signal { signal: i32 },
-    /// A vCPU hit a triple fault (KVM_EXIT_SHUTDOWN): the guest crashed.
-    TripleFault { cpu: u8 },
+    /// A vCPU hit a triple fault (KVM_EXIT_SHUTDOWN): the guest crashed. `state` is that
+    /// vCPU's registers as KVM left them, for whoever debugs the guest.
+    TripleFault { cpu: u8, state: String },
     /// KVM could not enter or run the guest.
     KvmError { cpu: u8, detail: String },
     /// The VMM itself failed (a bug): reported rather than left hanging.
@@ -50,9 +51,9 @@ impl VmExit {
                 "guest did not power off within {timeout_secs} s of the power button; VM stopped"
             ),
             Self::Signal { signal } => format!("VMM terminated by signal {signal}"),
-            Self::TripleFault { cpu } => {
-                format!("guest triple fault on vCPU {cpu} (KVM_EXIT_SHUTDOWN): the guest crashed")
-            }
+            Self::TripleFault { cpu, state } => format!(
+                "guest triple fault on vCPU {cpu} (KVM_EXIT_SHUTDOWN): the guest crashed; {state}"
+            ),
             Self::KvmError { cpu, detail } => format!("KVM error on vCPU {cpu}: {detail}"),
             Self::Internal { detail } => format!("internal VMM error: {detail}"),
         }
@@ -120,9 +121,13 @@ mod tests {
             let signal = signal.clone();
             std::thread::spawn(move || signal.wait())
         };
-        signal.request(VmExit::TripleFault { cpu: 1 });
+        let crash = VmExit::TripleFault {
+            cpu: 1,
+            state: "rip=0x0".into(),
+        };
+        signal.request(crash.clone());
         signal.request(VmExit::PowerOff);
-        assert_eq!(waiter.join().unwrap(), VmExit::TripleFault { cpu: 1 });
+        assert_eq!(waiter.join().unwrap(), crash);
         assert!(signal.is_requested());
     }
 
@@ -130,9 +135,12 @@ mod tests {
     fn statuses() {
         assert_eq!(VmExit::PowerOff.status(), 0);
         assert_eq!(VmExit::Reset.status(), 0);
-        assert_ne!(VmExit::TripleFault { cpu: 0 }.status(), 0);
-        assert!(VmExit::TripleFault { cpu: 0 }
-            .describe()
-            .contains("triple fault"));
+        let crash = VmExit::TripleFault {
+            cpu: 0,
+            state: "rip=0xfff0".into(),
+        };
+        assert_ne!(crash.status(), 0);
+        assert!(crash.describe().contains("triple fault"));
+        assert!(crash.describe().ends_with("rip=0xfff0"));
     }
 }

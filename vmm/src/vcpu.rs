@@ -66,6 +66,33 @@ impl Vcpu {
         tracing::debug!(cpu = id, "vCPU stopped");
     }
 
+    /// The registers that say where a crashed guest was and what it ran on: instruction
+    /// and stack pointers, control registers (cr2 is the last page-fault address), and the
+    /// descriptor tables a triple fault could not use.
+    fn describe_state(&self) -> String {
+        let (regs, sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => (regs, sregs),
+            (Err(e), _) | (_, Err(e)) => return format!("registers unavailable: {e}"),
+        };
+        format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
+             cr4={:#x} efer={:#x} idt={:#x}+{:#x} gdt={:#x}+{:#x}",
+            regs.rip,
+            regs.rsp,
+            regs.rflags,
+            sregs.cs.selector,
+            sregs.cr0,
+            sregs.cr2,
+            sregs.cr3,
+            sregs.cr4,
+            sregs.efer,
+            sregs.idt.base,
+            sregs.idt.limit,
+            sregs.gdt.base,
+            sregs.gdt.limit,
+        )
+    }
+
     /// Runs the guest until its next exit and handles it; returns how the VM ends if
     /// this exit ends it.
     fn run_once(&mut self) -> Option<VmExit> {
@@ -98,7 +125,10 @@ impl Vcpu {
                 }
                 None
             }
-            Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { cpu }),
+            Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault {
+                cpu,
+                state: self.describe_state(),
+            }),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmExit::PowerOff),
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(VmExit::Reset),
