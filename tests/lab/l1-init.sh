@@ -49,10 +49,42 @@ lab_trigger() {
     printf '%s\n%s\n' "$1" "$2" >>"$lab_triggers"
 }
 
+# lab_threads LABEL PID
+# Where each thread of process PID is: its state, its CPU time so far and the part of it
+# spent running a guest (clock ticks), and its kernel stack, innermost frame first (empty
+# while the thread is on a CPU). Printed for a run that hangs, before L1 kills it: a vCPU
+# thread inside KVM_RUN (kvm_arch_vcpu_ioctl_run on its stack, or guest time growing) is
+# L1's KVM's to run, while one asleep elsewhere is waiting on bulkhead itself.
+lab_threads() {
+    for task in /proc/"$2"/task/*; do
+        read -r name <"$task/comm" || continue
+        # /proc/PID/stat fields 3 on (those after "(comm)") become $2 on: utime and stime
+        # (fields 14, 15) are ${13} and ${14}, guest_time (field 43) is ${42}.
+        stat=$(cat "$task/stat") || continue
+        set -- "$1" ${stat##*) }
+        stack=$(sed 's/^\[<[0-9a-f]*>\] //; s/+0x.*//' "$task/stack" 2>/dev/null | tr '\n' '<')
+        echo "LAB: run $1: thread $name state=$2 ticks=$((${13} + ${14})) guest=${42} stack=${stack%<}"
+    done
+}
+
+# lab_watchdog LABEL SECONDS PID
+# Kills PID after SECONDS, but first says where its threads are, twice, two seconds apart.
+lab_watchdog() {
+    sleep "$2"
+    kill -0 "$3" 2>/dev/null || return
+    echo "LAB: run $1: timeout"
+    lab_threads "$1" "$3"
+    sleep 2
+    lab_threads "$1" "$3"
+    kill -KILL "$3"
+}
+
 # lab_run LABEL SECONDS STDIN COMMAND...
 # One bulkhead run (one L2 boot), killed after SECONDS so that a hung guest costs one run,
 # not the whole boot. bulkhead writes the L2 console to its stdout, which goes to this
-# console, so the L2 guest's output lands between the two markers.
+# console, so the L2 guest's output lands between the two markers. The watchdog writes
+# to the console directly (fd 4), not into the pipe: its `sleep`, left behind when the run
+# ends in time, must not hold the pipe open.
 #
 # The armed triggers are watched in that stream by the one awk that copies it: no polling.
 # An earlier version polled a file with grep and sleep, forking twenty processes a second
@@ -64,7 +96,16 @@ lab_run() {
     : >"$lab_triggers"
     echo "LAB: run $label: begin"
     # ash has no PIPESTATUS: the status travels through a file.
-    { timeout -s KILL "$seconds" "$@" <"$stdin"; echo $? >/tmp/lab-run.status; } |
+    exec 4>&1
+    {
+        "$@" <"$stdin" &
+        pid=$!
+        lab_watchdog "$label" "$seconds" "$pid" >&4 2>&4 </dev/null &
+        watchdog=$!
+        wait "$pid"
+        echo $? >/tmp/lab-run.status
+        kill "$watchdog" 2>/dev/null
+    } |
         LAB_TRIGGERS=/tmp/lab-run.triggers LAB_LABEL=$label awk '
             BEGIN {
                 while ((getline marker <ENVIRON["LAB_TRIGGERS"]) > 0) {

@@ -51,8 +51,10 @@ const L1_BUDGET: Duration = Duration::from_secs(90);
 /// or freezes (not even L1's own run timeout fires), or its watchdog finds a vCPU thread
 /// stuck inside KVM_RUN for tens of seconds (see [`LabReport::l1_died`]). Such a boot says
 /// nothing about bulkhead, so it is retried, and so is one whose L2 guest died before it
-/// reached userspace ([`LabReport::l2_died_in_kernel_boot`]); a bulkhead run that hangs
-/// (killed by L1 at its timeout) or fails after its guest started is not, and fails the test.
+/// reached userspace ([`LabReport::l2_died_in_kernel_boot`]), and one in which an L2 vCPU
+/// stopped answering even NMIs while L1's KVM held it ([`LabReport::l2_cpu_lost_in_kvm`]);
+/// any other bulkhead run that hangs (killed by L1 at its timeout) or fails after its guest
+/// started is not, and fails the test.
 const L1_ATTEMPTS: u32 = 3;
 
 /// Time for a guest booted directly under QEMU TCG (about 5 s).
@@ -106,6 +108,8 @@ impl Lab {
                 "l1-died"
             } else if report.l2_died_in_kernel_boot() {
                 "l2-died-in-boot"
+            } else if report.l2_cpu_lost_in_kvm() {
+                "l2-cpu-lost-in-kvm"
             } else {
                 return Ok(report);
             };

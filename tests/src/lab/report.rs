@@ -19,6 +19,13 @@ const L2_USERSPACE_MARKER: &str = "Run /init as init process";
 /// What bulkhead logs (at info, which L1 turns on) once the VM is built, before its vCPUs
 /// start: a run without it failed in bulkhead's own setup, before any guest ran.
 const VM_CREATED_MARKER: &str = "VM created";
+/// What an L2 kernel's RCU stall detector prints before asking a silent CPU for a backtrace
+/// by NMI: `Sending NMI from CPU 0 to CPUs 1:`.
+const NMI_REQUEST_MARKER: &str = "Sending NMI from CPU ";
+/// What a CPU that took that NMI prints first: `NMI backtrace for cpu 1`.
+const NMI_ANSWER_MARKER: &str = "NMI backtrace for cpu ";
+/// The L1 kernel function a thread is in for as long as its KVM_RUN ioctl lasts.
+const KVM_RUN_FRAME: &str = "kvm_arch_vcpu_ioctl_run";
 
 /// How many console lines [`LabReport::explain`] quotes.
 const TAIL_LINES: usize = 40;
@@ -48,6 +55,75 @@ pub struct RunReport {
     pub exit: Option<i32>,
     /// `GUEST: key=value` lines printed during the run, in order.
     pub guest_values: Vec<(String, String)>,
+    /// Where bulkhead's threads were when L1 found the run still going at its timeout,
+    /// just before killing it (`LAB: run <label>: thread ...`, two samples per thread).
+    pub hung_threads: Vec<ThreadSample>,
+}
+
+/// One thread of a hung bulkhead run, as L1's watchdog saw it (`lab_threads` in
+/// tests/lab/l1-init.sh).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadSample {
+    /// Its name: `vcpu0`, `vcpu1`, ... for the vCPU threads.
+    pub name: String,
+    /// The L1 kernel's state letter: R running, S sleeping, D uninterruptible, ...
+    pub state: String,
+    /// Clock ticks it has spent running a guest (inside KVM_RUN, in guest mode).
+    pub guest_ticks: Option<u64>,
+    /// Its kernel stack, innermost function first; empty while it is on a CPU.
+    pub stack: Vec<String>,
+}
+
+impl ThreadSample {
+    /// `<name> state=<S> ticks=<n> guest=<n> stack=<fn>[<<fn>...]`
+    fn parse(text: &str) -> Option<Self> {
+        let (name, rest) = text.split_once(' ')?;
+        let mut state = None;
+        let mut guest_ticks = None;
+        let mut stack = Vec::new();
+        for field in rest.split(' ') {
+            if let Some(value) = field.strip_prefix("state=") {
+                state = Some(value.to_owned());
+            } else if let Some(value) = field.strip_prefix("guest=") {
+                guest_ticks = value.parse().ok();
+            } else if let Some(value) = field.strip_prefix("stack=") {
+                stack = value
+                    .split('<')
+                    .filter(|f| !f.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
+        }
+        Some(Self {
+            name: name.to_owned(),
+            state: state?,
+            guest_ticks,
+            stack,
+        })
+    }
+
+    fn stack_in_kvm_run(&self) -> bool {
+        self.stack.iter().any(|f| f == KVM_RUN_FRAME)
+    }
+}
+
+/// Whether L1's samples of one vCPU thread (oldest first) show it inside KVM_RUN all along:
+/// every sample either has KVM_RUN on its stack or is on a CPU (no stack to read), and
+/// the ones on a CPU were running the guest (its guest time grew between the first and the
+/// last sample). Fewer than two samples show nothing.
+fn held_by_kvm(samples: &[&ThreadSample]) -> bool {
+    let [first, .., last] = samples else {
+        return false;
+    };
+    let all_in_stack = samples.iter().all(|s| s.stack_in_kvm_run());
+    let in_stack_or_on_cpu = samples
+        .iter()
+        .all(|s| s.stack_in_kvm_run() || s.stack.is_empty());
+    let ran_the_guest = matches!(
+        (first.guest_ticks, last.guest_ticks),
+        (Some(before), Some(after)) if after > before
+    );
+    all_in_stack || (in_stack_or_on_cpu && ran_the_guest)
 }
 
 impl RunReport {
@@ -73,7 +149,17 @@ impl LabReport {
                     ended_at: None,
                     exit: None,
                     guest_values: Vec::new(),
+                    hung_threads: Vec::new(),
                 }),
+                Some(Event::Thread(label, sample)) => {
+                    let open = runs
+                        .iter_mut()
+                        .rev()
+                        .find(|r| r.label == label && r.ended_at.is_none());
+                    if let Some(run) = open {
+                        run.hung_threads.push(sample);
+                    }
+                }
                 Some(Event::RunExit(label, exit)) => {
                     let open = runs
                         .iter_mut()
@@ -140,6 +226,39 @@ impl LabReport {
                     .any(|line| line.text.contains(marker))
             };
             run.exit.is_some() && said(VM_CREATED_MARKER) && !said(L2_USERSPACE_MARKER)
+        })
+    }
+
+    /// A run hung because one of its L2 vCPUs stopped while L1's KVM held it: the L2
+    /// kernel found that CPU silent (an RCU stall) and sent it an NMI that it never
+    /// answered, and when the run's time was up L1's watchdog found that vCPU's thread
+    /// inside KVM_RUN in both of its samples. With KVM's in-kernel irqchip an NMI goes from
+    /// vCPU to vCPU inside L1's kernel; a vCPU inside KVM_RUN that never takes it is the
+    /// emulated SVM's failure, whatever bulkhead or the guest did. A vCPU thread that
+    /// bulkhead holds outside KVM_RUN (paused, or stuck on a lock) does not count, nor one
+    /// on a CPU that ran no guest (spinning in bulkhead's own code).
+    pub fn l2_cpu_lost_in_kvm(&self) -> bool {
+        self.runs.iter().any(|run| {
+            let lines = || self.run_lines(&run.label);
+            let mut unanswered: Vec<u32> = Vec::new();
+            for line in lines() {
+                if let Some(cpus) = after(&line.text, NMI_REQUEST_MARKER)
+                    .and_then(|rest| rest.split_once(" to CPUs "))
+                    .map(|(_, cpus)| cpus.trim_end_matches(':'))
+                {
+                    unanswered.extend(cpu_list(cpus));
+                } else if let Some(cpu) = after(&line.text, NMI_ANSWER_MARKER)
+                    .and_then(|rest| rest.split(' ').next()?.parse::<u32>().ok())
+                {
+                    unanswered.retain(|&c| c != cpu);
+                }
+            }
+            unanswered.iter().any(|cpu| {
+                let name = format!("vcpu{cpu}");
+                let samples: Vec<&ThreadSample> =
+                    run.hung_threads.iter().filter(|t| t.name == name).collect();
+                held_by_kvm(&samples)
+            })
         })
     }
 
@@ -268,6 +387,8 @@ enum Event<'a> {
     RunExit(&'a str, Option<i32>),
     /// `GUEST: <key>=<value>`
     GuestValue(&'a str, &'a str),
+    /// `LAB: run <label>: thread <sample>`
+    Thread(&'a str, ThreadSample),
 }
 
 impl<'a> Event<'a> {
@@ -275,6 +396,9 @@ impl<'a> Event<'a> {
         if let Some(run) = after(line, LAB_MARKER).and_then(|m| m.strip_prefix("run ")) {
             if let Some(label) = run.strip_suffix(": begin") {
                 return Some(Self::RunBegin(label));
+            }
+            if let Some((label, sample)) = run.split_once(": thread ") {
+                return Some(Self::Thread(label, ThreadSample::parse(sample)?));
             }
             let (label, status) = run.split_once(": exit=")?;
             return Some(Self::RunExit(label, status.trim().parse().ok()));
@@ -290,6 +414,20 @@ fn last_value<'a>(values: &'a [(String, String)], key: &str) -> Option<&'a str> 
         .rev()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
+}
+
+/// The CPUs of a kernel cpulist (`1`, `0-3`, `1,3-5`); what does not parse is left out.
+fn cpu_list(list: &str) -> Vec<u32> {
+    list.split(',')
+        .filter_map(|part| match part.split_once('-') {
+            Some((low, high)) => Some(low.parse().ok()?..=high.parse().ok()?),
+            None => {
+                let cpu = part.parse().ok()?;
+                Some(cpu..=cpu)
+            }
+        })
+        .flat_map(|range| range.take(64))
+        .collect()
 }
 
 /// The rest of `line` after the first `marker`.
@@ -394,6 +532,69 @@ mod tests {
         assert!(report(second).l2_died_in_kernel_boot());
         let fine = "LAB: run a: begin\n[ 9.0] Run /init as init process\nLAB: run a: exit=0\n";
         assert!(!report(fine).l2_died_in_kernel_boot());
+    }
+
+    #[test]
+    fn tells_an_l2_cpu_lost_inside_kvm() {
+        let stalled = "LAB: run a: begin\n\
+            [ 9.0] Run /init as init process\n\
+            GUEST: pings=5\n\
+            [ 342.2] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n\
+            [ 342.3] rcu: \t1-...0: (352 ticks this GP)\n\
+            [ 342.3] Sending NMI from CPU 0 to CPUs 1:\n\
+            LAB: run a: timeout\n";
+        let thread = |name: &str, stack: &str| {
+            format!("LAB: run a: thread {name} state=S ticks=5 guest=3 stack={stack}\n")
+        };
+        let in_kvm = "svm_vcpu_run<kvm_arch_vcpu_ioctl_run<kvm_vcpu_ioctl<__x64_sys_ioctl";
+        let on_lock = "futex_wait_queue<futex_wait<do_futex<__x64_sys_futex";
+        let end = "LAB: run a: exit=137\nLAB: done\n";
+        let lost = |vcpu1: [&str; 2]| {
+            let mut text = stalled.to_owned();
+            for stack in vcpu1 {
+                text += &thread("vcpu0", in_kvm);
+                text += &thread("vcpu1", stack);
+            }
+            report(&(text + end))
+        };
+        let r = lost([in_kvm, in_kvm]);
+        assert!(r.l2_cpu_lost_in_kvm());
+        assert_eq!(r.run("a").unwrap().hung_threads.len(), 4);
+        assert_eq!(r.run("a").unwrap().hung_threads[1].stack[1], KVM_RUN_FRAME);
+        // The silent vCPU waited on bulkhead, in either sample: bulkhead's to answer for.
+        assert!(!lost([on_lock, in_kvm]).l2_cpu_lost_in_kvm());
+        assert!(!lost([in_kvm, on_lock]).l2_cpu_lost_in_kvm());
+        // No samples of that vCPU: nothing shows where it was.
+        assert!(
+            !report(&(stalled.to_owned() + &thread("vcpu0", in_kvm) + end)).l2_cpu_lost_in_kvm()
+        );
+        // The CPU answered the NMI: it runs, it is stuck in the guest.
+        let answered = stalled.to_owned()
+            + "[ 342.4] NMI backtrace for cpu 1\n"
+            + &thread("vcpu1", in_kvm)
+            + &thread("vcpu1", in_kvm)
+            + end;
+        assert!(!report(&answered).l2_cpu_lost_in_kvm());
+        // A range names the CPU too.
+        let range = stalled.replace("CPUs 1:", "CPUs 0-1:")
+            + &thread("vcpu1", in_kvm)
+            + &thread("vcpu1", in_kvm)
+            + end;
+        assert!(report(&range).l2_cpu_lost_in_kvm());
+        assert_eq!(cpu_list("1,3-5,x,7-"), [1, 3, 4, 5]);
+        // On a CPU (no stack to read): in KVM_RUN if its guest time grew, not if it did not.
+        let on_cpu = |guest: [u32; 2]| {
+            let mut text = stalled.to_owned();
+            for ticks in guest {
+                text += &format!("LAB: run a: thread vcpu1 state=R ticks=9 guest={ticks} stack=\n");
+            }
+            report(&(text + end)).l2_cpu_lost_in_kvm()
+        };
+        assert!(on_cpu([100, 180]));
+        assert!(!on_cpu([100, 100]));
+        // One sample is not enough to say.
+        let once = stalled.to_owned() + &thread("vcpu1", in_kvm) + end;
+        assert!(!report(&once).l2_cpu_lost_in_kvm());
     }
 
     #[test]
