@@ -153,7 +153,10 @@ enum Role {
 enum Delivery {
     Delivered,
     Dropped,
-    NoBuffers,
+    /// The ring has `offered` buffers past the device's position, too few for the frame.
+    NoBuffers {
+        offered: u16,
+    },
 }
 
 /// One TAP queue and what the device keeps about it.
@@ -513,10 +516,8 @@ impl NetDevice {
             }
             match self.deliver(index, state, memory, completed, batched)? {
                 Delivery::Delivered | Delivery::Dropped => self.taps[index].rx_len = 0,
-                Delivery::NoBuffers => {
-                    // Ask for a kick when the guest posts more, then look once more: a
-                    // buffer posted in between would otherwise wait for the next kick.
-                    if state.enable_notification()? {
+                Delivery::NoBuffers { offered } => {
+                    if ask_for_more_buffers(state.get_queue_mut(), memory, offered)? {
                         continue;
                     }
                     return Ok(());
@@ -558,7 +559,9 @@ impl NetDevice {
                 for _ in 0..chains.len() {
                     queue.go_to_previous_position();
                 }
-                return Ok(Delivery::NoBuffers);
+                // Fewer than the ring's size, checked above.
+                let offered = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+                return Ok(Delivery::NoBuffers { offered });
             };
             let head = chain.head_index();
             let len = if head >= size {
@@ -802,6 +805,26 @@ impl Drop for NetDevice {
 
 /// Adds the chains of one frame to the used ring and makes them visible at once: a guest
 /// reading the first of them must find all `num_buffers` there.
+/// Asks the guest for a kick once it posts buffers beyond the `offered` ones past the
+/// device's position, which are too few for the waiting frame; true when it already has
+/// (looked at after asking, so a buffer posted in between is not missed). The usual
+/// re-enabling would count the `offered` buffers as new and have the device retry at once,
+/// spinning on them, with the ring and the device locked, until the guest posts more.
+fn ask_for_more_buffers<Q: QueueT>(
+    queue: &mut Q,
+    memory: &GuestMemoryMmap,
+    offered: u16,
+) -> Result<bool, QueueFault> {
+    // enable_notification asks for a kick past the device's position (avail_event with
+    // EVENT_IDX) and compares the avail index with it: moved past the offered buffers
+    // for that, and back.
+    let position = queue.next_avail();
+    queue.set_next_avail(position.wrapping_add(offered));
+    let more = queue.enable_notification(memory);
+    queue.set_next_avail(position);
+    Ok(more?)
+}
+
 fn publish_used<Q: QueueT>(
     queue: &mut Q,
     memory: &GuestMemoryMmap,
