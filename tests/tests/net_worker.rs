@@ -84,6 +84,42 @@ impl Lab {
         Ok(socket)
     }
 
+    /// A new worker on the same TAP, given the guest's memory and queues the way the VMM's
+    /// supervisor does after a crash: each queue resumes at the used index in guest memory.
+    fn replacement(&mut self, features: u64) -> Result<WorkerProcess> {
+        let (worker, connection) = launch(&self.tap)?;
+        let guest = &self.guest.device;
+        let resumed = || -> Result<UserspaceFrontend> {
+            let mut frontend = UserspaceFrontend::new(connection, 2);
+            frontend
+                .negotiate(features, VhostUserProtocolFeatures::REPLY_ACK)
+                .context("negotiating")?;
+            frontend
+                .set_mem_table(&guest.memory)
+                .context("SET_MEM_TABLE")?;
+            for index in [RX, TX] {
+                let queue: &SplitQueueDriver = &guest.queues[index];
+                let used_ring = queue.layout().used_ring;
+                let bytes = guest.memory.read(GuestAddress(used_ring.0 + 2), 2)?;
+                let base = u16::from_le_bytes([bytes[0], bytes[1]]);
+                frontend
+                    .resume_queue(index, queue, base)
+                    .with_context(|| format!("resuming queue {index} at {base}"))?;
+            }
+            Ok(frontend)
+        };
+        match resumed() {
+            Ok(frontend) => {
+                self.guest.device.frontend = frontend;
+                Ok(worker)
+            }
+            Err(e) => bail!(
+                "the replacement did not take the queues: {e:#}\nits stderr:\n{}",
+                worker.stderr()
+            ),
+        }
+    }
+
     fn assert_alive(&self) -> Result<()> {
         ensure!(
             self.worker.is_running(),
@@ -782,6 +818,48 @@ fn without_receive_buffers_the_worker_waits_and_loses_nothing() -> Result<()> {
     lab.assert_alive()
 }
 
+/// Mergeable buffers, but fewer posted than the waiting frame needs: the worker asks for a
+/// kick and waits, neither spinning on the ring nor holding the device from the frontend,
+/// and delivers the frame whole once the guest posts enough.
+#[test]
+fn with_too_few_buffers_for_a_frame_the_worker_waits_for_more() -> Result<()> {
+    for features in [
+        1 << VIRTIO_NET_F_MRG_RXBUF,
+        (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_RING_F_EVENT_IDX),
+    ] {
+        let mut lab = Lab::new(features)?;
+        let socket = lab.host_socket(5010)?;
+        // A 1000-byte datagram with its headers needs five of these.
+        lab.guest.post_rx(2, 256)?;
+        send_to_guest(&socket, 6006, &[7; 1000])?;
+        let before = cpu_ticks(lab.worker.pid())?;
+        std::thread::sleep(Duration::from_millis(700));
+        let spent = cpu_ticks(lab.worker.pid())? - before;
+        ensure!(
+            spent <= 10,
+            "features {features:#x}: the worker used {spent} ticks waiting for buffers"
+        );
+        // The frontend still gets answers while the frame waits.
+        lab.guest
+            .device
+            .frontend
+            .inner()
+            .get_config(0, 6, VhostUserConfigFlags::empty(), &[0; 6])
+            .context("GET_CONFIG while a frame waits for buffers")?;
+        lab.guest.post_rx(1, 256)?;
+        std::thread::sleep(Duration::from_millis(200));
+        lab.guest.post_rx(8, 256)?;
+        let (payload, _, buffers) = lab.guest.receive_udp(6006)?;
+        ensure!(
+            payload == [7; 1000] && buffers == 5,
+            "features {features:#x}: {} bytes in {buffers} buffers",
+            payload.len()
+        );
+        lab.assert_alive()?;
+    }
+    Ok(())
+}
+
 /// Kill -9 mid-traffic, as a crash would; a replacement worker on the same TAP descriptor
 /// resumes both rings at the used index the guest sees, and traffic goes on both ways.
 #[test]
@@ -801,22 +879,7 @@ fn a_killed_worker_is_replaced_and_traffic_resumes() -> Result<()> {
         )?;
         if i == 20 {
             lab.worker.kill()?;
-            let (worker, connection) = launch(&lab.tap)?;
-            let mut frontend = UserspaceFrontend::new(connection, 2);
-            frontend.negotiate(features, VhostUserProtocolFeatures::REPLY_ACK)?;
-            frontend.set_mem_table(&lab.guest.device.memory)?;
-            for index in [RX, TX] {
-                let queue: &SplitQueueDriver = &lab.guest.device.queues[index];
-                let used_ring = queue.layout().used_ring;
-                let bytes = lab
-                    .guest
-                    .device
-                    .memory
-                    .read(GuestAddress(used_ring.0 + 2), 2)?;
-                frontend.resume_queue(index, queue, u16::from_le_bytes([bytes[0], bytes[1]]))?;
-            }
-            lab.guest.device.frontend = frontend;
-            replaced = Some(worker);
+            replaced = Some(lab.replacement(features)?);
         }
         if let Some(datagram) = recv_datagram(&socket)? {
             ensure!(datagram.len() == 4);
@@ -834,6 +897,149 @@ fn a_killed_worker_is_replaced_and_traffic_resumes() -> Result<()> {
     send_to_guest(&socket, 6004, b"after the restart")?;
     let (payload, _, _) = lab.guest.receive_udp(6004)?;
     ensure!(payload == b"after the restart");
+    lab.assert_alive()
+}
+
+/// Receive buffers followed by guard bytes, and guest memory the device must never write.
+struct Canaries {
+    /// (address, length) of each region that must still hold [`Canaries::BYTE`].
+    regions: Vec<(GuestAddress, usize)>,
+}
+
+impl Canaries {
+    const BYTE: u8 = 0xa5;
+    const GUARD: u32 = 64;
+
+    fn fill(&mut self, guest: &Guest, addr: GuestAddress, len: usize) -> Result<()> {
+        guest.device.memory.write(addr, &vec![Self::BYTE; len])?;
+        self.regions.push((addr, len));
+        Ok(())
+    }
+
+    /// Posts `count` receive buffers of `len` bytes, each followed by a guard.
+    fn post_rx(&mut self, guest: &mut Guest, count: usize, len: u32) -> Result<()> {
+        for _ in 0..count {
+            let addr = guest
+                .device
+                .memory
+                .allocate(u64::from(len + Self::GUARD), 8)?;
+            self.fill(
+                guest,
+                GuestAddress(addr.0 + u64::from(len)),
+                Self::GUARD as usize,
+            )?;
+            let head = guest.device.queues[RX].post(&[Buffer::writable(addr, len)])?;
+            guest.rx_buffers.insert(head, addr);
+        }
+        guest.device.queues[RX].kick()?;
+        Ok(())
+    }
+
+    /// The regions some write reached, with the first changed offset in each.
+    fn trampled(&self, guest: &Guest) -> Result<Vec<String>> {
+        let mut trampled = Vec::new();
+        for &(addr, len) in &self.regions {
+            let bytes = guest.device.memory.read(addr, len)?;
+            if let Some(at) = bytes.iter().position(|&b| b != Self::BYTE) {
+                trampled.push(format!("{len} bytes at {:#x}: changed at +{at}", addr.0));
+            }
+        }
+        Ok(trampled)
+    }
+}
+
+/// A worker killed while frames pour in, and its replacement, write guest memory only
+/// where the guest lets them: the receive buffers it still offers. Buffers the dead worker
+/// had completed are the guest's again (it reuses them for its own data here), the bytes
+/// after every buffer are guards, and a megabyte of memory is never offered at all; all
+/// of it must keep its canary bytes. A device that wrote a buffer it had given back would
+/// corrupt whatever the guest keeps there now - in a kernel, anything up to its page tables.
+#[test]
+fn across_a_kill_the_worker_writes_only_buffers_the_guest_still_offers() -> Result<()> {
+    // A 1000-byte datagram fills two of these buffers (mergeable), so frames straddle them.
+    const BUFFER: u32 = 512;
+    let features = (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_RING_F_EVENT_IDX);
+    let mut lab = Lab::new(features)?;
+    let socket = lab.host_socket(5009)?;
+    let mut canaries = Canaries {
+        regions: Vec::new(),
+    };
+    let untouched = lab.guest.device.memory.allocate(1 << 20, 4096)?;
+    canaries.fill(&lab.guest, untouched, 1 << 20)?;
+    canaries.post_rx(&mut lab.guest, 200, BUFFER)?;
+
+    let datagram = |tag: u8, i: u8| [vec![tag, i], vec![i; 998]].concat();
+    // Some frames completed, then the kill in the middle of a burst.
+    for i in 0..20 {
+        send_to_guest(&socket, 6005, &datagram(0, i))?;
+    }
+    let used_idx = GuestAddress(lab.guest.device.queues[RX].layout().used_ring.0 + 2);
+    let deadline = Instant::now() + TIMEOUT;
+    while lab.guest.device.memory.read(used_idx, 2)? == [0, 0] {
+        ensure!(Instant::now() < deadline, "the worker completed no frame");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for i in 20..150 {
+        send_to_guest(&socket, 6005, &datagram(0, i))?;
+        if i == 30 {
+            lab.worker.kill()?;
+        }
+    }
+    // What the dead worker completed: the guest takes those buffers back for itself.
+    let completed = lab.guest.device.queues[RX].collect_used()?;
+    for element in &completed {
+        let addr = lab
+            .guest
+            .rx_buffers
+            .remove(&(element.id as u16))
+            .context("an unknown receive chain")?;
+        canaries.fill(&lab.guest, addr, BUFFER as usize)?;
+    }
+
+    // and posts fresh ones, as a driver refills its ring.
+    canaries.post_rx(&mut lab.guest, completed.len(), BUFFER)?;
+    lab.worker = lab.replacement(features)?;
+    for i in 0..20 {
+        send_to_guest(&socket, 6005, &datagram(1, i))?;
+    }
+    // The replacement delivers what the TAP still held, then the new datagrams; the
+    // guest keeps offering fresh (guarded) buffers as it takes frames - once it has read
+    // every completion it collected, as the driver frees a chain's descriptors when it
+    // collects it and a head posted again before it is read would be two buffers at once.
+    let mut after = Vec::new();
+    let mut owed = 0;
+    let deadline = Instant::now() + TIMEOUT;
+    while after.len() < 20 && Instant::now() < deadline {
+        let (_, frame, buffers) = lab.guest.receive()?;
+        owed += buffers;
+        if lab.guest.rx_used.is_empty() {
+            canaries.post_rx(&mut lab.guest, std::mem::take(&mut owed), BUFFER)?;
+        }
+        let Some((6005, payload)) = parse_udp(&frame) else {
+            continue;
+        };
+        if payload.first() == Some(&1) {
+            ensure!(
+                payload.len() == 1000 && payload[2..].iter().all(|&b| b == payload[1]),
+                "datagram {} arrived damaged",
+                payload.get(1).copied().unwrap_or_default()
+            );
+            after.push(payload[1]);
+        }
+    }
+    ensure!(
+        after == (0..20).collect::<Vec<u8>>(),
+        "after the restart the guest got {after:?}, not datagrams 0 to 19 in order"
+    );
+    let trampled = canaries.trampled(&lab.guest)?;
+    ensure!(
+        trampled.is_empty(),
+        "the workers wrote guest memory the guest had not offered ({} of {} completed \
+         buffers reclaimed):\n{}",
+        trampled.len(),
+        completed.len(),
+        trampled.join("\n")
+    );
     lab.assert_alive()
 }
 
