@@ -74,6 +74,12 @@ impl Vcpu {
             (Ok(regs), Ok(sregs)) => (regs, sregs),
             (Err(e), _) | (_, Err(e)) => return format!("registers unavailable: {e}"),
         };
+        // KVM on AMD reinitialises the vCPU on a shutdown intercept (the VMCB is undefined
+        // after one), so what it hands back is the reset state, not the crash's.
+        if regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 {
+            return "registers lost: KVM reset the vCPU on the shutdown (as it does on AMD)"
+                .to_owned();
+        }
         format!(
             "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
              cr4={:#x} efer={:#x} idt={:#x}+{:#x} gdt={:#x}+{:#x}",
