@@ -156,6 +156,7 @@ impl Lab {
             initrd,
             cmdline: cmdline.to_owned(),
             memory: "512M".to_owned(),
+            cpus: 2,
         };
         self.boot_captured(name, &machine, DIRECT_BOOT_BUDGET)
     }

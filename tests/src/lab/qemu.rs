@@ -30,6 +30,8 @@ pub struct QemuMachine {
     pub cmdline: String,
     /// `-m`, e.g. "3G".
     pub memory: String,
+    /// `-smp`.
+    pub cpus: u32,
 }
 
 /// One line of the L1 console, stamped with when the host read it.
@@ -52,12 +54,31 @@ pub struct Console {
 /// QEMU options shared by every lab boot. `-cpu max` offers SVM with nested paging, which
 /// is what lets kvm-amd load in L1. `-nodefaults` drops the NIC, VGA, floppy and CD-ROM:
 /// nothing the lab uses, and each costs boot time.
-const QEMU_OPTIONS: &str =
-    "-accel tcg,thread=multi -cpu max -smp 2 -nodefaults -display none -no-reboot";
+const QEMU_OPTIONS: &str = "-accel tcg,thread=multi -cpu max -nodefaults -display none -no-reboot";
+
+/// L1's CPUs: `BULKHEAD_LAB_L1_CPUS`, or 1.
+///
+/// With two (one per host core, QEMU's multi-threaded TCG running them side by side) L2
+/// guests died far more often: on 2026-12-03, 5 of 11 boots on this kind of machine had a
+/// dead L1, an L2 that died in kernel boot, or an L2 that triple-faulted in the middle of a
+/// transfer, against none in 16 boots with one CPU - which runs the scenarios about as
+/// fast, since an L2 boot is mostly one vCPU's work anyway. Cross-CPU work in L1 (IPIs, TLB
+/// shootdowns while a CPU runs L2) is the likely trigger in the emulated SVM; with one CPU
+/// there is none. L2 guests keep their two vCPUs, which L1 then runs in turn.
+fn l1_cpus() -> u32 {
+    match std::env::var("BULKHEAD_LAB_L1_CPUS") {
+        Err(_) => 1,
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|&n| (1..=8).contains(&n))
+            .unwrap_or_else(|| panic!("BULKHEAD_LAB_L1_CPUS={v:?}: give a number of CPUs, 1 to 8")),
+    }
+}
 
 impl QemuMachine {
-    /// L1: two vCPUs (one per host core; bulkhead's L2 vCPUs run on them) and room for a few
-    /// L2 guests next to the ~100 MiB initramfs.
+    /// L1: one vCPU (see [`l1_cpus`]; bulkhead's L2 vCPUs run on it) and room for a few L2
+    /// guests next to the ~100 MiB initramfs.
     pub fn l1(qemu: &Path, kernel: &Path, initrd: &Path) -> Self {
         Self {
             qemu: qemu.to_owned(),
@@ -65,12 +86,14 @@ impl QemuMachine {
             initrd: initrd.to_owned(),
             cmdline: L1_CMDLINE.to_owned(),
             memory: "3G".to_owned(),
+            cpus: l1_cpus(),
         }
     }
 
     fn command(&self, serial: &str) -> Command {
         let mut qemu = Command::new(&self.qemu);
         qemu.args(QEMU_OPTIONS.split_whitespace())
+            .args(["-smp", &self.cpus.to_string()])
             .args(["-m", &self.memory, "-serial", serial])
             .arg("-kernel")
             .arg(&self.kernel)
