@@ -13,11 +13,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
-use bulkhead_protocol::RngConfig;
-use bulkhead_tests::vhost::{Buffer, SharedMemory, SplitQueueDriver, UserspaceFrontend};
+use bulkhead_protocol::{DeviceConfig, RngConfig};
+use bulkhead_tests::vhost::{
+    Buffer, SharedMemory, SplitQueueDriver, UserspaceFrontend, WorkerProcess,
+};
 use bulkhead_vmm::memory::GuestRam as VmmGuestRam;
+use bulkhead_vmm::vhost_user::reply_watchdog::ReplyWatchdog;
 use bulkhead_vmm::vhost_user::VhostUserDevice;
 use bulkhead_vmm::virtio::{QueueConfig, VirtioDevice};
+use bulkhead_vmm::worker::pidfd::PidFd;
 use bulkhead_workers::rng::RngDevice;
 use bulkhead_workers::vhost_user::{
     serve_connection, Completion, DeviceBackend, EventSource, GuestRam, InflightTracking,
@@ -507,7 +511,14 @@ fn the_vmm_hands_the_inflight_region_to_the_replacement_backend() -> Result<()> 
     let interrupt = EventFd::new(EFD_NONBLOCK)?;
     let connect = |backend: &mut Backend| {
         let connection = backend.connection.take().expect("one frontend per backend");
-        VhostUserDevice::connect(connection, 2, vec![QUEUE_SIZE], 0, ram.memory().clone())
+        VhostUserDevice::connect(
+            connection,
+            2,
+            vec![QUEUE_SIZE],
+            0,
+            ram.memory().clone(),
+            None,
+        )
     };
 
     let mut first = Backend::start(false)?;
@@ -573,7 +584,8 @@ fn devices_that_complete_in_order_do_not_offer_inflight_tracking() -> Result<()>
     let (ours, theirs) = UnixStream::pair()?;
     let device = RngDevice::new(&RngConfig { rate_limit: None })?.into_backend();
     let server = std::thread::spawn(move || serve_connection(theirs, device));
-    let mut rng = VhostUserDevice::connect(ours, 4, vec![QUEUE_SIZE], 0, ram.memory().clone())?;
+    let mut rng =
+        VhostUserDevice::connect(ours, 4, vec![QUEUE_SIZE], 0, ram.memory().clone(), None)?;
     let kicks = vec![EventFd::new(EFD_NONBLOCK)?];
     rng.activate(
         VIRTIO_F_VERSION_1_BIT,
@@ -607,7 +619,8 @@ fn the_kick_after_a_takeover_reaches_the_new_backend_every_time() -> Result<()> 
         let (ours, theirs) = UnixStream::pair()?;
         let device = RngDevice::new(&RngConfig { rate_limit: None })?.into_backend();
         let server = std::thread::spawn(move || serve_connection(theirs, device));
-        let mut rng = VhostUserDevice::connect(ours, 4, vec![QUEUE_SIZE], 0, ram.memory().clone())?;
+        let mut rng =
+            VhostUserDevice::connect(ours, 4, vec![QUEUE_SIZE], 0, ram.memory().clone(), None)?;
         rng.activate(
             VIRTIO_F_VERSION_1_BIT,
             &[guest.queue(guest.used_idx()?)],
@@ -621,5 +634,72 @@ fn the_kick_after_a_takeover_reaches_the_new_backend_every_time() -> Result<()> 
         drop(rng);
         ensure!(server.join().is_ok());
     }
+    Ok(())
+}
+
+/// A worker that stops answering (SIGSTOP here; a bug or a takeover in life) does not hang
+/// the VMM: the watchdog kills it once an operation has waited past its limit, and the
+/// operation fails instead of blocking the vCPU or the supervisor that made it - at the
+/// handshake, and at a reset, which waits for the worker to stop its rings.
+#[test]
+fn the_vmm_kills_a_worker_that_stops_answering() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+
+    let ram = VmmGuestRam::new(4 << 20)?;
+    let guest = VmmGuest::new(&ram)?;
+    let launch = || -> Result<(WorkerProcess, UnixStream, ReplyWatchdog)> {
+        let (worker, connection) =
+            WorkerProcess::launched("rng0", DeviceConfig::Rng(RngConfig::default()))?;
+        let pidfd = PidFd::open(worker.pid())?;
+        let watchdog = ReplyWatchdog::new("rng0".into(), pidfd, Duration::from_millis(300))?;
+        Ok((worker, connection, watchdog))
+    };
+    let stop = |worker: &WorkerProcess| {
+        // SAFETY: kill takes a pid and a signal; the pid is our unreaped child's.
+        unsafe { libc::kill(worker.pid() as libc::pid_t, libc::SIGSTOP) }
+    };
+    let killed = |worker: &WorkerProcess| -> Result<()> {
+        let status = worker.wait_exit(TIMEOUT)?;
+        ensure!(
+            status.signal() == Some(libc::SIGKILL),
+            "the worker ended with {status}"
+        );
+        Ok(())
+    };
+
+    let (worker, connection, watchdog) = launch()?;
+    ensure!(stop(&worker) == 0);
+    let started = Instant::now();
+    let connected = VhostUserDevice::connect(
+        connection,
+        4,
+        vec![QUEUE_SIZE],
+        0,
+        ram.memory().clone(),
+        Some(watchdog),
+    );
+    ensure!(connected.is_err(), "connected to a stopped worker");
+    killed(&worker)?;
+
+    let (worker, connection, watchdog) = launch()?;
+    let mut rng = VhostUserDevice::connect(
+        connection,
+        4,
+        vec![QUEUE_SIZE],
+        0,
+        ram.memory().clone(),
+        Some(watchdog),
+    )?;
+    let kicks = vec![EventFd::new(EFD_NONBLOCK)?];
+    rng.activate(
+        VIRTIO_F_VERSION_1_BIT,
+        &[guest.queue(0)],
+        &kicks,
+        &EventFd::new(EFD_NONBLOCK)?,
+    )?;
+    ensure!(stop(&worker) == 0);
+    rng.reset();
+    killed(&worker)?;
+    ensure!(started.elapsed() < TIMEOUT, "took {:?}", started.elapsed());
     Ok(())
 }

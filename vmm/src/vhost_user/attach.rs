@@ -13,12 +13,14 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{VhostUserDevice, VhostUserDeviceError};
+use super::reply_watchdog::{ReplyWatchdog, REPLY_LIMIT};
 use crate::arch::x86_64::acpi::VirtioMmioDevice;
 use crate::arch::x86_64::layout;
 use crate::devices::bus::{Bus, BusError};
 use crate::memory::GuestMemory;
 use crate::virtio::mmio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::virtio::VirtioMmio;
+use crate::worker::pidfd::PidFd;
 use crate::worker::{discard_worker, spawn_worker, LaunchError};
 
 #[derive(Debug, Error)]
@@ -41,6 +43,12 @@ pub enum AttachError {
     Kvm {
         device: String,
         what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device {device}: cannot watch its worker")]
+    Watch {
+        device: String,
         #[source]
         source: std::io::Error,
     },
@@ -152,12 +160,26 @@ pub fn start_backend(
         source,
     })?;
     let mut child = worker.child;
+    // The pidfd names this child even once it is reaped; opened before anyone can reap it.
+    let watchdog = PidFd::open(child.id())
+        .and_then(|pidfd| ReplyWatchdog::new(device.clone(), pidfd, REPLY_LIMIT));
+    let watchdog = match watchdog {
+        Ok(watchdog) => watchdog,
+        Err(source) => {
+            discard_worker(&mut child);
+            return Err(AttachError::Watch {
+                device: device.clone(),
+                source,
+            });
+        }
+    };
     match VhostUserDevice::connect(
         worker.socket,
         shape.device_type,
         shape.queue_sizes.clone(),
         shape.config_size,
         memory.clone(),
+        Some(watchdog),
     ) {
         Ok(backend) => Ok((child, backend)),
         Err(source) => {

@@ -15,6 +15,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::reply_watchdog::{Armed, ReplyWatchdog};
 use crate::memory::GuestMemory;
 use crate::virtio::{ActivateError, InflightRegion, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -61,17 +62,22 @@ pub struct VhostUserDevice {
     inflight: Option<InflightRegion>,
     /// Whether `inflight` came from a predecessor and must be sent with SET_INFLIGHT_FD.
     inflight_inherited: bool,
+    /// Kills the backend if it leaves an operation unanswered (a worker the VMM started).
+    watchdog: Option<ReplyWatchdog>,
 }
 
 impl VhostUserDevice {
-    /// Connects to a backend over `stream` and learns what it offers.
+    /// Connects to a backend over `stream` and learns what it offers. `watchdog`, for a
+    /// backend the VMM can kill, bounds how long each operation waits for it.
     pub fn connect(
         stream: UnixStream,
         device_type: u32,
         queue_sizes: Vec<u16>,
         config_size: usize,
         memory: GuestMemory,
+        watchdog: Option<ReplyWatchdog>,
     ) -> Result<Self, VhostUserDeviceError> {
+        let _armed = watchdog.as_ref().map(|w| w.arm("the handshake"));
         let mut frontend = Frontend::from_stream(stream, queue_sizes.len() as u64);
         frontend.set_owner().map_err(step("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
@@ -117,7 +123,13 @@ impl VhostUserDevice {
             active_queues: Vec::new(),
             inflight: None,
             inflight_inherited: false,
+            watchdog,
         })
+    }
+
+    /// Times operation `what` until the returned guard is dropped.
+    fn armed(&self, what: &'static str) -> Option<Armed> {
+        self.watchdog.as_ref().map(|w| w.arm(what))
     }
 
     /// Sets up inflight tracking before the rings, as the spec asks: a backend taking over
@@ -218,6 +230,7 @@ impl VirtioDevice for VhostUserDevice {
         }
         // GET_CONFIG needs `&mut`; config reads are rare, so a short-lived clone of the
         // connection handle (it shares the socket and its lock) keeps this method `&self`.
+        let _armed = self.armed("GET_CONFIG");
         let mut frontend = self.frontend.clone();
         match frontend.get_config(
             offset as u32,
@@ -238,6 +251,7 @@ impl VirtioDevice for VhostUserDevice {
         {
             return;
         }
+        let _armed = self.armed("SET_CONFIG");
         if let Err(e) =
             self.frontend
                 .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
@@ -253,6 +267,7 @@ impl VirtioDevice for VhostUserDevice {
         kicks: &[EventFd],
         interrupt: &EventFd,
     ) -> Result<(), ActivateError> {
+        let _armed = self.armed("the activation");
         self.active_queues.clear();
         let backend = |e: VhostUserDeviceError| ActivateError::Backend(e.to_string());
         let protocol_bit =
@@ -330,6 +345,7 @@ impl VirtioDevice for VhostUserDevice {
 
     fn reset(&mut self) {
         // GET_VRING_BASE stops a ring (vhost-user spec); the backend keeps no state.
+        let _armed = self.armed("GET_VRING_BASE");
         for index in std::mem::take(&mut self.active_queues) {
             if let Err(e) = self.frontend.get_vring_base(usize::from(index)) {
                 tracing::warn!(queue = index, "vhost-user GET_VRING_BASE failed: {e}");

@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod device;
+pub mod reply_watchdog;
 
 pub use attach::{attach_worker_device, start_backend, AttachError, AttachedDevice, DeviceShape};
 pub use device::{VhostUserDevice, VhostUserDeviceError};
