@@ -44,6 +44,14 @@ pub enum AuditEvent {
     /// An operator asked for the worker to be replaced (`bulkhead restart-worker`); the
     /// exit and restart that follow are logged as usual.
     OperatorRestart { device: String, pid: u32 },
+    /// The VMM killed the worker because it left a vhost-user call (`call`, e.g.
+    /// "GET_CONFIG") unanswered past the limit; the crash and restart that follow are
+    /// logged as usual.
+    Unresponsive {
+        device: String,
+        pid: u32,
+        call: String,
+    },
     /// Too many crashes: the device is marked failed; the guest keeps running.
     GiveUp { device: String, attempts: u32 },
 }

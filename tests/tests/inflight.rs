@@ -651,7 +651,12 @@ fn the_vmm_kills_a_worker_that_stops_answering() -> Result<()> {
         let (worker, connection) =
             WorkerProcess::launched("rng0", DeviceConfig::Rng(RngConfig::default()))?;
         let pidfd = PidFd::open(worker.pid())?;
-        let watchdog = ReplyWatchdog::new("rng0".into(), pidfd, Duration::from_millis(300))?;
+        let watchdog = ReplyWatchdog::new(
+            "rng0".into(),
+            pidfd,
+            Duration::from_millis(300),
+            Box::new(|_| {}),
+        )?;
         Ok((worker, connection, watchdog))
     };
     let stop = |worker: &WorkerProcess| {

@@ -31,6 +31,12 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// `power_button`, it also watches PWRBTN_STS and powers off when the button is pressed,
 /// as an OS without an SCI handler would.
 fn ticker(power_button: bool) -> Result<Vec<u8>> {
+    ticker_reading(power_button, None)
+}
+
+/// [`ticker`], each line also giving the 32-bit word at guest-physical `address` (a
+/// device's config space): `tick=<n> word=<w>`.
+fn ticker_reading(power_button: bool, address: Option<u32>) -> Result<Vec<u8>> {
     let mut guest = MicroGuest::new()?;
     let mut next_tick = guest.asm().create_label();
     let mut wait = guest.asm().create_label();
@@ -39,6 +45,11 @@ fn ticker(power_button: bool) -> Result<Vec<u8>> {
     guest.asm().set_label(&mut next_tick)?;
     guest.print("tick=")?;
     guest.print_hex(r12, 8)?;
+    if let Some(address) = address {
+        guest.asm().mov(eax, dword_ptr(u64::from(address)))?;
+        guest.print(" word=")?;
+        guest.print_hex(rax, 8)?;
+    }
     guest.print("\n")?;
     let a = guest.asm();
     a.inc(r12)?;
@@ -716,6 +727,70 @@ fn restart_worker_replaces_a_cow_disk_s_worker() -> Result<()> {
         std::fs::read(&image)? == vec![0x5a; 1 << 20],
         "the cow image changed"
     );
+    Ok(())
+}
+
+/// A worker that stops answering is killed and replaced, and the guest carries on: the
+/// guest keeps reading its disk's config space (its capacity, which the VMM asks the blk
+/// worker for with GET_CONFIG); with the worker stopped, one read waits out the VMM's limit
+/// (20 s), the VMM kills the worker and audits why, the supervisor replaces it, and the
+/// reads after that see the capacity again.
+#[test]
+fn a_worker_that_stops_answering_is_killed_and_replaced() -> Result<()> {
+    const CAPACITY: &str = "word=00000800"; // 1 MiB in 512-byte sectors
+    let env = Env::new()?;
+    // Device 0's virtio-mmio window; its config space starts at 0x100.
+    let kernel = env.kernel("reader", &ticker_reading(false, Some(0xc000_0100))?)?;
+    let image = env.dir.write("disk.raw", &vec![0; 1 << 20])?;
+    let audit = env.dir.path().join("audit.jsonl");
+    let disk = format!("{},format=raw", image.display());
+    let vm = env.start(
+        "nu",
+        &kernel,
+        &[
+            "--disk",
+            &disk,
+            "--audit-log",
+            audit.to_str().context("path")?,
+        ],
+    )?;
+    wait_for(|| Ok(vm.stdout().contains(CAPACITY)))
+        .with_context(|| format!("the guest never read its capacity:\n{}", vm.dump()))?;
+    let first_pid = env.status("nu")?.devices[0]
+        .worker_pid
+        .context("no worker pid")?;
+    // SAFETY: kill takes a pid and a signal; the pid is bulkhead's unreaped child's.
+    ensure!(unsafe { libc::kill(first_pid as libc::pid_t, libc::SIGSTOP) } == 0);
+    let stopped_at = vm.stdout().len();
+
+    // The limit, then the restart: more than PATIENCE.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let device = env.status("nu")?.devices[0].clone();
+        if device.restarts == 1 && device.worker_pid.is_some() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no replacement: {device:?}\n{}",
+            vm.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for(|| Ok(vm.stdout()[stopped_at..].contains(CAPACITY)))
+        .with_context(|| format!("no reads after the replacement:\n{}", vm.dump()))?;
+    let log = std::fs::read_to_string(&audit)?;
+    for event in [
+        format!(
+            "\"event\":\"unresponsive\",\"device\":\"blk0\",\"pid\":{first_pid},\"call\":\"GET_CONFIG\""
+        ),
+        format!("\"event\":\"crash\",\"device\":\"blk0\",\"pid\":{first_pid},\"signal\":9"),
+        "\"event\":\"restart\",\"device\":\"blk0\",\"attempt\":1".to_owned(),
+    ] {
+        ensure!(log.contains(&event), "no {event} in the audit log:\n{log}");
+    }
+    env.ok(&["kill", "nu"])?;
+    vm.wait()?;
     Ok(())
 }
 

@@ -303,6 +303,7 @@ fn attach_worker_devices(
             &launch,
             &files,
             shape.clone(),
+            &supervisor.audit(),
         )?;
         devices.push(attached.acpi);
         let name = launch.device_name.clone();

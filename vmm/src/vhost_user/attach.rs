@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 
+use bulkhead_protocol::audit::AuditEvent;
 use bulkhead_protocol::WorkerLaunch;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use thiserror::Error;
@@ -20,6 +21,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::memory::GuestMemory;
 use crate::virtio::mmio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::virtio::VirtioMmio;
+use crate::worker::audit_log::AuditLog;
 use crate::worker::pidfd::PidFd;
 use crate::worker::{discard_worker, spawn_worker, LaunchError};
 
@@ -93,6 +95,7 @@ pub fn attach_worker_device(
     launch: &WorkerLaunch,
     files: &[File],
     shape: DeviceShape,
+    audit: &Arc<AuditLog>,
 ) -> Result<AttachedDevice, AttachError> {
     let device = launch.device_name.clone();
     let (base, gsi) = layout::virtio_mmio_slot(index).ok_or(AttachError::TooManyDevices {
@@ -108,7 +111,7 @@ pub fn attach_worker_device(
     };
 
     let queue_count = shape.queue_sizes.len();
-    let (worker, backend) = start_backend(worker, launch, files, &shape, memory)?;
+    let (worker, backend) = start_backend(worker, launch, files, &shape, memory, audit)?;
 
     let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
     let mut kicks = Vec::with_capacity(queue_count);
@@ -146,13 +149,15 @@ pub fn attach_worker_device(
 }
 
 /// Starts a worker for `launch` and completes the vhost-user handshake with it. Used
-/// for the first worker of a device and for every replacement after a crash.
+/// for the first worker of a device and for every replacement after a crash. `audit`
+/// hears of it if the worker is ever killed for not answering.
 pub fn start_backend(
     binary: &Path,
     launch: &WorkerLaunch,
     files: &[File],
     shape: &DeviceShape,
     memory: &GuestMemory,
+    audit: &Arc<AuditLog>,
 ) -> Result<(Child, VhostUserDevice), AttachError> {
     let device = &launch.device_name;
     let worker = spawn_worker(binary, launch, files).map_err(|source| AttachError::Launch {
@@ -161,8 +166,19 @@ pub fn start_backend(
     })?;
     let mut child = worker.child;
     // The pidfd names this child even once it is reaped; opened before anyone can reap it.
-    let watchdog = PidFd::open(child.id())
-        .and_then(|pidfd| ReplyWatchdog::new(device.clone(), pidfd, REPLY_LIMIT));
+    let pid = child.id();
+    let on_kill = {
+        let (audit, device) = (audit.clone(), device.clone());
+        Box::new(move |call: &'static str| {
+            audit.record(AuditEvent::Unresponsive {
+                device: device.clone(),
+                pid,
+                call: call.to_owned(),
+            });
+        })
+    };
+    let watchdog = PidFd::open(pid)
+        .and_then(|pidfd| ReplyWatchdog::new(device.clone(), pidfd, REPLY_LIMIT, on_kill));
     let watchdog = match watchdog {
         Ok(watchdog) => watchdog,
         Err(source) => {

@@ -17,6 +17,9 @@ use crate::worker::pidfd::PidFd;
 /// nested lab), but a vCPU blocked this long is still a guest that recovers.
 pub const REPLY_LIMIT: Duration = Duration::from_secs(20);
 
+/// Told which call went unanswered, just before the worker is killed.
+pub type OnKill = Box<dyn Fn(&'static str) + Send>;
+
 pub struct ReplyWatchdog {
     shared: Arc<Shared>,
     limit: Duration,
@@ -51,7 +54,12 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 impl ReplyWatchdog {
     /// Watches `worker`, the backend of `device`, giving it `limit` per operation.
-    pub fn new(device: String, worker: PidFd, limit: Duration) -> std::io::Result<Self> {
+    pub fn new(
+        device: String,
+        worker: PidFd,
+        limit: Duration,
+        on_kill: OnKill,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -60,7 +68,7 @@ impl ReplyWatchdog {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("reply-watchdog".into())
-                .spawn(move || watch(&shared, &device, &worker, limit))?
+                .spawn(move || watch(&shared, &device, &worker, limit, on_kill))?
         };
         Ok(Self {
             shared,
@@ -87,7 +95,7 @@ impl Drop for ReplyWatchdog {
     }
 }
 
-fn watch(shared: &Shared, device: &str, worker: &PidFd, limit: Duration) {
+fn watch(shared: &Shared, device: &str, worker: &PidFd, limit: Duration, on_kill: OnKill) {
     let mut state = lock(&shared.state);
     loop {
         if state.closing {
@@ -113,6 +121,7 @@ fn watch(shared: &Shared, device: &str, worker: &PidFd, limit: Duration) {
                         %device,
                         "the worker has not answered {what} within {limit:?}: killing it so that it is replaced"
                     );
+                    on_kill(what);
                     if let Err(e) = worker.kill() {
                         tracing::warn!(%device, "cannot kill the unresponsive worker: {e}");
                     }
@@ -139,19 +148,24 @@ mod tests {
     fn a_worker_past_its_limit_is_killed() {
         let (mut child, pidfd) = sleeper();
         let limit = Duration::from_millis(100);
-        let watchdog = ReplyWatchdog::new("rng0".into(), pidfd, limit).unwrap();
+        let (told, heard) = std::sync::mpsc::channel();
+        let on_kill = Box::new(move |call: &'static str| told.send(call).unwrap());
+        let watchdog = ReplyWatchdog::new("rng0".into(), pidfd, limit, on_kill).unwrap();
         let started = Instant::now();
         let _armed = watchdog.arm("GET_CONFIG");
         let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(heard.try_recv(), Ok("GET_CONFIG"));
+        assert!(heard.try_recv().is_err(), "killed twice");
     }
 
     #[test]
     fn a_worker_that_answers_in_time_is_left_alone() {
         let (mut child, pidfd) = sleeper();
         let limit = Duration::from_millis(200);
-        let watchdog = ReplyWatchdog::new("rng0".into(), pidfd, limit).unwrap();
+        let on_kill = Box::new(|call| panic!("killed at {call}"));
+        let watchdog = ReplyWatchdog::new("rng0".into(), pidfd, limit, on_kill).unwrap();
         for _ in 0..3 {
             let _armed = watchdog.arm("SET_FEATURES");
             std::thread::sleep(Duration::from_millis(20));

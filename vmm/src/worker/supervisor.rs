@@ -351,7 +351,7 @@ impl WorkerSupervisor {
         // An operator's restart is no crash: no backoff, and it does not count towards
         // giving up, unless the replacement itself fails to start.
         if operator {
-            match restart(&self.binary, device, &self.memory) {
+            match restart(&self.binary, device, &self.memory, &self.audit) {
                 Ok(()) => {
                     self.restarted(index);
                     return;
@@ -376,7 +376,7 @@ impl WorkerSupervisor {
                 return;
             }
             std::thread::sleep(policy.backoff(device.crashes));
-            match restart(&self.binary, device, &self.memory) {
+            match restart(&self.binary, device, &self.memory, &self.audit) {
                 Ok(()) => {
                     self.restarted(index);
                     return;
@@ -407,9 +407,20 @@ impl WorkerSupervisor {
 }
 
 /// Starts a replacement worker and gives it the device.
-fn restart(binary: &Path, device: &mut Supervised, memory: &GuestMemory) -> anyhow::Result<()> {
-    let (mut child, backend) =
-        start_backend(binary, &device.launch, &device.files, &device.shape, memory)?;
+fn restart(
+    binary: &Path,
+    device: &mut Supervised,
+    memory: &GuestMemory,
+    audit: &Arc<AuditLog>,
+) -> anyhow::Result<()> {
+    let (mut child, backend) = start_backend(
+        binary,
+        &device.launch,
+        &device.files,
+        &device.shape,
+        memory,
+        audit,
+    )?;
     // The pidfd first: once the device is handed over, the worker must be watched.
     let handed_over = PidFd::open(child.id())
         .map_err(anyhow::Error::from)
