@@ -31,6 +31,11 @@ done </lab/modules.order
 [ -c /dev/kvm ] || lab_fail "no /dev/kvm after loading kvm-amd (does QEMU's -cpu offer svm?)"
 echo "LAB: kvm ready"
 
+# A heartbeat on the console, so that the harness can tell L1 frozen (silent) from L1
+# busy with a quiet run, and kill a frozen one early (tests/src/lab/qemu.rs). One fork
+# every ten seconds: not the churn that once made L2 guests die.
+while sleep 10; do echo "LAB: alive"; done </dev/null &
+
 # lab_trigger MARKER ACTION
 # Arms a trigger for the next lab_run: once that run's output contains MARKER, L1 runs the
 # shell command ACTION, once. A run may arm several; each fires on its own marker. This is

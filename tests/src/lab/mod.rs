@@ -157,6 +157,7 @@ impl Lab {
             cmdline: cmdline.to_owned(),
             memory: "512M".to_owned(),
             cpus: 2,
+            silence_limit: None,
         };
         self.boot_captured(name, &machine, DIRECT_BOOT_BUDGET)
     }

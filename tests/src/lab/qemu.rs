@@ -4,6 +4,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,9 @@ pub struct QemuMachine {
     pub memory: String,
     /// `-smp`.
     pub cpus: u32,
+    /// How long the console may stay silent before the machine is taken for frozen and
+    /// killed: for L1, whose init prints a heartbeat (`LAB: alive`) every 10 s.
+    pub silence_limit: Option<Duration>,
 }
 
 /// One line of the L1 console, stamped with when the host read it.
@@ -46,8 +51,10 @@ pub struct ConsoleLine {
 #[derive(Debug)]
 pub struct Console {
     pub lines: Vec<ConsoleLine>,
-    /// QEMU's exit status; `None` when it had to be killed at the deadline.
+    /// QEMU's exit status; `None` when it had to be killed (at the deadline, or silent).
     pub status: Option<ExitStatus>,
+    /// QEMU was killed because its console went silent past the machine's limit.
+    pub silenced: bool,
     pub elapsed: Duration,
 }
 
@@ -55,6 +62,12 @@ pub struct Console {
 /// is what lets kvm-amd load in L1. `-nodefaults` drops the NIC, VGA, floppy and CD-ROM:
 /// nothing the lab uses, and each costs boot time.
 const QEMU_OPTIONS: &str = "-accel tcg,thread=multi -cpu max -nodefaults -display none -no-reboot";
+
+/// L1 prints its heartbeat every 10 s; a minute and a half without it (or anything else)
+/// means L1 froze, which under QEMU's emulated SVM it now and then does with its one CPU
+/// stuck in an L2 guest. Killing it then, rather than at the scenario's deadline, saves up
+/// to ten minutes before the boot is retried.
+const L1_SILENCE_LIMIT: Duration = Duration::from_secs(90);
 
 /// L1's CPUs: `BULKHEAD_LAB_L1_CPUS`, or 1.
 ///
@@ -87,6 +100,7 @@ impl QemuMachine {
             cmdline: L1_CMDLINE.to_owned(),
             memory: "3G".to_owned(),
             cpus: l1_cpus(),
+            silence_limit: Some(L1_SILENCE_LIMIT),
         }
     }
 
@@ -105,7 +119,8 @@ impl QemuMachine {
     }
 
     /// Boots with the console captured line by line into `log` (and echoed to stdout when
-    /// `echo`), killing QEMU if it is still running after `timeout`.
+    /// `echo`), killing QEMU if it is still running after `timeout` or its console stays
+    /// silent past the machine's limit.
     pub fn run_captured(
         &self,
         log: &Path,
@@ -128,19 +143,29 @@ impl QemuMachine {
         let mut stderr = child.stderr.take().expect("stderr is piped");
         let qemu = KillOnDrop(child);
 
-        let reader = thread::spawn(move || read_console(stdout, log_file, start, echo));
+        let last_line = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let last_line = last_line.clone();
+            thread::spawn(move || read_console(stdout, log_file, start, echo, &last_line))
+        };
         let stderr_reader = thread::spawn(move || {
             let mut text = String::new();
             let _ = stderr.read_to_string(&mut text);
             text
         });
-        let status = qemu.wait_until(start + timeout)?;
+        let silent = || {
+            let quiet_since = Duration::from_millis(last_line.load(Ordering::Relaxed));
+            self.silence_limit
+                .is_some_and(|limit| start.elapsed().saturating_sub(quiet_since) > limit)
+        };
+        let (status, silenced) = qemu.wait_until(start + timeout, silent)?;
         let elapsed = start.elapsed();
 
         let (lines, mut log_file) = reader.join().expect("console reader does not panic");
         let stderr = stderr_reader.join().expect("stderr reader does not panic");
         let ending = match status {
             Some(status) => format!("qemu exited: {status}"),
+            None if silenced => "qemu killed: its console went silent (L1 froze)".to_owned(),
             None => format!("qemu killed: still running after {}s", timeout.as_secs()),
         };
         if !stderr.trim().is_empty() {
@@ -155,6 +180,7 @@ impl QemuMachine {
         Ok(Console {
             lines,
             status,
+            silenced,
             elapsed,
         })
     }
@@ -174,6 +200,7 @@ fn read_console(
     mut log: File,
     start: Instant,
     echo: bool,
+    last_line: &AtomicU64,
 ) -> (Vec<ConsoleLine>, File) {
     let mut lines = Vec::new();
     let mut reader = BufReader::new(stdout);
@@ -193,10 +220,9 @@ fn read_console(
         if echo {
             println!("{text}");
         }
-        lines.push(ConsoleLine {
-            at: start.elapsed(),
-            text,
-        });
+        let at = start.elapsed();
+        last_line.store(at.as_millis() as u64, Ordering::Relaxed);
+        lines.push(ConsoleLine { at, text });
     }
     (lines, log)
 }
@@ -205,15 +231,24 @@ fn read_console(
 struct KillOnDrop(Child);
 
 impl KillOnDrop {
-    /// Waits for QEMU to exit; kills it at `deadline` and returns `None`.
-    fn wait_until(mut self, deadline: Instant) -> Result<Option<ExitStatus>, LabError> {
+    /// Waits for QEMU to exit; kills it at `deadline`, or once `silent` says so, and
+    /// returns `None` (and whether it was for silence).
+    fn wait_until(
+        mut self,
+        deadline: Instant,
+        silent: impl Fn() -> bool,
+    ) -> Result<(Option<ExitStatus>, bool), LabError> {
         let wait_err = |e| LabError::io("waiting for qemu", e);
         loop {
             if let Some(status) = self.0.try_wait().map_err(wait_err)? {
-                return Ok(Some(status));
+                return Ok((Some(status), false));
+            }
+            // Drop kills it.
+            if silent() {
+                return Ok((None, true));
             }
             if Instant::now() >= deadline {
-                return Ok(None); // Drop kills it.
+                return Ok((None, false));
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -236,4 +271,53 @@ fn describe(command: &Command) -> String {
         .map(|arg| super::scenario::shell_quote(&arg.to_string_lossy()))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::micro::ScratchDir;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in for QEMU that prints `lines` and then hangs.
+    fn machine(dir: &ScratchDir, silence_limit: Option<Duration>) -> QemuMachine {
+        let script = dir
+            .write("qemu", b"#!/bin/sh\necho booting\necho up\nexec sleep 60\n")
+            .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        QemuMachine {
+            qemu: script,
+            kernel: PathBuf::from("/nonexistent"),
+            initrd: PathBuf::from("/nonexistent"),
+            cmdline: String::new(),
+            memory: "1M".to_owned(),
+            cpus: 1,
+            silence_limit,
+        }
+    }
+
+    #[test]
+    fn a_silent_machine_is_killed_before_its_deadline() {
+        let dir = ScratchDir::new("qemu-silence").unwrap();
+        let log = dir.path().join("console.log");
+        let console = machine(&dir, Some(Duration::from_millis(500)))
+            .run_captured(&log, Duration::from_secs(30), false)
+            .unwrap();
+        assert!(console.silenced && console.status.is_none());
+        assert!(console.elapsed < Duration::from_secs(20), "{console:?}");
+        assert_eq!(console.lines.len(), 2);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("went silent"), "{text}");
+    }
+
+    #[test]
+    fn without_a_limit_silence_lasts_until_the_deadline() {
+        let dir = ScratchDir::new("qemu-deadline").unwrap();
+        let log = dir.path().join("console.log");
+        let console = machine(&dir, None)
+            .run_captured(&log, Duration::from_secs(1), false)
+            .unwrap();
+        assert!(!console.silenced && console.status.is_none());
+        assert!(console.elapsed >= Duration::from_secs(1));
+    }
 }

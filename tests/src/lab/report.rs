@@ -35,8 +35,10 @@ pub struct LabReport {
     pub scenario: String,
     pub log_path: PathBuf,
     pub lines: Vec<ConsoleLine>,
-    /// QEMU's exit status; `None` when it was killed at the deadline.
+    /// QEMU's exit status; `None` when it was killed at the deadline or for silence.
     pub qemu_status: Option<ExitStatus>,
+    /// QEMU was killed because L1's console, heartbeat included, went silent.
+    pub silenced: bool,
     pub elapsed: Duration,
     pub runs: Vec<RunReport>,
     /// `GUEST: key=value` lines printed outside any bulkhead run: all of them for a guest
@@ -185,6 +187,7 @@ impl LabReport {
             log_path,
             lines: console.lines,
             qemu_status: console.status,
+            silenced: console.silenced,
             elapsed: console.elapsed,
             runs,
             guest_values,
@@ -196,6 +199,8 @@ impl LabReport {
     ///   every run that ended ended with status 0), and QEMU exited by itself (L1 died) or
     ///   a run never reported its end although L1 kills every run at its timeout well
     ///   before QEMU's deadline (L1 froze); or
+    /// - L1 went silent, its heartbeat included (see [`QemuMachine::silence_limit`](super::qemu::QemuMachine::silence_limit)): it
+    ///   froze, with or without a run going; or
     /// - L1's own watchdog caught one of bulkhead's vCPU threads stuck in the L1 kernel
     ///   (`soft lockup ... [vcpu1:117]`). A vCPU thread can only be inside KVM_RUN there,
     ///   and KVM returns to userspace on every exit it cannot handle: a CPU stuck for
@@ -209,7 +214,7 @@ impl LabReport {
         let qemu_exited = self.qemu_status.is_some();
         let run_never_ended = self.runs.iter().any(|run| run.exit.is_none());
         let unfinished = self.marker_at("done").is_none() && runs_fine;
-        (unfinished && (qemu_exited || run_never_ended)) || self.l1_vcpu_lockup()
+        (unfinished && (qemu_exited || run_never_ended)) || self.silenced || self.l1_vcpu_lockup()
     }
 
     /// A bulkhead run ended while its L2 kernel was still booting: it never started
@@ -452,6 +457,7 @@ mod tests {
         let console = Console {
             lines,
             status: None,
+            silenced: false,
             elapsed: Duration::from_secs(99),
         };
         LabReport::parse("t", PathBuf::from("/logs/t.log"), console)
@@ -500,6 +506,10 @@ mod tests {
         assert!(report(died).l1_died());
         // Killed at the deadline after its runs ended: something else, not L1's death.
         assert!(!report("LAB: run a: begin\nLAB: run a: exit=0\n").l1_died());
+        // L1 went silent, heartbeat and all, and was killed for it: frozen.
+        let mut silent = report("LAB: kvm ready\nLAB: alive\n");
+        silent.silenced = true;
+        assert!(silent.l1_died());
         // A bulkhead run failed: that is the test's to report.
         assert!(!exited("LAB: run a: begin\nLAB: run a: exit=137\n").l1_died());
         assert!(!exited("LAB: run a: begin\nLAB: run a: exit=0\nLAB: done\n").l1_died());
