@@ -4,9 +4,8 @@
 //! L1 loads `tun`; bulkhead creates TAP bh0 and hands it to the net worker. With
 //! `BULKHEAD_LAB_NET_QUEUES=2` the TAP is multiqueue and the device has two queue pairs:
 //! the guest's driver takes both (one per CPU, enabled through the control queue: the
-//! worker logs it) and shows them in sysfs. That variant is not in CI: one of its runs
-//! there had the guest triple-fault during the transfer, before any kill, cause unknown
-//! (README, "virtio-net"). The guest brings up eth0 with 169.254.10.2/16 and says so; on that marker L1 starts two busybox
+//! worker logs it) and shows them in sysfs; .ci/run runs that variant too. The guest
+//! brings up eth0 with 169.254.10.2/16 and says so; on that marker L1 starts two busybox
 //! `nc` listeners (one receives, one serves 20 MiB L1 made before the run) and gives bh0
 //! 169.254.10.1/16. The guest pings L1 until it answers, sends its own 20 MiB to L1 and
 //! announces the half-way point on the console; on that marker L1 kills the worker with
