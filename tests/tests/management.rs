@@ -144,6 +144,14 @@ impl Env {
         self.start_args(name, &args)
     }
 
+    /// [`Env::start`] with an audit log, whose path comes back with the VM.
+    fn start_audited(&self, name: &str, kernel: &Path, extra: &[&str]) -> Result<(Vm, PathBuf)> {
+        let audit = self.dir.path().join(format!("{name}-audit.jsonl"));
+        let path = audit.to_str().context("audit log path")?;
+        let args: Vec<&str> = extra.iter().copied().chain(["--audit-log", path]).collect();
+        Ok((self.start(name, kernel, &args)?, audit))
+    }
+
     fn start_args(&self, name: &str, args: &[String]) -> Result<Vm> {
         let mut child = Command::new(bulkhead_bin())
             .env("XDG_RUNTIME_DIR", self.runtime_dir())
@@ -642,12 +650,7 @@ fn a_client_of_another_user_is_refused() -> Result<()> {
 fn restart_worker_replaces_the_worker_and_is_audited() -> Result<()> {
     let env = Env::new()?;
     let kernel = env.kernel("ticker", &ticker(false)?)?;
-    let audit = env.dir.path().join("audit.jsonl");
-    let vm = env.start(
-        "kappa",
-        &kernel,
-        &["--rng", "--audit-log", audit.to_str().context("path")?],
-    )?;
+    let (vm, audit) = env.start_audited("kappa", &kernel, &["--rng"])?;
     let before = env.status("kappa")?;
     let rng = before.devices.first().context("no device")?.clone();
     assert_eq!(rng.name, "rng0");
@@ -686,18 +689,8 @@ fn restart_worker_replaces_a_cow_disk_s_worker() -> Result<()> {
     let env = Env::new()?;
     let kernel = env.kernel("ticker", &ticker(false)?)?;
     let image = env.dir.write("disk.raw", &vec![0x5a; 1 << 20])?;
-    let audit = env.dir.path().join("audit.jsonl");
     let disk = format!("{},format=raw,cow", image.display());
-    let vm = env.start(
-        "mu",
-        &kernel,
-        &[
-            "--disk",
-            &disk,
-            "--audit-log",
-            audit.to_str().context("path")?,
-        ],
-    )?;
+    let (vm, audit) = env.start_audited("mu", &kernel, &["--disk", &disk])?;
     let blk = env
         .status("mu")?
         .devices
@@ -742,18 +735,8 @@ fn a_worker_that_stops_answering_is_killed_and_replaced() -> Result<()> {
     // Device 0's virtio-mmio window; its config space starts at 0x100.
     let kernel = env.kernel("reader", &ticker_reading(false, Some(0xc000_0100))?)?;
     let image = env.dir.write("disk.raw", &vec![0; 1 << 20])?;
-    let audit = env.dir.path().join("audit.jsonl");
     let disk = format!("{},format=raw", image.display());
-    let vm = env.start(
-        "nu",
-        &kernel,
-        &[
-            "--disk",
-            &disk,
-            "--audit-log",
-            audit.to_str().context("path")?,
-        ],
-    )?;
+    let (vm, audit) = env.start_audited("nu", &kernel, &["--disk", &disk])?;
     wait_for(|| Ok(vm.stdout().contains(CAPACITY)))
         .with_context(|| format!("the guest never read its capacity:\n{}", vm.dump()))?;
     let first_pid = env.status("nu")?.devices[0]
