@@ -74,7 +74,7 @@ const L1_SILENCE_LIMIT: Duration = Duration::from_secs(90);
 /// With two (one per host core, QEMU's multi-threaded TCG running them side by side) L2
 /// guests died far more often: on 2026-12-03, 5 of 11 boots on this kind of machine had a
 /// dead L1, an L2 that died in kernel boot, or an L2 that triple-faulted in the middle of a
-/// transfer, against none in 16 boots with one CPU - which runs the scenarios about as
+/// transfer, against 1 of 24 boots with one CPU (L1 froze) - which runs the scenarios about as
 /// fast, since an L2 boot is mostly one vCPU's work anyway. Cross-CPU work in L1 (IPIs, TLB
 /// shootdowns while a CPU runs L2) is the likely trigger in the emulated SVM; with one CPU
 /// there is none. L2 guests keep their two vCPUs, which L1 then runs in turn.
