@@ -128,6 +128,14 @@ impl QemuMachine {
         echo: bool,
     ) -> Result<Console, LabError> {
         let mut command = self.command("stdio");
+        // A machine that may freeze (L1) gets a monitor, to ask where its CPU is first.
+        let monitor = self.silence_limit.map(|_| monitor_path(log));
+        if let Some(path) = &monitor {
+            let _ = std::fs::remove_file(path);
+            command
+                .arg("-monitor")
+                .arg(format!("unix:{},server=on,wait=off", path.display()));
+        }
         let log_err = |e| LabError::io(format!("writing {}", log.display()), e);
         let mut log_file = File::create(log).map_err(log_err)?;
         writeln!(log_file, "==== lab: {}", describe(&command)).map_err(log_err)?;
@@ -141,7 +149,7 @@ impl QemuMachine {
             .map_err(|e| LabError::io(format!("starting {}", self.qemu.display()), e))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut stderr = child.stderr.take().expect("stderr is piped");
-        let qemu = KillOnDrop(child);
+        let mut qemu = KillOnDrop(child);
 
         let last_line = Arc::new(AtomicU64::new(0));
         let reader = {
@@ -159,6 +167,14 @@ impl QemuMachine {
                 .is_some_and(|limit| start.elapsed().saturating_sub(quiet_since) > limit)
         };
         let (status, silenced) = qemu.wait_until(start + timeout, silent)?;
+        let cpu_state = match (&status, &monitor) {
+            (None, Some(path)) => Some(ask_monitor(path, "info registers")),
+            _ => None,
+        };
+        drop(qemu);
+        if let Some(path) = &monitor {
+            let _ = std::fs::remove_file(path);
+        }
         let elapsed = start.elapsed();
 
         let (lines, mut log_file) = reader.join().expect("console reader does not panic");
@@ -170,6 +186,14 @@ impl QemuMachine {
         };
         if !stderr.trim().is_empty() {
             writeln!(log_file, "==== lab: qemu stderr:\n{}", stderr.trim_end()).map_err(log_err)?;
+        }
+        if let Some(state) = cpu_state {
+            writeln!(
+                log_file,
+                "==== lab: the CPU when qemu was killed (monitor, info registers):\n{}",
+                state.trim_end()
+            )
+            .map_err(log_err)?;
         }
         writeln!(
             log_file,
@@ -227,14 +251,61 @@ fn read_console(
     (lines, log)
 }
 
+/// Where the monitor of the machine logging to `log` listens: a short path, as socket
+/// paths are limited to 108 bytes.
+fn monitor_path(log: &Path) -> PathBuf {
+    let name = log
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::env::temp_dir().join(format!(
+        "bulkhead-lab-{}-{name}.monitor",
+        std::process::id()
+    ))
+}
+
+/// Runs `command` on the QEMU monitor at `path` and returns what it printed, or why
+/// nothing: for the log of a machine about to be killed, so never an error.
+fn ask_monitor(path: &Path, command: &str) -> String {
+    use std::os::unix::net::UnixStream;
+    let read_for = |stream: &mut UnixStream| {
+        let mut text = Vec::new();
+        let mut buffer = [0u8; 4096];
+        // The reply ends when the monitor goes quiet; a timeout ends each read.
+        while let Ok(n @ 1..) = stream.read(&mut buffer) {
+            text.extend_from_slice(&buffer[..n]);
+            if text.len() > 1 << 16 {
+                break;
+            }
+        }
+        text
+    };
+    let mut stream = match UnixStream::connect(path) {
+        Ok(stream) => stream,
+        Err(e) => return format!("no monitor at {}: {e}", path.display()),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(1000)));
+    read_for(&mut stream); // the banner and prompt
+    if let Err(e) = writeln!(stream, "{command}") {
+        return format!("the monitor did not take {command:?}: {e}");
+    }
+    // Keep lines; drop the terminal escapes the monitor's line editor sends.
+    String::from_utf8_lossy(&read_for(&mut stream))
+        .replace("\x1b[K", "")
+        .replace("\x1b[D", "")
+        .chars()
+        .filter(|&c| c == '\n' || !c.is_control())
+        .collect()
+}
+
 /// Kills QEMU if the harness returns early, so that no TCG machine outlives its test.
 struct KillOnDrop(Child);
 
 impl KillOnDrop {
-    /// Waits for QEMU to exit; kills it at `deadline`, or once `silent` says so, and
-    /// returns `None` (and whether it was for silence).
+    /// Waits for QEMU to exit; at `deadline`, or once `silent` says so, returns `None`
+    /// (and whether it was for silence) and leaves QEMU to be killed when this is dropped.
     fn wait_until(
-        mut self,
+        &mut self,
         deadline: Instant,
         silent: impl Fn() -> bool,
     ) -> Result<(Option<ExitStatus>, bool), LabError> {
@@ -243,7 +314,6 @@ impl KillOnDrop {
             if let Some(status) = self.0.try_wait().map_err(wait_err)? {
                 return Ok((Some(status), false));
             }
-            // Drop kills it.
             if silent() {
                 return Ok((None, true));
             }
@@ -308,6 +378,11 @@ mod tests {
         assert_eq!(console.lines.len(), 2);
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("went silent"), "{text}");
+        // This stand-in has no monitor to ask; the log says so rather than failing.
+        assert!(
+            text.contains("(monitor, info registers):\nno monitor at"),
+            "{text}"
+        );
     }
 
     #[test]
