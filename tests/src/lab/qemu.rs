@@ -168,7 +168,7 @@ impl QemuMachine {
         };
         let (status, silenced) = qemu.wait_until(start + timeout, silent)?;
         let cpu_state = match (&status, &monitor) {
-            (None, Some(path)) => Some(ask_monitor(path, "info registers")),
+            (None, Some(path)) => Some(ask_monitor(path, FROZEN_CPU_QUERIES)),
             _ => None,
         };
         drop(qemu);
@@ -190,7 +190,7 @@ impl QemuMachine {
         if let Some(state) = cpu_state {
             writeln!(
                 log_file,
-                "==== lab: the CPU when qemu was killed (monitor, info registers):\n{}",
+                "==== lab: the CPU when qemu was killed (monitor: registers, stack):\n{}",
                 state.trim_end()
             )
             .map_err(log_err)?;
@@ -264,9 +264,17 @@ fn monitor_path(log: &Path) -> PathBuf {
     ))
 }
 
-/// Runs `command` on the QEMU monitor at `path` and returns what it printed, or why
+/// What to ask a machine's monitor before it is killed: the CPU's registers, then the 64
+/// words at its stack pointer (`$esp` is the whole rsp in 64-bit mode; the monitor knows no
+/// `$rsp`). With the kernel's debug symbols (Debian's
+/// linux-image-*-dbg) the return addresses among them say what L1 was doing; on
+/// 2026-12-03 one frozen L1 was spinning on a spinlock with interrupts off
+/// (native_queued_spin_lock_slowpath) right after a worker restart.
+const FROZEN_CPU_QUERIES: &[&str] = &["info registers", "x/64gx $esp"];
+
+/// Runs `commands` on the QEMU monitor at `path` and returns what it printed, or why
 /// nothing: for the log of a machine about to be killed, so never an error.
-fn ask_monitor(path: &Path, command: &str) -> String {
+fn ask_monitor(path: &Path, commands: &[&str]) -> String {
     use std::os::unix::net::UnixStream;
     let read_for = |stream: &mut UnixStream| {
         let mut text = Vec::new();
@@ -286,11 +294,18 @@ fn ask_monitor(path: &Path, command: &str) -> String {
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(1000)));
     read_for(&mut stream); // the banner and prompt
-    if let Err(e) = writeln!(stream, "{command}") {
-        return format!("the monitor did not take {command:?}: {e}");
+    let mut replies = Vec::new();
+    for command in commands {
+        if let Err(e) = writeln!(stream, "{command}") {
+            replies.extend_from_slice(
+                format!("the monitor did not take {command:?}: {e}\n").as_bytes(),
+            );
+            break;
+        }
+        replies.extend(read_for(&mut stream));
     }
     // Keep lines; drop the terminal escapes the monitor's line editor sends.
-    String::from_utf8_lossy(&read_for(&mut stream))
+    String::from_utf8_lossy(&replies)
         .replace("\x1b[K", "")
         .replace("\x1b[D", "")
         .chars()
@@ -380,7 +395,7 @@ mod tests {
         assert!(text.contains("went silent"), "{text}");
         // This stand-in has no monitor to ask; the log says so rather than failing.
         assert!(
-            text.contains("(monitor, info registers):\nno monitor at"),
+            text.contains("(monitor: registers, stack):\nno monitor at"),
             "{text}"
         );
     }
