@@ -17,6 +17,7 @@ pub mod p9;
 pub mod p9_virtio;
 pub mod screenshot;
 pub mod vhost;
+pub mod vncdo;
 
 use std::path::PathBuf;
 

@@ -18,6 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bulkhead_protocol::{DeviceConfig, DisplayConfig};
 use bulkhead_tests::micro::ScratchDir;
 use bulkhead_tests::vhost::{worker_bin, Buffer, DeviceSetup, UserspaceDevice, WorkerProcess};
+use bulkhead_tests::vncdo::vncdo;
 use bulkhead_vmm::display::{open_display, DisplaySpec, OpenedDisplay};
 use bulkhead_vmm::viewer::viewer_command;
 use bulkhead_workers::display::vnc::des::vnc_response;
@@ -290,22 +291,6 @@ fn png_pixels(path: &Path, points: &[(u32, u32)]) -> Result<Samples> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(((size[0], size[1]), pixels))
-}
-
-fn vncdo(port: u16, args: &[&str]) -> Result<()> {
-    let out = Command::new("vncdo")
-        .arg("-s")
-        .arg(format!("127.0.0.1::{port}"))
-        .args(args)
-        .output()
-        .context("running vncdo (pip install vncdotool)")?;
-    ensure!(
-        out.status.success(),
-        "vncdo {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 const PROBES: [(u32, u32); 6] = [(0, 0), (1, 0), (0, 1), (100, 50), (319, 239), (257, 131)];

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -152,20 +151,8 @@ impl Input {
 /// Runs `vncdo` against the display worker's VNC port with `args`; its failure carries the
 /// worker's log.
 fn vncdo(port: u16, args: &[&str], display: &WorkerProcess) -> Result<()> {
-    let out = Command::new("vncdo")
-        .arg("-s")
-        .arg(format!("127.0.0.1::{port}"))
-        .args(args)
-        .output()
-        .context("running vncdo (pip install vncdotool)")?;
-    ensure!(
-        out.status.success(),
-        "vncdo: {}{}\ndisplay worker:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        display.stderr()
-    );
-    Ok(())
+    bulkhead_tests::vncdo::vncdo(port, args)
+        .with_context(|| format!("display worker:\n{}", display.stderr()))
 }
 
 fn input_device(connection: UnixStream) -> Result<UserspaceDevice> {
