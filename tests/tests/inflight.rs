@@ -19,7 +19,7 @@ use bulkhead_tests::vhost::{
 };
 use bulkhead_vmm::memory::GuestRam as VmmGuestRam;
 use bulkhead_vmm::vhost_user::reply_watchdog::ReplyWatchdog;
-use bulkhead_vmm::vhost_user::VhostUserDevice;
+use bulkhead_vmm::vhost_user::{VhostUserDevice, VhostUserDeviceError};
 use bulkhead_vmm::virtio::{QueueConfig, VirtioDevice};
 use bulkhead_vmm::worker::pidfd::PidFd;
 use bulkhead_workers::rng::RngDevice;
@@ -441,6 +441,23 @@ fn a_corrupt_region_stops_the_ring_from_starting() -> Result<()> {
     Ok(())
 }
 
+/// The VMM's frontend for an rng device (type 4, one queue, no config space) on
+/// `connection`, as the VMM would attach it.
+fn connect_rng(
+    connection: UnixStream,
+    ram: &VmmGuestRam,
+    watchdog: Option<ReplyWatchdog>,
+) -> Result<VhostUserDevice, VhostUserDeviceError> {
+    VhostUserDevice::connect(
+        connection,
+        4,
+        vec![QUEUE_SIZE],
+        0,
+        ram.memory().clone(),
+        watchdog,
+    )
+}
+
 /// The VMM's side: a split ring laid out by hand in the VMM's own guest RAM.
 struct VmmGuest {
     memory: bulkhead_vmm::memory::GuestMemory,
@@ -584,8 +601,7 @@ fn devices_that_complete_in_order_do_not_offer_inflight_tracking() -> Result<()>
     let (ours, theirs) = UnixStream::pair()?;
     let device = RngDevice::new(&RngConfig { rate_limit: None })?.into_backend();
     let server = std::thread::spawn(move || serve_connection(theirs, device));
-    let mut rng =
-        VhostUserDevice::connect(ours, 4, vec![QUEUE_SIZE], 0, ram.memory().clone(), None)?;
+    let mut rng = connect_rng(ours, &ram, None)?;
     let kicks = vec![EventFd::new(EFD_NONBLOCK)?];
     rng.activate(
         VIRTIO_F_VERSION_1_BIT,
@@ -619,8 +635,7 @@ fn the_kick_after_a_takeover_reaches_the_new_backend_every_time() -> Result<()> 
         let (ours, theirs) = UnixStream::pair()?;
         let device = RngDevice::new(&RngConfig { rate_limit: None })?.into_backend();
         let server = std::thread::spawn(move || serve_connection(theirs, device));
-        let mut rng =
-            VhostUserDevice::connect(ours, 4, vec![QUEUE_SIZE], 0, ram.memory().clone(), None)?;
+        let mut rng = connect_rng(ours, &ram, None)?;
         rng.activate(
             VIRTIO_F_VERSION_1_BIT,
             &[guest.queue(guest.used_idx()?)],
@@ -675,26 +690,12 @@ fn the_vmm_kills_a_worker_that_stops_answering() -> Result<()> {
     let (worker, connection, watchdog) = launch()?;
     ensure!(stop(&worker) == 0);
     let started = Instant::now();
-    let connected = VhostUserDevice::connect(
-        connection,
-        4,
-        vec![QUEUE_SIZE],
-        0,
-        ram.memory().clone(),
-        Some(watchdog),
-    );
+    let connected = connect_rng(connection, &ram, Some(watchdog));
     ensure!(connected.is_err(), "connected to a stopped worker");
     killed(&worker)?;
 
     let (worker, connection, watchdog) = launch()?;
-    let mut rng = VhostUserDevice::connect(
-        connection,
-        4,
-        vec![QUEUE_SIZE],
-        0,
-        ram.memory().clone(),
-        Some(watchdog),
-    )?;
+    let mut rng = connect_rng(connection, &ram, Some(watchdog))?;
     let kicks = vec![EventFd::new(EFD_NONBLOCK)?];
     rng.activate(
         VIRTIO_F_VERSION_1_BIT,
