@@ -154,20 +154,12 @@ impl LabReport {
                     hung_threads: Vec::new(),
                 }),
                 Some(Event::Thread(label, sample)) => {
-                    let open = runs
-                        .iter_mut()
-                        .rev()
-                        .find(|r| r.label == label && r.ended_at.is_none());
-                    if let Some(run) = open {
+                    if let Some(run) = open_run(&mut runs, label) {
                         run.hung_threads.push(sample);
                     }
                 }
                 Some(Event::RunExit(label, exit)) => {
-                    let open = runs
-                        .iter_mut()
-                        .rev()
-                        .find(|r| r.label == label && r.ended_at.is_none());
-                    if let Some(run) = open {
+                    if let Some(run) = open_run(&mut runs, label) {
                         run.ended_at = Some(line.at);
                         run.exit = exit;
                     }
@@ -419,6 +411,13 @@ fn last_value<'a>(values: &'a [(String, String)], key: &str) -> Option<&'a str> 
         .rev()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
+}
+
+/// The latest run named `label` that has not ended.
+fn open_run<'r>(runs: &'r mut [RunReport], label: &str) -> Option<&'r mut RunReport> {
+    runs.iter_mut()
+        .rev()
+        .find(|r| r.label == label && r.ended_at.is_none())
 }
 
 /// The CPUs of a kernel cpulist (`1`, `0-3`, `1,3-5`); what does not parse is left out.
