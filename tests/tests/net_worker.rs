@@ -795,6 +795,14 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
 }
 
+/// The CPU time `worker` uses over 700 ms in which it should only wait: a spinning thread
+/// would burn ~70 ticks at 100 Hz, a waiting one next to none.
+fn idle_ticks(worker: &WorkerProcess) -> Result<u64> {
+    let before = cpu_ticks(worker.pid())?;
+    std::thread::sleep(Duration::from_millis(700));
+    Ok(cpu_ticks(worker.pid())? - before)
+}
+
 #[test]
 fn without_receive_buffers_the_worker_waits_and_loses_nothing() -> Result<()> {
     let mut lab = Lab::new(0)?;
@@ -802,10 +810,7 @@ fn without_receive_buffers_the_worker_waits_and_loses_nothing() -> Result<()> {
     for i in 0..5u8 {
         send_to_guest(&socket, 6003, &[i; 100])?;
     }
-    let before = cpu_ticks(lab.worker.pid())?;
-    std::thread::sleep(Duration::from_millis(700));
-    let spent = cpu_ticks(lab.worker.pid())? - before;
-    // A spinning thread would burn ~70 ticks at 100 Hz.
+    let spent = idle_ticks(&lab.worker)?;
     ensure!(
         spent <= 10,
         "the worker used {spent} ticks waiting for buffers"
@@ -832,9 +837,7 @@ fn with_too_few_buffers_for_a_frame_the_worker_waits_for_more() -> Result<()> {
         // A 1000-byte datagram with its headers needs five of these.
         lab.guest.post_rx(2, 256)?;
         send_to_guest(&socket, 6006, &[7; 1000])?;
-        let before = cpu_ticks(lab.worker.pid())?;
-        std::thread::sleep(Duration::from_millis(700));
-        let spent = cpu_ticks(lab.worker.pid())? - before;
+        let spent = idle_ticks(&lab.worker)?;
         ensure!(
             spent <= 10,
             "features {features:#x}: the worker used {spent} ticks waiting for buffers"
